@@ -1,0 +1,188 @@
+"""The built-in `digits` dataset: 28x28 grayscale digits 0-9 rendered with Pillow to look hand-written.
+
+Each digit is drawn large (112 px) in a randomly chosen font, size and stroke width, then slanted,
+rotated, squeezed and elastically warped (a random mesh warp), thickened or thinned and blurred, and
+finally cropped, scaled into a 20x20 box and placed by its centre of mass in a 28x28 frame, the way
+MNIST was made. Drawing large and downsampling gives anti-aliased strokes like scanned pen strokes.
+
+The same seed gives the same images on machines with the same Pillow and the same fonts. Pillow's
+own scalable font (ImageFont.load_default(size=...), Pillow >= 10.1) is always used, so nothing
+depends on a system font; system TrueType fonts found in the usual folders add variety and are
+recorded in the manifest (source.fonts).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from data_prep.errors import DataError
+
+HEIGHT = WIDTH = 28
+CLASS_NAMES = [str(d) for d in range(10)]
+CANVAS = 112  # drawing resolution (4x the output)
+BOX = 20  # MNIST fits each digit in a 20x20 box inside the 28x28 frame
+CHUNK = 500  # images per random stream: results do not depend on the number of processes
+
+BUILTIN_FONT = "pillow-default"
+# Fonts whose digits read well when warped; looked up in the usual folders, used when present.
+FONT_FILES = [
+    "DejaVuSans.ttf",
+    "DejaVuSans-Oblique.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSansCondensed.ttf",
+    "DejaVuSansCondensed-Oblique.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSerif-Italic.ttf",
+    "LiberationSans-Regular.ttf",
+    "LiberationSans-Italic.ttf",
+    "LiberationSerif-Italic.ttf",
+    "FreeSans.ttf",
+    "FreeSerifItalic.ttf",
+]
+FONT_DIRS = ["/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.fonts"), "/Library/Fonts"]
+
+
+@functools.lru_cache(maxsize=1)
+def find_fonts() -> tuple[str, ...]:
+    """The built-in font plus the known TrueType fonts found on this machine (sorted, so stable)."""
+    wanted = set(FONT_FILES)
+    found = {}
+    for folder in FONT_DIRS:
+        for dirpath, _, filenames in os.walk(folder):
+            for filename in filenames:
+                if filename in wanted and filename not in found:
+                    found[filename] = os.path.join(dirpath, filename)
+    return (BUILTIN_FONT,) + tuple(found[name] for name in sorted(found))
+
+
+@functools.lru_cache(maxsize=512)
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    if path == BUILTIN_FONT:
+        return ImageFont.load_default(size=size)
+    return ImageFont.truetype(path, size=size)
+
+
+def _warp(image: Image.Image, inverse: np.ndarray, offset: np.ndarray, jitter: float, rng, cells: int = 4):
+    """Affine map plus an elastic-looking wobble in one resampling: a cells x cells mesh whose
+    vertices take their source positions from the affine map, each moved by Gaussian noise."""
+    size = image.size[0]
+    step = size / cells
+    grid = np.stack(np.meshgrid(np.arange(cells + 1), np.arange(cells + 1), indexing="xy"), -1) * step
+    # (cells+1, cells+1, 2) output vertex (x, y) -> source position; shared vertices keep it smooth.
+    source = grid @ inverse.T + offset + rng.normal(0.0, jitter, size=grid.shape)
+    mesh = []
+    for row in range(cells):
+        for col in range(cells):
+            box = (round(col * step), round(row * step), round((col + 1) * step), round((row + 1) * step))
+            # quad corners in PIL's order: upper-left, lower-left, lower-right, upper-right.
+            corners = (source[row, col], source[row + 1, col], source[row + 1, col + 1], source[row, col + 1])
+            mesh.append((box, tuple(float(v) for corner in corners for v in corner)))
+    return image.transform(image.size, Image.Transform.MESH, mesh, resample=Image.Resampling.BILINEAR)
+
+
+def render_digit(digit: int, rng: np.random.Generator, fonts: tuple[str, ...]) -> np.ndarray:
+    """One hand-written-looking digit: uint8 [28, 28], white on black."""
+    font_path = fonts[int(rng.integers(len(fonts)))]
+    size = int(rng.integers(64, 84))
+    canvas = Image.new("L", (CANVAS, CANVAS), 0)
+    draw = ImageDraw.Draw(canvas)
+    # Bold faces are already heavy: an extra outline would close their loops into blobs.
+    stroke = 0 if "Bold" in font_path else int(rng.choice([0, 1, 2, 3]))
+    draw.text(
+        (CANVAS / 2, CANVAS / 2), str(digit), fill=255, font=_font(font_path, size), anchor="mm",
+        stroke_width=stroke, stroke_fill=255,
+    )
+
+    # Slant, rotation and squeeze: an affine map from output to input coordinates around the centre.
+    angle = np.deg2rad(np.clip(rng.normal(0.0, 9.0), -22, 22))
+    shear = rng.uniform(-0.15, 0.45)  # hands lean right more often than left
+    squeeze = rng.uniform(0.75, 1.15)
+    cos, sin = np.cos(angle), np.sin(angle)
+    forward = np.array([[cos, -sin], [sin, cos]]) @ np.array([[squeeze, -shear], [0.0, 1.0]])
+    inverse = np.linalg.inv(forward)
+    centre = np.array([CANVAS / 2, CANVAS / 2])
+    offset = centre - inverse @ centre
+    canvas = _warp(canvas, inverse, offset, jitter=rng.uniform(1.5, 5.0), rng=rng)
+
+    # Pen weight: thicken or thin the stroke a little, then soften its edge.
+    pen = rng.random()
+    if pen < 0.2:
+        canvas = canvas.filter(ImageFilter.MaxFilter(3))
+    elif pen > 0.85:
+        canvas = canvas.filter(ImageFilter.MinFilter(3))
+    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.8)))
+
+    box = canvas.point(lambda v: 255 if v > 40 else 0).getbbox()
+    if box is None:  # everything thinned away: draw again with other parameters
+        return render_digit(digit, rng, fonts)
+    glyph = canvas.crop(box)
+    target = rng.uniform(17.0, 21.0)
+    scale = target / max(glyph.size)
+    new_size = (max(1, round(glyph.size[0] * scale)), max(1, round(glyph.size[1] * scale)))
+    small = np.asarray(glyph.resize(new_size, Image.Resampling.LANCZOS), dtype=np.float32)
+
+    # Place by centre of mass (as MNIST did), with a little jitter.
+    total = small.sum()
+    ys, xs = np.indices(small.shape)
+    cy, cx = (ys * small).sum() / total, (xs * small).sum() / total
+    top = int(round(HEIGHT / 2 - cy + rng.normal(0.0, 0.6)))
+    left = int(round(WIDTH / 2 - cx + rng.normal(0.0, 0.6)))
+    top = min(max(top, 0), HEIGHT - small.shape[0])
+    left = min(max(left, 0), WIDTH - small.shape[1])
+    frame = np.zeros((HEIGHT, WIDTH), np.float32)
+    frame[top:top + small.shape[0], left:left + small.shape[1]] = small
+    # Strokes saturate like ink on a scan: stretch so the brightest pixel is near white.
+    frame *= rng.uniform(250.0, 255.0) / max(frame.max(), 1.0)
+    return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+
+
+def _render_chunk(args) -> tuple[np.ndarray, np.ndarray]:
+    seed, split_code, chunk, count, fonts = args
+    rng = np.random.default_rng([seed, split_code, chunk])
+    labels = rng.integers(0, 10, size=count)
+    images = np.stack([render_digit(int(label), rng, fonts) for label in labels])
+    return images, labels
+
+
+def make_digits(sizes: dict[str, int], seed: int, workers: int | None = None, progress=None) -> dict:
+    """Render digits for each split ({'train': 60000, 'test': 10000}): split -> (uint8 [N, 28, 28, 1], int64 [N]).
+
+    Work is cut into chunks of CHUNK images, each with its own random stream seeded by
+    (seed, split, chunk), so the images do not depend on how many processes render them.
+    """
+    fonts = find_fonts()
+    codes = {"train": 0, "test": 1}
+    jobs = []
+    for split, count in sizes.items():
+        if count < 1:
+            raise DataError(f"digits: {split} size must be at least 1, got {count}")
+        for chunk in range((count + CHUNK - 1) // CHUNK):
+            jobs.append((seed, codes[split], chunk, min(CHUNK, count - chunk * CHUNK), fonts))
+    # A process pool costs more than it saves for a few chunks (tests, previews).
+    workers = min(len(jobs), workers or (os.cpu_count() or 1 if len(jobs) >= 4 else 1))
+    results = []
+    if workers <= 1:
+        outputs = map(_render_chunk, jobs)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        outputs = pool.map(_render_chunk, jobs)
+    try:
+        for job, output in zip(jobs, outputs):
+            results.append(output)
+            if progress is not None:
+                progress.update(job[3])
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    out = {}
+    for split in sizes:
+        mine = [r for job, r in zip(jobs, results) if job[1] == codes[split]]
+        images = np.concatenate([r[0] for r in mine])[..., None]  # (N, 28, 28, 1)
+        out[split] = (images, np.concatenate([r[1] for r in mine]).astype(np.int64))
+    return out

@@ -1,0 +1,9 @@
+"""The one exception type of data_prep."""
+
+
+class DataError(ValueError):
+    """Bad input data or a bad prepared folder; str() is one line naming the file, key or value at fault."""
+
+    def __init__(self, message: str):
+        # Callers print str(error) as the whole diagnosis, so keep it on one line.
+        super().__init__(" ".join(str(message).split()))

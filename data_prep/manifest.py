@@ -1,0 +1,137 @@
+"""manifest.json: what a prepared folder holds, written last so that its presence means 'complete'."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from data_prep.errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "test")
+
+
+@dataclass
+class SplitInfo:
+    """The shards of one split: file names (relative to the folder), sample counts and sha256 digests."""
+
+    shards: list[str]
+    counts: list[int]
+    sha256: list[str]
+
+    @property
+    def total(self) -> int:
+        """Number of samples in the split."""
+        return sum(self.counts)
+
+
+@dataclass
+class Manifest:
+    """Everything needed to read a prepared folder and to turn its sequences back into images."""
+
+    format_version: int
+    dataset: str
+    height: int
+    width: int
+    channels: int
+    bins: int
+    order: str
+    seed: int
+    class_names: list[str]
+    splits: dict[str, SplitInfo]
+    # Free-form facts about how the source was made (digits: sizes and fonts); not needed to read.
+    source: dict = field(default_factory=dict)
+
+    @property
+    def seq_len(self) -> int:
+        """Length of every byte sequence: height * width * channels."""
+        return self.height * self.width * self.channels
+
+    def image_info(self) -> dict:
+        """What a model export stores to turn sequences back into images."""
+        return dict(
+            dataset=self.dataset,
+            height=self.height,
+            width=self.width,
+            channels=self.channels,
+            bins=self.bins,
+            order=self.order,
+            class_names=list(self.class_names),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "manifest") -> "Manifest":
+        """Build from a parsed manifest.json; DataError naming the key at fault."""
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = names - {"source"}
+        missing = sorted(required - data.keys())
+        if missing:
+            raise DataError(f"{where}: missing key {missing[0]!r}")
+        unknown = sorted(data.keys() - names)
+        if unknown:
+            raise DataError(f"{where}: unknown key {unknown[0]!r}")
+        if data["format_version"] != FORMAT_VERSION:
+            raise DataError(
+                f"{where}: format_version {data['format_version']!r} is not supported (expected {FORMAT_VERSION})"
+            )
+        for key in ("height", "width", "channels", "bins", "seed"):
+            if not isinstance(data[key], int) or isinstance(data[key], bool):
+                raise DataError(f"{where}: {key} must be an integer, got {data[key]!r}")
+        if not isinstance(data["splits"], dict) or not data["splits"]:
+            raise DataError(f"{where}: splits must be a non-empty object")
+        splits = {}
+        for name, info in data["splits"].items():
+            if not isinstance(info, dict) or set(info) != {"shards", "counts", "sha256"}:
+                raise DataError(f"{where}: splits.{name} must hold exactly shards, counts, sha256")
+            if not (len(info["shards"]) == len(info["counts"]) == len(info["sha256"])):
+                raise DataError(f"{where}: splits.{name}: shards, counts and sha256 differ in length")
+            splits[name] = SplitInfo(list(info["shards"]), [int(c) for c in info["counts"]], list(info["sha256"]))
+        values = {k: data[k] for k in names if k in data and k != "splits"}
+        return cls(splits=splits, **values)
+
+
+def manifest_path(data_dir) -> str:
+    """Path of the manifest inside a prepared folder."""
+    return os.path.join(os.fspath(data_dir), MANIFEST_NAME)
+
+
+def load_manifest(data_dir) -> Manifest:
+    """Read DIR/manifest.json; DataError if it is missing (unfinished or not a prepared folder) or malformed."""
+    path = manifest_path(data_dir)
+    if not os.path.isfile(path):
+        raise DataError(
+            f"{path} not found: {data_dir} is not a prepared folder, or preparation did not finish; "
+            f"run python -m data_prep.prepare"
+        )
+    try:
+        with open(path, encoding="utf-8") as stream:
+            data = json.load(stream)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not a readable manifest ({error})") from None
+    manifest = Manifest.from_dict(data, where=path)
+    from data_prep.codec import parse_order  # local import: codec does not need the manifest
+
+    parse_order(manifest.order, manifest.height, manifest.width)
+    return manifest
+
+
+def write_manifest(data_dir, manifest: Manifest) -> str:
+    """Write DIR/manifest.json atomically (temporary name in the same folder, then os.replace)."""
+    path = manifest_path(data_dir)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(manifest.to_dict(), stream, indent=2)
+        stream.write("\n")
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+    return path

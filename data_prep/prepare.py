@@ -1,0 +1,222 @@
+"""Prepare a dataset: images -> quantized byte sequences in webdataset shards, plus manifest.json.
+
+    python -m data_prep.prepare --dataset digits --out data/digits
+    python -m data_prep.prepare --dataset mnist --root data/src --out data/mnist --download
+    python -m data_prep.prepare --dataset cifar10 --root data/src --out data/cifar10 --bins 256 --order patch:4
+
+The folder gets train-000000.tar ..., test-000000.tar ..., preview.png and, last, manifest.json.
+Exit codes: 0 done, 1 failure (bad or missing source files), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_prep import shards as shard_io
+from data_prep.captions import captions_for_labels
+from data_prep.codec import check_bins, encode_images, parse_order
+from data_prep.errors import DataError
+from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, manifest_path, write_manifest
+from data_prep.preview import write_preview
+from data_prep.sources import DATASETS, SHAPES, load_source
+
+PREVIEW_NAME = "preview.png"
+
+
+class UsageError(DataError):
+    """Bad arguments (exit code 2), as opposed to bad or missing source data (exit code 1)."""
+
+
+@dataclass
+class PrepareConfig:
+    """Everything `prepare` needs; the command line maps one-to-one onto it."""
+
+    dataset: str
+    out: str
+    root: str | None = None
+    bins: int = 256
+    order: str = "raster"
+    seed: int = 0
+    shard_size: int | None = None  # samples per shard; default: enough for 16 shards per split
+    download: bool = False
+    overwrite: bool = False
+    train_size: int | None = None  # digits: how many to render (60,000); mnist/cifar10: keep the first N
+    test_size: int | None = None  # digits: 10,000 by default
+    workers: int | None = None  # processes that render digits (default: all cores)
+    progress: bool = True
+
+
+def validate(config: PrepareConfig) -> tuple[int, int, int]:
+    """Check the arguments before any work; UsageError naming the one at fault. Returns (H, W, C)."""
+    if config.dataset not in DATASETS:
+        raise UsageError(f"--dataset {config.dataset!r} unknown: choose one of {', '.join(DATASETS)}")
+    height, width, channels = SHAPES[config.dataset]
+    try:
+        check_bins(config.bins)
+        parse_order(config.order, height, width)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    for name in ("shard_size", "train_size", "test_size", "workers"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if config.dataset != "digits" and config.root is None:
+        raise UsageError(f"--root is required for --dataset {config.dataset} (torchvision's data folder)")
+    return height, width, channels
+
+
+def _fingerprint(dataset: str, bins: int, order: str, seed: int) -> str:
+    return f"{dataset!r} (bins {bins}, order {order}, seed {seed})"
+
+
+def _our_files(out: str) -> list[str]:
+    patterns = ["train-*.tar", "test-*.tar", "*.partial", "*.tmp", PREVIEW_NAME, MANIFEST_NAME]
+    return sorted({path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(out), pattern))})
+
+
+def check_output(config: PrepareConfig) -> None:
+    """Refuse an --out that holds another dataset (or files that are not ours) unless --overwrite."""
+    out = config.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if not os.path.isdir(out) or config.overwrite:
+        return
+    wanted = _fingerprint(config.dataset, config.bins, config.order, config.seed)
+    if os.path.isfile(manifest_path(out)):
+        try:
+            old = load_manifest(out)
+            found = _fingerprint(old.dataset, old.bins, old.order, old.seed)
+        except DataError:
+            found = "an unreadable manifest"
+        if found != wanted:
+            raise UsageError(f"--out {out} holds {found}, not {wanted}; pass --overwrite to replace it")
+        return
+    foreign = sorted(set(os.listdir(out)) - {os.path.basename(p) for p in _our_files(out)})
+    if foreign:
+        raise UsageError(
+            f"--out {out} is not empty and not a prepared folder (found {foreign[0]!r}); "
+            f"choose an empty folder or pass --overwrite"
+        )
+
+
+def prepare(config: PrepareConfig) -> Manifest:
+    """Write the prepared folder for `config` and return its manifest (the manifest file comes last)."""
+    from tqdm import tqdm
+
+    height, width, channels = validate(config)
+    check_output(config)
+    start = time.perf_counter()
+    disable = not config.progress
+
+    render_bar = None
+    if config.dataset == "digits":
+        total = (config.train_size or 60000) + (config.test_size or 10000)
+        render_bar = tqdm(total=total, desc="rendering digits", unit="img", disable=disable)
+    try:
+        source = load_source(
+            config.dataset, config.root, config.download, train_size=config.train_size,
+            test_size=config.test_size, seed=config.seed, workers=config.workers, progress=render_bar,
+        )
+    finally:
+        if render_bar is not None:
+            render_bar.close()
+
+    os.makedirs(config.out, exist_ok=True)
+    # The manifest goes first: from here until the new one is written, the folder reads as unfinished.
+    for path in _our_files(config.out):
+        os.remove(path)
+
+    splits = {}
+    total = sum(len(part.labels) for part in source.splits.values())
+    with tqdm(total=total, desc="writing shards", unit="img", disable=disable) as bar:
+        for split_code, (split, part) in enumerate(sorted(source.splits.items(), key=lambda kv: kv[0] != "train")):
+            if len(part.labels) == 0:
+                raise DataError(f"{config.dataset}: the {split} split is empty")
+            seqs = encode_images(part.images, config.bins, config.order)  # (N, H*W*C) uint8
+            # One random stream per split for the caption templates, so either split can be re-made alone.
+            rng = np.random.default_rng([config.seed, 1 + split_code])
+            captions = captions_for_labels(config.dataset, source.class_names, part.labels, rng)
+            shard_size = config.shard_size or shard_io.default_shard_size(len(seqs))
+            splits[split] = shard_io.write_split(config.out, split, seqs, part.labels, captions, shard_size, bar)
+            if split == "train":
+                write_preview(os.path.join(config.out, PREVIEW_NAME), seqs, part.labels, len(source.class_names),
+                              height, width, channels, config.bins, config.order)
+
+    info = dict(source.info)
+    info.update({f"{split}_size": splits[split].total for split in splits})
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, dataset=config.dataset, height=height, width=width, channels=channels,
+        bins=config.bins, order=config.order, seed=config.seed, class_names=list(source.class_names),
+        splits=splits, source=info,
+    )
+    write_manifest(config.out, manifest)
+    elapsed = time.perf_counter() - start
+    counts = ", ".join(f"{splits[s].total:,} {s}" for s in splits)
+    print(
+        f"prepared {config.dataset} in {config.out}: {total:,} images ({counts}) in {elapsed:.1f} s, "
+        f"{total / elapsed:,.0f} images/s",
+        flush=True,
+    )
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (its --help is the reference for the flags)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.prepare",
+        description="Turn MNIST, CIFAR-10 or the built-in digits into quantized byte sequences in "
+                    "webdataset shards (DIR/train-000000.tar ..., DIR/manifest.json, DIR/preview.png).",
+    )
+    parser.add_argument("--dataset", required=True, choices=DATASETS, help="which dataset to prepare")
+    parser.add_argument("--root", help="torchvision's data folder for mnist/cifar10 (MNIST/raw/..., "
+                                       "cifar-10-batches-py/...); not used by digits")
+    parser.add_argument("--out", required=True, help="folder to write the prepared dataset into")
+    parser.add_argument("--bins", type=int, default=256, help="quantization levels, 2..256 (256 keeps every "
+                                                              "pixel value; default %(default)s)")
+    parser.add_argument("--order", default="raster", help="sequence order: raster (rows, channels interleaved) "
+                                                          "or patch:P (PxP patches); default %(default)s")
+    parser.add_argument("--seed", type=int, default=0, help="seed for captions and digits (default %(default)s)")
+    parser.add_argument("--shard-size", type=int, help="samples per shard (default: at least 16 shards a split)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download mnist/cifar10 into --root")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out holding another dataset")
+    parser.add_argument("--train-size", type=int, help="digits: training images to render (default 60000); "
+                                                       "mnist/cifar10: keep only the first N")
+    parser.add_argument("--test-size", type=int, help="digits: test images to render (default 10000); "
+                                                      "mnist/cifar10: keep only the first N")
+    parser.add_argument("--workers", type=int, help="processes rendering digits (default: all CPU cores)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Command line: parse, prepare, and map errors to exit codes (2 bad arguments, 1 failure)."""
+    args = build_parser().parse_args(argv)
+    config = PrepareConfig(
+        dataset=args.dataset, out=args.out, root=args.root, bins=args.bins, order=args.order, seed=args.seed,
+        shard_size=args.shard_size, download=args.download, overwrite=args.overwrite,
+        train_size=args.train_size, test_size=args.test_size, workers=args.workers,
+        progress=not args.no_progress,
+    )
+    try:
+        prepare(config)
+    except UsageError as error:
+        print(f"prepare: error: {error}", file=sys.stderr)
+        return 2
+    except (DataError, OSError) as error:
+        print(f"prepare: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("prepare: interrupted; the folder has no manifest and reads as unfinished", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

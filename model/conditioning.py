@@ -1,0 +1,85 @@
+"""The conditioning prefix: a class token and/or a caption's UTF-8 bytes, with a null condition."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+CAPTION_PAD = 256   # after the 256 byte values
+CAPTION_NULL = 257  # every position of a dropped or absent caption
+
+
+def encode_captions(captions: Sequence[str], caption_len: int) -> torch.Tensor:
+    """UTF-8 bytes of each caption padded to caption_len -> LongTensor [B, caption_len]."""
+    out = torch.full((len(captions), caption_len), CAPTION_PAD, dtype=torch.long)
+    for row, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise ValueError(f"caption {row} must be a str, got {type(caption).__name__}")
+        data = caption.encode("utf-8")
+        if len(data) > caption_len:
+            raise ValueError(f"caption {caption!r} is {len(data)} UTF-8 bytes, longer than "
+                             f"caption_len={caption_len}")
+        out[row, : len(data)] = torch.tensor(list(data), dtype=torch.long)
+    return out
+
+
+class ConditionEmbedding(nn.Module):
+    """Embeds labels and captions into the prefix tokens (B, P, d_model) that precede the image.
+
+    A missing condition (labels or captions None) is the "null" condition: class index n_classes,
+    caption all CAPTION_NULL. In train mode each condition of each sample is replaced by the null
+    one with probability condition_dropout, so one model samples with and without it. Labels or
+    captions that the configured condition does not use are ignored.
+    """
+
+    def __init__(self, condition: str, d_model: int, n_classes: int, caption_len: int,
+                 condition_dropout: float):
+        super().__init__()
+        self.condition, self.n_classes = condition, n_classes
+        self.caption_len, self.condition_dropout = caption_len, condition_dropout
+        self.uses_class = condition in ("class", "both")
+        self.uses_caption = condition in ("caption", "both")
+        if self.uses_class:
+            self.class_embedding = nn.Embedding(n_classes + 1, d_model)  # last row: null class
+        if self.uses_caption:
+            self.caption_embedding = nn.Embedding(258, d_model)  # bytes, pad, null
+
+    @property
+    def length(self) -> int:
+        """Number of prefix tokens P."""
+        return int(self.uses_class) + (self.caption_len if self.uses_caption else 0)
+
+    def _dropped(self, batch: int, device: torch.device) -> torch.Tensor:
+        """Which samples lose this condition now: (B,) bool, all False outside train mode."""
+        if not self.training or self.condition_dropout <= 0:
+            return torch.zeros(batch, dtype=torch.bool, device=device)
+        return torch.rand(batch, device=device) < self.condition_dropout
+
+    def forward(self, batch: int, labels: Optional[torch.Tensor], captions: Optional[Sequence[str]],
+                device: torch.device) -> Optional[torch.Tensor]:
+        """Prefix embeddings (B, P, d_model), or None when the model is unconditional."""
+        parts = []
+        if self.uses_class:
+            if labels is None:
+                classes = torch.full((batch,), self.n_classes, dtype=torch.long, device=device)
+            else:
+                classes = torch.as_tensor(labels, device=device).long().reshape(-1)
+                if classes.shape[0] != batch:
+                    raise ValueError(f"labels has {classes.shape[0]} entries for a batch of {batch}")
+                if classes.numel() and (classes.min() < 0 or classes.max() >= self.n_classes):
+                    raise ValueError(f"labels must be in [0, {self.n_classes}), got "
+                                     f"{classes.min().item()}..{classes.max().item()}")
+                classes = classes.masked_fill(self._dropped(batch, device), self.n_classes)
+            parts.append(self.class_embedding(classes).unsqueeze(1))  # (B, 1, d)
+        if self.uses_caption:
+            if captions is None:
+                tokens = torch.full((batch, self.caption_len), CAPTION_NULL, dtype=torch.long, device=device)
+            else:
+                if len(captions) != batch:
+                    raise ValueError(f"captions has {len(captions)} entries for a batch of {batch}")
+                tokens = encode_captions(captions, self.caption_len).to(device)
+                tokens = tokens.masked_fill(self._dropped(batch, device).unsqueeze(1), CAPTION_NULL)
+            parts.append(self.caption_embedding(tokens))  # (B, caption_len, d)
+        return torch.cat(parts, dim=1) if parts else None

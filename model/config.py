@@ -1,0 +1,95 @@
+"""ModelConfig: every hyperparameter of ImageTransformer, validated, round-tripping through a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+ATTENTIONS = ("causal-linear", "softmax")
+BACKENDS = ("auto", "torch", "fast-transformers", "fla")
+HEADS = ("categorical", "logistic-mixture")
+CONDITIONS = ("none", "class", "caption", "both")
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters of ImageTransformer; the `model.*` config keys plus bins/seq_len/n_classes."""
+
+    bins: int = 256
+    seq_len: int = 784
+    n_layers: int = 8
+    n_heads: int = 8
+    d_query: int = 32
+    d_value: Optional[int] = None  # None means d_query; resolved in __post_init__
+    d_ff: int = 1024
+    dropout: float = 0.0
+    attention: str = "causal-linear"
+    backend: str = "auto"
+    chunk_size: int = 64
+    head: str = "categorical"
+    mixtures: int = 10
+    condition: str = "none"
+    n_classes: int = 10
+    caption_len: int = 48
+    condition_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.d_value is None:
+            self.d_value = self.d_query
+        self._validate()
+
+    @property
+    def d_model(self) -> int:
+        """Width of the residual stream: n_heads * d_query."""
+        return self.n_heads * self.d_query
+
+    @property
+    def head_dim(self) -> int:
+        """Size of the last dimension of the logits: bins, or 3 * mixtures for the logistic mixture."""
+        return self.bins if self.head == "categorical" else 3 * self.mixtures
+
+    @property
+    def prefix_len(self) -> int:
+        """Number of conditioning tokens in front of the begin token."""
+        return {"none": 0, "class": 1, "caption": self.caption_len, "both": 1 + self.caption_len}[
+            self.condition]
+
+    @classmethod
+    def from_dict(cls, values: Any) -> "ModelConfig":
+        """Build from a plain dict; unknown keys or bad values raise ValueError naming the key."""
+        if not isinstance(values, dict):
+            raise ValueError(f"model config must be a mapping, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise ValueError(f"model config: unknown key {key!r} (known: {', '.join(sorted(known))})")
+        return cls(**values)
+
+    def _validate(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"model config: {name}={getattr(self, name)!r} {why}")
+
+        int_minimums = {"bins": 2, "seq_len": 1, "n_layers": 1, "n_heads": 1, "d_query": 1,
+                        "d_value": 1, "d_ff": 1, "chunk_size": 1, "mixtures": 1, "n_classes": 1,
+                        "caption_len": 1}
+        for name, minimum in int_minimums.items():
+            value = getattr(self, name)
+            # bool is an int subclass; True as a layer count is a typo, not a number
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, "must be an integer")
+            if value < minimum:
+                fail(name, f"must be >= {minimum}")
+        for name in ("dropout", "condition_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(name, "must be a number")
+            if not 0.0 <= value <= 1.0:
+                fail(name, "must be in [0, 1]")
+            setattr(self, name, float(value))
+        for name, choices in (("attention", ATTENTIONS), ("backend", BACKENDS), ("head", HEADS),
+                              ("condition", CONDITIONS)):
+            if getattr(self, name) not in choices:
+                fail(name, f"must be one of {', '.join(choices)}")
+        if self.dropout >= 1.0:
+            fail("dropout", "must be < 1")

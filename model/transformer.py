@@ -1,0 +1,240 @@
+"""ImageTransformer: a causal transformer over image bytes, trained in parallel, sampled as an RNN.
+
+Input sequence: [condition prefix (P tokens)] [begin] [byte 0] ... [byte L-2]; the output at the
+begin token predicts byte 0 and the output at byte t-1 predicts byte t, so logits[:, t] predicts
+seq[:, t] for every t and bits/dim covers all L bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from model.attention_layer import AttentionLayer, attention_params
+from model.conditioning import ConditionEmbedding
+from model.config import ModelConfig
+from model.heads import build_head
+from model.sampling import sample_next
+
+
+@dataclass
+class RecurrentState:
+    """Everything the recurrent twin carries between steps: per-layer states and the position."""
+
+    layers: list          # one LinearAttentionState or KVCache per layer
+    position: int         # index in the full sequence of the next token step() consumes
+    batch_size: int
+
+    def tensors(self) -> list:
+        """All tensors held by the state."""
+        return [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
+                if isinstance(getattr(layer, f.name), torch.Tensor)]
+
+    def nbytes(self) -> int:
+        """Memory held by the state, in bytes."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(norm(x)), then x + ff(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(cfg.d_model)
+        self.attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.d_query, cfg.d_value, cfg.attention,
+                                        **attention_params(cfg.attention, cfg))
+        self.feed_forward_norm = nn.LayerNorm(cfg.d_model)
+        self.feed_forward = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
+                                          nn.Linear(cfg.d_ff, cfg.d_model))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, state=None):
+        """x (B, L, d_model) -> (B, L, d_model); fills the layer state when one is given."""
+        attended, state = self.attention(self.attention_norm(x), state)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x))), state
+
+    def step(self, x: torch.Tensor, state):
+        """One position x (B, d_model) through the recurrent twin."""
+        attended, state = self.attention.step(self.attention_norm(x), state)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x))), state
+
+
+class ImageTransformer(nn.Module):
+    """Autoregressive model of byte sequences with an optional class/caption conditioning prefix."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        d_model = cfg.d_model
+        self.condition = ConditionEmbedding(cfg.condition, d_model, cfg.n_classes, cfg.caption_len,
+                                            cfg.condition_dropout)
+        self.prefix_len = self.condition.length
+        self.byte_embedding = nn.Embedding(cfg.bins + 1, d_model)  # index `bins` is the begin token
+        self.position_embedding = nn.Embedding(self.prefix_len + cfg.seq_len, d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d_model)
+        self.head = build_head(cfg.head, d_model, cfg.bins, cfg.mixtures)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by depth
+        for name, parameter in self.named_parameters():
+            if name.endswith("out_projection.weight") or name.endswith("feed_forward.2.weight"):
+                nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # ---------------------------------------------------------------- parallel (training) path
+    def _check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:
+        """Validate an integer tensor [B, K] of bytes in [0, bins) and return it as long."""
+        if seq.dim() != 2 or seq.dtype.is_floating_point or seq.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor [B, K], got {tuple(seq.shape)} {seq.dtype}")
+        seq = seq.long()
+        if seq.numel() and (seq.min() < 0 or seq.max() >= self.config.bins):
+            raise ValueError(f"{name} values must be in [0, {self.config.bins}), got "
+                             f"{seq.min().item()}..{seq.max().item()}")
+        return seq
+
+    def _embed(self, tokens: torch.Tensor, labels, captions) -> torch.Tensor:
+        """[prefix] + [begin] + tokens (B, K) -> input embeddings (B, P + 1 + K, d_model)."""
+        batch = tokens.shape[0]
+        begin = torch.full((batch, 1), self.config.bins, dtype=torch.long, device=tokens.device)
+        x = self.byte_embedding(torch.cat([begin, tokens], dim=1))  # (B, 1 + K, d)
+        prefix = self.condition(batch, labels, captions, tokens.device)
+        if prefix is not None:
+            x = torch.cat([prefix, x], dim=1)  # (B, P + 1 + K, d)
+        positions = torch.arange(x.shape[1], device=x.device)
+        return self.dropout(x + self.position_embedding(positions))
+
+    def _trunk(self, x: torch.Tensor, states: Optional[list] = None):
+        """Run the blocks and the final norm over (B, T, d_model); fill states when given."""
+        new_states = []
+        for index, block in enumerate(self.blocks):
+            x, layer_state = block(x, None if states is None else states[index])
+            new_states.append(layer_state)
+        return self.final_norm(x), new_states
+
+    def forward(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                captions: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Logits [B, L, head_dim]; logits[:, t] predicts seq[:, t] from seq[:, :t] and the condition."""
+        seq = self._check_bytes(seq, "seq")
+        if seq.shape[1] > self.config.seq_len:
+            raise ValueError(f"seq has {seq.shape[1]} bytes, more than seq_len={self.config.seq_len}")
+        hidden, _ = self._trunk(self._embed(seq[:, :-1], labels, captions))
+        return self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Normalized log-probabilities [..., bins] (fp32) from logits of either head."""
+        return self.head.log_probs(logits)
+
+    def nll(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
+            captions: Optional[Sequence[str]] = None) -> torch.Tensor:
+        """Negative log-likelihood [B, L] in nats per byte, fp32 (divide the mean by ln 2 for bits/dim)."""
+        return self.head.nll(self(seq, labels, captions), seq.long())
+
+    # ---------------------------------------------------------------- recurrent (sampling) path
+    @property
+    def max_len(self) -> int:
+        """Longest token sequence the model reads: the prefix, the begin token and L-1 bytes."""
+        return self.prefix_len + self.config.seq_len
+
+    def init_state(self, batch_size: int) -> RecurrentState:
+        """An empty recurrent state for batch_size sequences, on the model's device."""
+        parameter = self.byte_embedding.weight
+        layers = [block.attention.init_state(batch_size, self.max_len, parameter.device, parameter.dtype)
+                  for block in self.blocks]
+        return RecurrentState(layers=layers, position=0, batch_size=batch_size)
+
+    def prefill(self, state: RecurrentState, labels: Optional[torch.Tensor] = None,
+                captions: Optional[Sequence[str]] = None, prefix: Optional[torch.Tensor] = None):
+        """Read the condition, the begin token and K given bytes in one parallel pass.
+
+        Returns logits [B, head_dim] predicting byte K, and the state ready for step().
+        """
+        batch = state.batch_size
+        device = self.byte_embedding.weight.device
+        if prefix is None:
+            prefix = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        prefix = self._check_bytes(prefix.to(device), "prefix")
+        if prefix.shape[0] != batch:
+            raise ValueError(f"prefix has {prefix.shape[0]} rows for a state of batch {batch}")
+        if prefix.shape[1] >= self.config.seq_len:
+            raise ValueError(f"prefix has {prefix.shape[1]} bytes; at most seq_len-1="
+                             f"{self.config.seq_len - 1} leave a byte to predict")
+        hidden, state.layers = self._trunk(self._embed(prefix, labels, captions), state.layers)
+        state.position = hidden.shape[1]
+        return self.head(hidden[:, -1]), state
+
+    def step(self, byte: torch.Tensor, state: RecurrentState):
+        """Feed one byte [B] at state.position; return logits [B, head_dim] for the next byte."""
+        if state.position >= self.max_len:
+            raise ValueError(f"the recurrent state is at position {state.position}: the image is complete")
+        byte = self._check_bytes(byte.reshape(-1, 1), "byte").squeeze(1)
+        position = torch.full_like(byte, state.position)
+        x = self.byte_embedding(byte) + self.position_embedding(position)  # (B, d)
+        for index, block in enumerate(self.blocks):
+            x, state.layers[index] = block.step(x, state.layers[index])
+        state.position += 1
+        return self.head(self.final_norm(x)), state
+
+    @torch.no_grad()
+    def generate(self, n: int, labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None,
+                 prefix: Optional[torch.Tensor] = None, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 batch_size: Optional[int] = None) -> torch.Tensor:
+        """Sample n sequences LongTensor [n, L] (on the model's device); given prefix bytes are kept."""
+        length, device = self.config.seq_len, self.byte_embedding.weight.device
+        if labels is not None:
+            labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+            labels = labels.expand(n) if labels.numel() == 1 else labels
+            if labels.shape[0] != n:
+                raise ValueError(f"labels has {labels.shape[0]} entries for n={n}")
+        if captions is not None and len(captions) != n:
+            raise ValueError(f"captions has {len(captions)} entries for n={n}")
+        if prefix is not None:
+            prefix = prefix.to(device).long()
+            prefix = prefix.unsqueeze(0).expand(n, -1) if prefix.dim() == 1 else prefix
+            if prefix.shape[0] != n or prefix.shape[1] > length:
+                raise ValueError(f"prefix shape {tuple(prefix.shape)} does not fit n={n}, seq_len={length}")
+        batch_size = batch_size or max(n, 1)
+        was_training = self.training
+        self.eval()
+        try:
+            out = torch.empty(n, length, dtype=torch.long, device=device)
+            for start in range(0, n, batch_size):
+                rows = slice(start, min(n, start + batch_size))
+                out[rows] = self._generate_batch(
+                    rows.stop - rows.start, None if labels is None else labels[rows],
+                    None if captions is None else captions[rows], None if prefix is None else prefix[rows],
+                    temperature, top_k, top_p, generator)
+            return out
+        finally:
+            self.train(was_training)
+
+    def _generate_batch(self, batch, labels, captions, prefix, temperature, top_k, top_p, generator):
+        """generate() for one batch: prefill, then one step per byte."""
+        length = self.config.seq_len
+        given = 0 if prefix is None else prefix.shape[1]
+        out = torch.empty(batch, length, dtype=torch.long, device=self.byte_embedding.weight.device)
+        if given:
+            out[:, :given] = self._check_bytes(prefix, "prefix")
+        if given == length:
+            return out
+        logits, state = self.prefill(self.init_state(batch), labels, captions, prefix)
+        for t in range(given, length):
+            byte = sample_next(self.log_probs(logits), temperature, top_k, top_p, generator)  # (B,)
+            out[:, t] = byte
+            if t + 1 < length:
+                logits, state = self.step(byte, state)
+        return out

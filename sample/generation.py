@@ -1,0 +1,141 @@
+"""The generation loop: recurrent twin (prefill, then one step per byte) or parallel re-run."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.sampling import filter_logits
+
+MODES = ("recurrent", "parallel")
+
+
+@dataclass
+class SamplingOptions:
+    """How to draw bytes: filters, seed, batching, execution mode and precision."""
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: int = 0
+    batch_size: int = 64
+    mode: str = "recurrent"
+    bf16: bool = False
+    progress: bool = True
+
+
+@dataclass
+class GenerationStats:
+    """What the last line of the CLI reports."""
+
+    images: int
+    bytes_generated: int
+    seconds: float
+
+
+def image_uniforms(seed: int, image_indices: list[int], length: int) -> torch.Tensor:
+    """One uniform in [0, 1) per (image, byte), drawn from a stream seeded by (seed, image index).
+
+    Keying the stream by the image's position in the request (not by its batch) makes the same seed
+    give the same images whatever the batch size, and in either mode.
+    """
+    rows = [np.random.default_rng([seed, index]).random(length) for index in image_indices]
+    return torch.from_numpy(np.stack(rows))  # (B, L) float64
+
+
+def draw(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sample one byte per row of filtered log-probs [B, bins] with uniforms [B]."""
+    probs = torch.softmax(log_probs.double(), dim=-1)  # (B, bins); filtered bins are exactly 0
+    cdf = torch.cumsum(probs, dim=-1)  # (B, bins)
+    target = uniforms.unsqueeze(-1) * cdf[:, -1:]  # (B, 1)
+    # right=True: the first bin whose cdf exceeds the target, so a zero-probability bin is never drawn
+    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)  # (B,)
+    return index.clamp_(max=probs.shape[-1] - 1)
+
+
+def next_byte(net: torch.nn.Module, logits: torch.Tensor, uniforms: torch.Tensor,
+              options: SamplingOptions) -> torch.Tensor:
+    """The one sampling function both modes share: head logits [B, head_dim] -> bytes [B]."""
+    log_probs = net.log_probs(logits.float())  # (B, bins) normalized for either head
+    if options.temperature == 0:
+        return log_probs.argmax(dim=-1)  # greedy
+    filtered = filter_logits(log_probs, temperature=options.temperature, top_k=options.top_k,
+                             top_p=options.top_p)
+    return draw(filtered, uniforms)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on request; the model keeps its recurrent state in fp32 either way."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _generate_recurrent(net, out, start, labels, captions, uniforms, options, advance):
+    """Fill out[:, start:] with the recurrent twin: prefill the prefix, then one step per byte."""
+    batch, seq_len = out.shape
+    state = net.init_state(batch)
+    prefix = out[:, :start] if start > 0 else None
+    logits, state = net.prefill(state, labels=labels, captions=captions, prefix=prefix)
+    for t in range(start, seq_len):
+        byte = next_byte(net, logits, uniforms[:, t], options)  # (B,)
+        out[:, t] = byte
+        advance(batch)
+        if t + 1 < seq_len:
+            logits, state = net.step(byte, state)  # O(1) work per byte, whatever t is
+
+
+def _generate_parallel(net, out, start, labels, captions, uniforms, options, advance):
+    """Fill out[:, start:] by re-running the whole prefix at every byte (O(L^2); for comparison)."""
+    batch, seq_len = out.shape
+    for t in range(start, seq_len):
+        # logits[:, t] sees only bytes < t, so out[:, t] (not yet drawn) is an ignored placeholder
+        logits = net(out[:, : t + 1], labels=labels, captions=captions)[:, t]  # (B, head_dim)
+        out[:, t] = next_byte(net, logits, uniforms[:, t], options)
+        advance(batch)
+
+
+@torch.no_grad()
+def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOptions,
+                    labels: Optional[torch.Tensor] = None, captions: Optional[list[str]] = None,
+                    prefix: Optional[torch.Tensor] = None,
+                    on_batch: Optional[Callable[[int], None]] = None
+                    ) -> tuple[torch.Tensor, GenerationStats]:
+    """Generate n_images sequences [n, L] in batches; prefix bytes [n, K] are kept as given."""
+    if options.mode not in MODES:
+        raise ValueError(f"mode {options.mode!r} must be one of {', '.join(MODES)}")
+    seq_len = net.config.seq_len
+    device = next(net.parameters()).device
+    start = 0 if prefix is None else prefix.shape[1]
+    was_training = net.training
+    net.eval()  # no dropout, no condition dropout while sampling
+    run = _generate_recurrent if options.mode == "recurrent" else _generate_parallel
+    result = torch.empty(n_images, seq_len, dtype=torch.long)
+    bar = tqdm(total=n_images * (seq_len - start), unit="B", unit_scale=True, desc="sampling",
+               disable=not options.progress, leave=False)
+    began = time.perf_counter()
+    try:
+        for first in range(0, n_images, options.batch_size):
+            rows = list(range(first, min(first + options.batch_size, n_images)))
+            out = torch.zeros(len(rows), seq_len, dtype=torch.long, device=device)  # (B, L)
+            if prefix is not None:
+                out[:, :start] = prefix[rows].to(device)
+            batch_labels = None if labels is None else labels[rows].to(device)
+            batch_captions = None if captions is None else [captions[i] for i in rows]
+            uniforms = image_uniforms(options.seed, rows, seq_len).to(device)  # (B, L)
+            with _autocast(device, options.bf16):
+                run(net, out, start, batch_labels, batch_captions, uniforms, options, bar.update)
+            result[rows] = out.cpu()
+            if on_batch is not None:
+                on_batch(len(rows))
+    finally:
+        bar.close()
+        net.train(was_training)
+    seconds = time.perf_counter() - began
+    return result, GenerationStats(n_images, n_images * (seq_len - start), seconds)

@@ -1,0 +1,165 @@
+"""One sampling job, from checkpoint to files: what the CLI calls and what tests call directly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from sample.errors import SampleUsageError
+from sample.generation import GenerationStats, SamplingOptions, generate_images
+from sample.grids import decode, save_grid, save_npz, save_per_image
+from sample.loading import LoadedModel, load_for_sampling
+from sample.request import (SampleRequest, check_caption, check_conditioning, completion_request,
+                            conditional_request, parse_int_ranges, unconditional_request)
+
+
+@dataclass
+class SampleJob:
+    """Everything one run of the sampler needs (the CLI flags, parsed)."""
+
+    checkpoint: str
+    out: str
+    n: Optional[int] = None
+    columns: Optional[int] = None
+    classes: Optional[str] = None  # '0-9', '1,3,5-7' or class names
+    captions: Optional[list[str]] = None
+    index: Optional[str] = None  # test-set indices for completion, '0-10'
+    offset: Optional[int] = None
+    data: Optional[str] = None
+    split: str = "test"
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    device: Optional[str] = None
+    padding: int = 2
+    per_image: bool = False
+    npz: bool = False
+
+
+@dataclass
+class SampleResult:
+    """What a job produced."""
+
+    sequences: torch.Tensor  # LongTensor [n, L]
+    grid_path: Path
+    grid_size: tuple[int, int]  # (height, width) in pixels
+    stats: GenerationStats
+    loaded: LoadedModel
+    written: list[Path]
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    """The requested device, or cuda when present; a clear error for cuda on a machine without it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SampleUsageError(f"--device {name}: no CUDA device on this machine (use --device cpu)")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SampleUsageError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1)") from None
+
+
+def check_options(options: SamplingOptions) -> None:
+    """Reject sampling options that could only fail later, with the flag at fault."""
+    if options.temperature < 0:
+        raise SampleUsageError(f"--temperature {options.temperature}: must be >= 0 (0 = greedy)")
+    if options.top_k is not None and options.top_k < 1:
+        raise SampleUsageError(f"--top-k {options.top_k}: must be >= 1")
+    if options.top_p is not None and not 0 < options.top_p <= 1:
+        raise SampleUsageError(f"--top-p {options.top_p}: must be in (0, 1]")
+    if options.batch_size < 1:
+        raise SampleUsageError(f"--batch-size {options.batch_size}: must be >= 1")
+
+
+def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
+    """Read the real test images named by --index and ask for completions of their first K bytes."""
+    from data_prep.errors import DataError
+    from data_prep.manifest import load_manifest
+    from data_prep.reader import read_samples
+
+    if job.offset is None:
+        raise SampleUsageError("--index needs --offset K (how many bytes of each real image to keep)")
+    if job.data is None:
+        raise SampleUsageError("--index needs --data DIR, the prepared folder to take the real images "
+                               "from (a model export records the image format, not the data path)")
+    if job.classes is not None or job.captions is not None:
+        raise SampleUsageError("--index completes real images under their own label and caption; "
+                               "drop --classes / --caption")
+    indices = parse_int_ranges(job.index, "--index")
+    try:
+        info = load_manifest(job.data).image_info()
+        for key in ("height", "width", "channels", "bins", "order"):
+            if info[key] != loaded.image[key]:
+                raise SampleUsageError(f"--data {job.data}: {key}={info[key]!r} but the model was trained "
+                                       f"on {key}={loaded.image[key]!r}")
+        batch = read_samples(job.data, indices, split=job.split)
+    except DataError as err:
+        raise SampleUsageError(str(err)) from None
+    condition = loaded.net.config.condition
+    labels = batch.labels if condition in ("class", "both") else None
+    captions = list(batch.captions) if condition in ("caption", "both") else None
+    return completion_request(batch.seqs, labels, captions, indices, job.offset, job.n)
+
+
+def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
+    """Check the conditioning flags against the model and lay out what to generate."""
+    config = loaded.net.config
+    if job.n is not None and job.n < 1:
+        raise SampleUsageError(f"--n {job.n}: must be >= 1")
+    if job.offset is not None and job.index is None:
+        raise SampleUsageError("--offset applies to completion: give --index too")
+    if job.index is not None:
+        return _completion(job, loaded)
+    check_conditioning(config.condition, job.classes is not None, job.captions is not None)
+    for caption in job.captions or []:
+        check_caption(caption, config.caption_len)
+    if job.classes is None and job.captions is None:
+        return unconditional_request(job.n, job.columns)
+    classes = None
+    if job.classes is not None:
+        classes = parse_int_ranges(job.classes, "--classes", loaded.image.get("class_names") or ())
+    return conditional_request(classes, job.captions, job.n, config.n_classes)
+
+
+def _completion_rows(request: SampleRequest, seqs: torch.Tensor, bins: int) -> tuple[torch.Tensor, int]:
+    """Rows of [real image, the kept prefix (rest grey), completions...] for the completion grid."""
+    rows, seq_len = request.real.shape
+    per_row = request.n_images // rows
+    offset = request.prefix.shape[1]
+    shown = torch.full_like(request.real, bins // 2)  # unknown bytes drawn as mid grey
+    shown[:, :offset] = request.real[:, :offset]
+    completions = seqs.view(rows, per_row, seq_len)
+    table = torch.cat([request.real[:, None], shown[:, None], completions], dim=1)  # (rows, 2+n, L)
+    return table.reshape(-1, seq_len), per_row + 2
+
+
+def run_job(job: SampleJob) -> SampleResult:
+    """Load, generate and write the grid (plus per-image PNGs and .npz on request)."""
+    check_options(job.options)
+    out = Path(job.out)
+    if out.suffix.lower() != ".png":
+        raise SampleUsageError(f"--out {out}: must name a .png file")
+    device = pick_device(job.device)
+    loaded = load_for_sampling(job.checkpoint, device)
+    request = build_request(job, loaded)
+    seqs, stats = generate_images(loaded.net, request.n_images, job.options, labels=request.labels,
+                                  captions=request.captions, prefix=request.prefix)
+    if request.real is not None:
+        grid_seqs, columns = _completion_rows(request, seqs, loaded.image["bins"])
+    else:
+        grid_seqs, columns = seqs, request.columns
+    grid_size = save_grid(decode(grid_seqs, loaded.image), out, columns, job.padding)
+    written = [out]
+    if job.per_image:
+        folder = out.with_suffix("")
+        save_per_image(decode(seqs, loaded.image), folder, request.names)
+        if request.real is not None:
+            save_per_image(decode(request.real, loaded.image), folder, request.real_names)
+        written.append(folder)
+    if job.npz:
+        npz_path = out.with_suffix(".npz")
+        save_npz(npz_path, seqs, loaded.image, request.labels, request.captions, request.names)
+        written.append(npz_path)
+    return SampleResult(seqs, out, grid_size, stats, loaded, written)

@@ -1,0 +1,131 @@
+"""Sample images from a trained model: unconditional, per class, per caption, or completions.
+
+    python sample/run.py --checkpoint runs/mnist --out samples.png --n 64
+    python sample/run.py --checkpoint runs/mnist/export/model.pt --out digits.png --classes 0-9 --n 10
+    python sample/run.py --checkpoint runs/mnist/checkpoints/step_0005000 --out seven.png \\
+        --caption "a handwritten seven"
+    python sample/run.py --checkpoint runs/mnist --out completions.png --data data/mnist \\
+        --index 0-9 --offset 392 --n 4
+    lit-sample ...   (the same, installed as a console script)
+
+Exit codes: 0 done, 1 failure (e.g. a corrupt checkpoint), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):
+    # `python sample/run.py` puts sample/ first on sys.path; the packages live one level up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sample.errors import SampleFailure, SampleUsageError  # noqa: E402
+from sample.generation import MODES, SamplingOptions  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The sampler's flags, each with its help text."""
+    parser = argparse.ArgumentParser(
+        prog="lit-sample", description=__doc__.split("\n\n")[0],
+        epilog="Same --seed, same images: each image draws from its own random stream keyed by "
+               "(seed, its position in the request), so batch size and --mode do not change them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    what = parser.add_argument_group("model and output")
+    what.add_argument("--checkpoint", required=True, metavar="PATH",
+                      help="export/model.pt, a checkpoints/step_N folder (meta.json + model.safetensors), "
+                           "or a run folder (its export if at least as new, else its newest complete "
+                           "checkpoint)")
+    what.add_argument("--out", required=True, metavar="FILE.png", help="the grid PNG to write")
+    what.add_argument("--per-image", action="store_true",
+                      help="also write one PNG per image into a folder named after --out without .png")
+    what.add_argument("--npz", action="store_true",
+                      help="also write the raw bytes (uint8 [N, L]) with labels and captions to "
+                           "--out with .npz instead of .png")
+    what.add_argument("--columns", type=int, default=None,
+                      help="images per grid row for unconditional samples (default: a near-square grid)")
+    what.add_argument("--padding", type=int, default=2, help="pixels between grid cells")
+    cond = parser.add_argument_group("what to generate")
+    cond.add_argument("--n", type=int, default=None,
+                      help="unconditional: number of images (default 16); with --classes or --caption: "
+                           "images PER class or caption, one grid row each (default 10); with --index: "
+                           "completions per real image (default 10)")
+    cond.add_argument("--classes", metavar="LIST", default=None,
+                      help="class-conditional: one grid row per class, e.g. 0-9, 1,3,5-7 or class names "
+                           "(ranges include both ends); needs a model trained with condition class/both")
+    cond.add_argument("--caption", metavar="TEXT", action="append", default=None,
+                      help="caption-conditional; repeat for one grid row per caption, or combine once "
+                           "with --classes; needs a model trained with condition caption/both")
+    cond.add_argument("--index", metavar="A-B", default=None,
+                      help="completion: take these images of the --split of --data (ranges include both "
+                           "ends), keep their first --offset bytes and generate the rest; each grid row "
+                           "is [real image, kept part (rest grey), completions...]")
+    cond.add_argument("--offset", type=int, default=None, metavar="K",
+                      help="completion: bytes of each real image to keep (0 <= K < sequence length)")
+    cond.add_argument("--data", metavar="DIR", default=None,
+                      help="prepared data folder for --index (an export records the image format, "
+                           "not where the data is)")
+    cond.add_argument("--split", default="test", choices=("test", "train"), help="split for --index")
+    how = parser.add_argument_group("sampling")
+    how.add_argument("--temperature", type=float, default=1.0,
+                     help="divide log-probabilities by this; lower is more conservative, 0 is greedy")
+    how.add_argument("--top-k", type=int, default=None, help="keep only the K most likely byte values")
+    how.add_argument("--top-p", type=float, default=None,
+                     help="keep the smallest set of byte values whose probability reaches P (nucleus)")
+    how.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    how.add_argument("--batch-size", type=int, default=64, help="images generated together")
+    how.add_argument("--mode", choices=MODES, default="recurrent",
+                     help="recurrent: the RNN twin, O(1) work per byte; parallel: re-run the whole "
+                          "prefix at every byte, O(L^2), only to compare speed and results")
+    how.add_argument("--device", default=None,
+                     help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    how.add_argument("--bf16", action="store_true",
+                     help="bf16 autocast (for GPUs; the recurrent state stays fp32)")
+    how.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def job_from_args(args: argparse.Namespace):
+    """Parsed flags -> SampleJob."""
+    from sample.pipeline import SampleJob
+
+    options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, batch_size=args.batch_size, mode=args.mode,
+                              bf16=args.bf16, progress=not args.no_progress)
+    return SampleJob(checkpoint=args.checkpoint, out=args.out, n=args.n, columns=args.columns,
+                     classes=args.classes, captions=args.caption, index=args.index,
+                     offset=args.offset, data=args.data, split=args.split, options=options,
+                     device=args.device, padding=args.padding, per_image=args.per_image,
+                     npz=args.npz)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse flags, run the job, print where the files are and the speed; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from sample.pipeline import run_job
+
+    try:
+        result = run_job(job_from_args(args))
+    except SampleUsageError as err:
+        print(f"lit-sample: error: {err}", file=sys.stderr)
+        return 2
+    except SampleFailure as err:
+        print(f"lit-sample: failed: {err}", file=sys.stderr)
+        return 1
+    stats, loaded = result.stats, result.loaded
+    print(f"model: {loaded.source} (step {loaded.step})")
+    height, width = result.grid_size
+    print(f"grid: {result.grid_path} ({width}x{height} px)")
+    for path in result.written[1:]:
+        print(f"wrote: {path}")
+    seconds = max(stats.seconds, 1e-9)
+    print(f"{stats.images} images, {stats.bytes_generated} bytes in {stats.seconds:.2f} s: "
+          f"{stats.images / seconds:.2f} images/s, {stats.bytes_generated / seconds:,.0f} bytes/s "
+          f"({args.mode}, {next(loaded.net.parameters()).device}, batch {args.batch_size})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

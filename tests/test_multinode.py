@@ -1,0 +1,92 @@
+"""Multi-node training without Slurm: two `accelerate launch` processes on 127.0.0.1 act as two
+machines of one CPU process each (gloo), the way slurm/common.sh starts one launcher per node."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.export import load_export
+from train.trainer import parameter_digest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_STEPS = 12
+TINY_SETS = [
+    "model.n_layers=1", "model.n_heads=2", "model.d_query=8", "model.d_ff=32", "train.batch_size=8",
+    f"train.max_steps={MAX_STEPS}", "train.checkpoint_every=6", "train.eval_at_start=false",
+    "train.eval_every=100000", "train.eval_batch_size=64", "train.n_samples=0", "data.num_workers=1",
+    "data.shuffle_buffer=64", "log.every=3", "log.progress_bar=false",
+]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    """A small prepared copy of the built-in digits."""
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, "-m", "data_prep.prepare", "--dataset", "digits", "--out", str(out),
+                    "--train-size", "256", "--test-size", "64", "--workers", "1", "--no-progress",
+                    "--overwrite"], cwd=REPO, check=True, capture_output=True, timeout=300)
+    return out
+
+
+def launch_machine(rank: int, port: int, data: Path, run_dir: Path, log: Path) -> subprocess.Popen:
+    """Start machine `rank` of 2: its own accelerate launch with one CPU process."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+           "--num_machines", "2", "--machine_rank", str(rank),
+           "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+           "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "train/run.py", "--config", "configs/digits.yaml",
+           "--set", f"data.dir={data}", "--set", f"train.run_dir={run_dir}"]
+    for item in TINY_SETS:
+        cmd += ["--set", item]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_two_machines_end_with_identical_parameters(digits, tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
+    machines = [launch_machine(rank, port, digits, run_dir, logs[rank]) for rank in (0, 1)]
+    try:
+        codes = [machine.wait(timeout=240) for machine in machines]
+    finally:
+        for machine in machines:
+            if machine.poll() is None:
+                machine.kill()
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert codes == [0, 0], "\n\n".join(texts)
+
+    # Each machine ran one process, with the global rank of its machine, and reports its digest.
+    digests = []
+    for rank, text in enumerate(texts):
+        found = re.findall(r"rank (\d+)/(\d+): stopped at step (\d+), parameter digest ([0-9a-f]+)", text)
+        assert found == [(str(rank), "2", str(MAX_STEPS), found[0][3])], text
+        digests.append(found[0][3])
+    assert digests[0] == digests[1]
+
+    # What rank 0 exported is what both machines hold in memory.
+    net, _, step = load_export(run_dir / "export" / "model.pt")
+    assert step == MAX_STEPS
+    assert parameter_digest(net).startswith(digests[0])
+    # Only the main process writes TensorBoard events; both ranks' checkpoint parts are there.
+    assert len(list((run_dir / "logs").rglob("events.out.tfevents.*"))) == 1
+    final = run_dir / "checkpoints" / f"step_{MAX_STEPS:07d}"
+    assert (final / "meta.json").is_file()
+    assert sorted(p.name for p in final.glob("random_states_*.pkl")) == ["random_states_0.pkl",
+                                                                        "random_states_1.pkl"]

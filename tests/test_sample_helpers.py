@@ -1,0 +1,50 @@
+"""Helpers shared by the test_sample_* files (no tests here): tiny models and checkpoint files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from model import ImageTransformer, ModelConfig
+from model.export import save_export
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A 2-layer model over 6x6 grey images with 16 levels (36 bytes)."""
+    values = dict(bins=16, seq_len=36, n_layers=2, n_heads=2, d_query=8, d_ff=32, condition="both",
+                  n_classes=3, caption_len=16, chunk_size=8)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def image_info(config: ModelConfig, height: int = 6, width: int = 6) -> dict:
+    """Image info matching a tiny config (one channel, raster order)."""
+    return dict(dataset="toy", height=height, width=width, channels=1, bins=config.bins, order="raster",
+                class_names=[f"c{i}" for i in range(config.n_classes)])
+
+
+def tiny_model(seed: int = 0, **overrides) -> ImageTransformer:
+    """A freshly initialised tiny model in eval mode (random weights give varied samples)."""
+    torch.manual_seed(seed)
+    return ImageTransformer(tiny_config(**overrides)).eval()
+
+
+def write_export(path: Path, net: ImageTransformer, step: int = 1, info: dict | None = None) -> Path:
+    """Save net as a model export (model.export format)."""
+    save_export(path, net, info or image_info(net.config), step)
+    return path
+
+
+def write_step_folder(folder: Path, net: ImageTransformer, step: int, info: dict | None = None) -> Path:
+    """Write a checkpoint folder the way the trainer does: accelerate's model.safetensors + meta.json."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: value.contiguous() for key, value in net.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    meta = {"step": step, "model_config": dataclasses.asdict(net.config), "image": info or image_info(net.config)}
+    (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+    return folder

@@ -1,0 +1,142 @@
+"""Config loading, coercion and errors; learning-rate schedule; checkpoint bookkeeping (no model needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from train.checkpoint import (CheckpointError, check_compatible, complete_checkpoints, model_config_differences,
+                              prune_checkpoints, remove_stale_temporaries, resolve_resume)
+from train.config import ConfigError, load_config, parse_yaml, write_config
+from train.schedule import learning_rate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_scalars_are_coerced_to_field_types(tmp_path):
+    path = write(tmp_path, "optim:\n  lr: 1e-4\n  betas: [0.9, 0.95]\ntrain:\n  max_steps: 1e3\n"
+                           "  mixed_precision: no\n  deterministic: true\nmodel:\n  d_value: null\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.mixed_precision == "no"  # not YAML 1.1's False
+    assert cfg.train.deterministic is True
+    assert cfg.model.d_value is None
+
+
+def test_overrides_win_and_are_coerced(tmp_path):
+    path = write(tmp_path, "train:\n  max_steps: 10\n")
+    cfg = load_config(path, ["optim.lr=2e-4", "train.max_steps=7", "train.mixed_precision=no",
+                             "model.d_value=16", "optim.betas=[0.8,0.9]", "train.deterministic=true",
+                             "data.dir=some/where"])
+    assert (cfg.optim.lr, cfg.train.max_steps, cfg.train.mixed_precision) == (2e-4, 7, "no")
+    assert cfg.model.d_value == 16 and cfg.optim.betas == (0.8, 0.9) and cfg.train.deterministic
+    assert cfg.data.dir == "some/where"
+
+
+@pytest.mark.parametrize("text, overrides, words", [
+    ("train:\n  max_steps: 5\n  bogus: 1\n", [], ["c.yaml", "train.bogus", "unknown key"]),
+    ("nonsense:\n  a: 1\ntrain:\n  max_steps: 5\n", [], ["c.yaml", "nonsense", "unknown section"]),
+    ("train:\n  max_steps: five\n", [], ["c.yaml", "train.max_steps", "'five'"]),
+    ("train:\n  max_steps: 5\noptim:\n  lr: fast\n", [], ["c.yaml", "optim.lr", "'fast'"]),
+    ("train:\n  max_steps: 5\n  deterministic: maybe\n", [], ["c.yaml", "train.deterministic"]),
+    ("train:\n  max_steps: 5\n  mixed_precision: fp8\n", [], ["c.yaml", "train.mixed_precision", "fp8"]),
+    ("train:\n  max_steps: 5\noptim:\n  betas: [0.9]\n", [], ["c.yaml", "optim.betas"]),
+    ("train:\n  max_steps: 5\n", ["train.batch_size=0"], ["--set train.batch_size=0", "> 0"]),
+    ("train:\n  max_steps: 5\n", ["train.nope=1"], ["--set train.nope=1", "unknown key"]),
+    ("train:\n  max_steps: 5\n", ["optim.lr=abc"], ["--set optim.lr=abc", "optim.lr"]),
+    ("train:\n  max_steps: 5\n", ["lr=1"], ["--set lr=1", "section.key"]),
+    ("train:\n  max_steps: 5\n", ["optim.lr"], ["--set optim.lr", "section.key=value"]),
+    ("train:\n  max_steps: 2.5\n", [], ["c.yaml", "train.max_steps", "integer"]),
+    ("train: [1, 2]\n", [], ["c.yaml", "train", "mapping"]),
+    ("train:\n  max_steps: [\n", [], ["c.yaml", "not valid YAML"]),
+])
+def test_bad_values_give_one_line_errors(tmp_path, text, overrides, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_shipped_configs_load_and_follow_the_paper():
+    mnist = load_config(os.path.join(REPO, "configs", "mnist.yaml"))
+    assert (mnist.model.n_layers, mnist.model.n_heads, mnist.model.d_query, mnist.model.d_ff) == (8, 8, 32, 1024)
+    assert (mnist.model.head, mnist.model.mixtures, mnist.optim.name) == ("logistic-mixture", 10, "radam")
+    assert mnist.optim.lr == pytest.approx(1e-4) and mnist.train.epochs == 250
+    cifar = load_config(os.path.join(REPO, "configs", "cifar10.yaml"))
+    assert cifar.model.n_layers == 16 and cifar.optim.lr == pytest.approx(2e-4)
+    digits = load_config(os.path.join(REPO, "configs", "digits.yaml"))
+    assert digits.model.condition == "class" and digits.train.max_steps > 0
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  max_steps: 3\n  mixed_precision: no\n"), ["optim.lr=3e-5"])
+    out = tmp_path / "run" / "config.yaml"
+    write_config(cfg, str(out))
+    again = load_config(str(out))
+    assert again == cfg
+    assert parse_yaml(out.read_text())["train"]["mixed_precision"] == "no"
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine():
+    kwargs = dict(base_lr=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert learning_rate(0, **kwargs) == pytest.approx(0.1)
+    assert learning_rate(9, **kwargs) == pytest.approx(1.0)
+    assert learning_rate(10, **kwargs) == pytest.approx(1.0)
+    assert learning_rate(60, **kwargs) == pytest.approx(0.55)
+    assert learning_rate(110, **kwargs) == pytest.approx(0.1)
+    assert learning_rate(500, **kwargs) == pytest.approx(0.1)
+    values = [learning_rate(s, **kwargs) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert learning_rate(50, base_lr=2.0, warmup_steps=0, total_steps=100, min_lr_ratio=1.0) == 2.0
+
+
+def make_checkpoint(run_dir, step, complete=True, model_config=None):
+    folder = os.path.join(run_dir, "checkpoints", f"step_{step:07d}")
+    os.makedirs(folder)
+    if complete:
+        with open(os.path.join(folder, "meta.json"), "w") as handle:
+            json.dump({"step": step, "model_config": model_config or {"n_layers": 2}, "image": {}}, handle)
+    return folder
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
+    run = str(tmp_path / "run")
+    assert resolve_resume(run, "auto") is None
+    make_checkpoint(run, 100)
+    newest = make_checkpoint(run, 200)
+    make_checkpoint(run, 300, complete=False)  # a crash before meta.json: never chosen
+    os.makedirs(os.path.join(run, "checkpoints", "step_0000400.tmp-abcd"))
+    assert resolve_resume(run, "auto") == newest
+    assert [s for s, _ in complete_checkpoints(run)] == [100, 200]
+    with pytest.raises(CheckpointError, match="already has checkpoints"):
+        resolve_resume(run, None)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        resolve_resume(run, os.path.join(run, "checkpoints", "step_0000999"))
+    with pytest.raises(CheckpointError, match="incomplete"):
+        resolve_resume(run, os.path.join(run, "checkpoints", "step_0000300"))
+    assert remove_stale_temporaries(run) == ["step_0000400.tmp-abcd"]
+    prune_checkpoints(run, keep=1)
+    assert [s for s, _ in complete_checkpoints(run)] == [200]
+
+
+def test_model_config_mismatch_lists_the_keys(tmp_path):
+    saved = {"n_layers": 2, "n_heads": 4, "backend": "torch", "chunk_size": 64}
+    folder = make_checkpoint(str(tmp_path), 10, model_config=saved)
+    current = {"n_layers": 3, "n_heads": 4, "backend": "fla", "chunk_size": 32}
+    assert model_config_differences(saved, current) == ["n_layers: checkpoint 2 != config 3"]
+    with pytest.raises(CheckpointError, match="n_layers: checkpoint 2 != config 3"):
+        check_compatible(folder, current)
+    assert check_compatible(folder, {**current, "n_layers": 2})["step"] == 10

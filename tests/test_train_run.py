@@ -1,0 +1,325 @@
+"""The trainer end to end on a tiny prepared digits set (CPU): learning, resume, DDP, signals, crashes, errors."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from train.config import load_config
+from train.run import main as run_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_PY = os.path.join(REPO, "train", "run.py")
+CONFIG = os.path.join(REPO, "configs", "digits.yaml")
+# A model of a few thousand parameters: every step takes milliseconds, the behaviour is the real one.
+TINY = ["model.n_layers=1", "model.n_heads=2", "model.d_query=8", "model.d_ff=32", "train.batch_size=8",
+        "train.eval_batch_size=100", "data.num_workers=1", "data.shuffle_buffer=200", "train.n_samples=2",
+        "log.every=5", "log.progress_bar=false", "train.eval_every=1000", "train.checkpoint_every=1000"]
+
+
+@pytest.fixture(scope="module")
+def digits16(tmp_path_factory) -> str:
+    """A prepared digits folder with 16 levels: 1,000 train / 100 test images."""
+    from data_prep.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("train_data") / "digits16"
+    prepare(PrepareConfig(dataset="digits", out=str(out), bins=16, train_size=1000, test_size=100,
+                          workers=1, progress=False))
+    return str(out)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps process-wide singletons; reset them around in-process training runs."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
+    """--set values for a tiny run of digits.yaml."""
+    return [*TINY, f"data.dir={data_dir}", f"train.run_dir={run_dir}", *extra]
+
+
+def train_in_process(data_dir, run_dir, *extra, resume=None):
+    """Run train() in this process with the tiny overrides."""
+    from train.trainer import train
+
+    cfg = load_config(CONFIG, overrides(data_dir, run_dir, *extra))
+    return train(cfg, resume=resume, config_source=CONFIG)
+
+
+def cli_args(data_dir, run_dir, *extra) -> list[str]:
+    """Command-line arguments of train/run.py for a tiny run."""
+    args = ["--config", CONFIG]
+    for item in overrides(data_dir, str(run_dir), *extra):
+        args += ["--set", item]
+    return args
+
+
+def env() -> dict:
+    """Environment of a training subprocess: the repository importable, one thread per rank."""
+    return {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def read_scalars(run_dir: str):
+    """EventAccumulator over the run's single TensorBoard event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = glob.glob(os.path.join(run_dir, "logs", "**", "events.out.tfevents.*"), recursive=True)
+    accumulator = EventAccumulator(os.path.dirname(files[0]), size_guidance={"scalars": 0, "images": 0})
+    accumulator.Reload()
+    return files, accumulator
+
+
+def complete_steps(run_dir) -> list[int]:
+    """Steps of the complete checkpoints of a run folder."""
+    from train.checkpoint import complete_checkpoints
+
+    return [step for step, _ in complete_checkpoints(str(run_dir))]
+
+
+def wait_for(predicate, process, timeout=120.0, what="condition"):
+    """Poll predicate until true; fail if the process ends first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            out = process.stdout.read() if process.stdout else ""
+            pytest.fail(f"process ended (rc {process.returncode}) before {what}:\n{out[-3000:]}")
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_one_process_learns(digits16, tmp_path, fresh_accelerate):
+    result = train_in_process(digits16, tmp_path / "run", "train.max_steps=300", "optim.lr=3e-3",
+                              "optim.warmup_steps=20", "optim.min_lr_ratio=0.1", "train.eval_every=150")
+    assert result.exit_code == 0 and result.step == 300
+    steps = [step for step, _ in result.eval_bits_per_dim]
+    assert steps == [0, 150, 300]
+    start, end = result.eval_bits_per_dim[0][1], result.eval_bits_per_dim[-1][1]
+    assert start > 3.8  # an untrained model is near uniform over 16 levels: 4 bits
+    assert end < start - 1.0, result.eval_bits_per_dim
+    run = tmp_path / "run"
+    assert complete_steps(run) == [300]
+    assert os.path.isfile(run / "export" / "model.pt") and os.path.isfile(run / "config.yaml")
+    assert os.path.isfile(run / "samples" / "step_0000300.png")
+    from model.export import load_export
+    net, image_info, step = load_export(str(run / "export" / "model.pt"))
+    assert step == 300 and image_info["bins"] == 16 and net.config.condition == "class"
+    meta = json.loads((run / "checkpoints" / "step_0000300" / "meta.json").read_text())
+    assert meta["step"] == 300 and meta["model_config"]["n_layers"] == 1 and meta["image"]["height"] == 28
+
+
+def test_resume_equals_uninterrupted(digits16, tmp_path, fresh_accelerate):
+    # Dropout and condition dropout on, so that restored RNG states matter; constant lr after
+    # warmup, so that the schedule does not depend on max_steps.
+    extra = ["train.deterministic=true", "model.dropout=0.1", "optim.warmup_steps=5", "optim.min_lr_ratio=1.0",
+             "train.eval_at_start=false"]
+    whole = train_in_process(digits16, tmp_path / "whole", *extra, "train.max_steps=24")
+    first = train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=12")
+    second = train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=24", resume="auto")
+    assert (first.step, second.step, whole.step) == (12, 24, 24)
+    assert first.param_digest != whole.param_digest
+    assert second.param_digest == whole.param_digest
+    assert second.eval_bits_per_dim == whole.eval_bits_per_dim
+
+
+def test_bf16_on_cpu_trains_with_finite_loss(digits16, tmp_path, fresh_accelerate):
+    result = train_in_process(digits16, tmp_path / "run", "train.mixed_precision=bf16", "train.max_steps=20",
+                              "optim.lr=3e-3")
+    assert result.exit_code == 0 and result.bad_total == 0
+    assert all(math.isfinite(bits) for _, bits in result.eval_bits_per_dim)
+    assert result.eval_bits_per_dim[-1][1] < result.eval_bits_per_dim[0][1]
+    _, accumulator = read_scalars(str(tmp_path / "run"))
+    losses = [event.value for event in accumulator.Scalars("train/loss")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+
+def test_non_finite_losses_are_skipped_then_stop(digits16, tmp_path, fresh_accelerate, monkeypatch):
+    from model import ImageTransformer
+    from train.trainer import TrainingError
+
+    forward = ImageTransformer.forward
+    monkeypatch.setattr(ImageTransformer, "forward",
+                        lambda self, *a, **k: forward(self, *a, **k) * float("nan"))
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+        train_in_process(digits16, tmp_path / "run", "train.max_bad_steps=3", "train.max_steps=10",
+                         "train.eval_at_start=false")
+    assert complete_steps(tmp_path / "run") == []
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_ranks_train_in_lockstep(digits16, tmp_path):
+    run = tmp_path / "ddp"
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               RUN_PY, *cli_args(digits16, run, "train.max_steps=20", "train.eval_every=10",
+                                 "train.checkpoint_every=10")]
+    done = subprocess.run(command, env={**env(), "ACCELERATE_USE_CPU": "1"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    digests = {line.split("digest ")[1] for line in output.splitlines() if "parameter digest" in line}
+    assert "rank 0/2: stopped at step 20" in output and "rank 1/2: stopped at step 20" in output
+    assert len(digests) == 1, output[-2000:]
+    assert "parameters identical on all 2 rank(s)" in output
+    assert complete_steps(run) == [10, 20]
+    assert sorted(os.listdir(run / "checkpoints" / "step_0000020")) == [
+        "custom_checkpoint_0.pkl", "meta.json", "model.safetensors", "optimizer.bin",
+        "random_states_0.pkl", "random_states_1.pkl"]
+    files, accumulator = read_scalars(str(run))
+    assert len(files) == 1, files
+    tags = accumulator.Tags()
+    for tag in ("train/loss", "train/bits_per_dim", "train/lr", "train/grad_norm", "train/images_per_s",
+                "train/bytes_per_s", "eval/bits_per_dim"):
+        assert tag in tags["scalars"], tags
+    assert "samples" in tags["images"]
+    assert [event.step for event in accumulator.Scalars("eval/bits_per_dim")] == [0, 10, 20]
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [5, 10, 15, 20]
+
+
+def start(args, tmp_path, wrapper=None) -> subprocess.Popen:
+    """Start python train/run.py (or a wrapper program around train.run.main) with merged output."""
+    program = [sys.executable, RUN_PY, *args] if wrapper is None else [sys.executable, "-c", wrapper, *args]
+    return subprocess.Popen(program, env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigusr1_saves_a_checkpoint_and_exits_75(digits16, tmp_path):
+    run = tmp_path / "run"
+    process = start(cli_args(digits16, run, "train.max_steps=100000", "train.eval_at_start=false"), tmp_path)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("training from step 0"):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGUSR1)
+    out, _ = process.communicate(timeout=120)
+    output = "".join(lines) + out
+    assert process.returncode == 75, output[-3000:]
+    assert "stopped by SIGUSR1" in output
+    steps = complete_steps(run)
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+    assert os.path.isfile(run / "export" / "model.pt")
+    # The checkpoint continues: a resumed run starts where the stop left off.
+    resumed = subprocess.run([sys.executable, RUN_PY, *cli_args(digits16, run, f"train.max_steps={steps[0] + 5}"),
+                              "--resume", "auto"], env=env(), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run}/checkpoints/step_{steps[0]:07d} at step {steps[0]}" in resumed.stdout
+    assert complete_steps(run)[-1] == steps[0] + 5
+
+
+# Runs train.run.main with the meta.json write of one checkpoint replaced by "announce, then hang",
+# so that the test can kill -9 the process while that checkpoint is being written.
+HANG_IN_CHECKPOINT = """
+import os, sys, time
+import train.checkpoint as checkpoint
+from train.run import main
+real = checkpoint._write_json_atomic
+def hang(path, payload):
+    if payload["step"] == int(os.environ["HANG_AT_STEP"]):
+        open(os.environ["HANG_SENTINEL"], "w").close()
+        time.sleep(600)
+    real(path, payload)
+checkpoint._write_json_atomic = hang
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_leaves_the_previous_checkpoint_and_resume_continues(digits16, tmp_path):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    args = cli_args(digits16, run, "train.max_steps=40", "train.checkpoint_every=10", "train.eval_at_start=false")
+    # 1. Killed while step 20's checkpoint is half written: step 10 stays complete, 20 never appears.
+    sentinel = tmp_path / "hanging"
+    os.environ.update(HANG_AT_STEP="20", HANG_SENTINEL=str(sentinel))
+    try:
+        process = start(args, tmp_path, wrapper=HANG_IN_CHECKPOINT)
+    finally:
+        del os.environ["HANG_AT_STEP"], os.environ["HANG_SENTINEL"]
+    wait_for(sentinel.exists, process, what="the checkpoint write of step 20")
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=30)
+    assert complete_steps(run) == [10]
+    leftovers = [name for name in os.listdir(ckpt) if name.startswith("step_0000020")]
+    assert len(leftovers) == 1 and ".tmp-" in leftovers[0]
+    assert os.path.isfile(ckpt / leftovers[0] / "model.safetensors")  # written, but never completed
+    assert not os.path.exists(ckpt / leftovers[0] / "meta.json")
+    # 2. Resumed from step 10, then killed in the middle of the run (after checkpoint 30).
+    process = start([*args, "--resume", "auto"], tmp_path)
+    wait_for(lambda: 30 in complete_steps(run), process, what="checkpoint 30")
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    out, _ = process.communicate(timeout=30)
+    assert f"resumed from {ckpt}/step_0000010 at step 10" in out
+    assert "removed step_0000020.tmp-" in out
+    assert complete_steps(run)[-1] == 30
+    # 3. Resumed again: continues from 30 and finishes.
+    done = subprocess.run([sys.executable, RUN_PY, *args, "--resume", "auto"], env=env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {ckpt}/step_0000030 at step 30" in done.stdout
+    assert complete_steps(run) == [30, 40]  # digits.yaml keeps 2
+    assert not [name for name in os.listdir(ckpt) if ".tmp-" in name]
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits16, tmp_path_factory):
+    """A run folder with one complete checkpoint at step 4 (trained in a subprocess)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    done = subprocess.run([sys.executable, RUN_PY, *cli_args(digits16, run, "train.max_steps=4",
+                                                             "train.eval_at_start=false")],
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing data folder", "resume path missing",
+                                  "resume path incomplete", "model config mismatch", "existing run without resume"])
+def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path, capsys):
+    run = str(finished_run)
+    step4 = os.path.join(run, "checkpoints", "step_0000004")
+    incomplete = tmp_path / "step_0000009"
+    incomplete.mkdir()
+    argv, words = {
+        "unknown key": (cli_args(digits16, run, "train.colour=red"), ["train.colour", "unknown key"]),
+        "wrong type": (cli_args(digits16, run, "train.max_steps=lots"), ["train.max_steps", "'lots'"]),
+        "missing data folder": (cli_args(str(tmp_path / "nowhere"), run), ["digits.yaml", "data.dir", "nowhere"]),
+        "resume path missing": (cli_args(digits16, run) + ["--resume", str(tmp_path / "step_0000123")],
+                                ["step_0000123", "no such checkpoint"]),
+        "resume path incomplete": (cli_args(digits16, run) + ["--resume", str(incomplete)],
+                                   ["step_0000009", "incomplete"]),
+        "model config mismatch": (cli_args(digits16, run, "model.n_layers=2", "model.d_ff=64") + ["--resume", step4],
+                                  ["step_0000004", "n_layers: checkpoint 1 != config 2",
+                                   "d_ff: checkpoint 32 != config 64"]),
+        "existing run without resume": (cli_args(digits16, run), ["already has checkpoints", "--resume auto"]),
+    }[case]
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err

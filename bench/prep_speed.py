@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import resource
 import sys
 import tempfile
 import time
@@ -45,10 +46,17 @@ def write_synthetic_cifar(root: str, n_train: int, n_test: int, seed: int = 0) -
         pickle.dump({"label_names": CLASSES}, stream)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the shard writers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed(function, *args, **kwargs):
-    start = time.perf_counter()
+    """(result, wall seconds, CPU seconds) of one call."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     result = function(*args, **kwargs)
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - start, cpu_seconds() - cpu
 
 
 def main(argv=None) -> int:
@@ -63,34 +71,34 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="prep_speed_") as work:
         root, out = os.path.join(work, "src"), os.path.join(work, "out")
         write_synthetic_cifar(root, args.train, args.test)
-        _, total = timed(prepare, PrepareConfig(dataset="cifar10", root=root, out=out, bins=args.bins,
+        _, total, total_cpu = timed(prepare, PrepareConfig(dataset="cifar10", root=root, out=out, bins=args.bins,
                                                 order=args.order, progress=False))
         n_all = args.train + args.test
 
         # The stages on their own, on the training split.
-        source, t_load = timed(load_cifar10, root)
+        source, t_load, c_load = timed(load_cifar10, root)
         images, labels = source.splits["train"].images, source.splits["train"].labels
-        seqs, t_encode = timed(encode_images, images, args.bins, args.order)
-        captions, t_captions = timed(captions_for_labels, "cifar10", CLASSES, labels, np.random.default_rng(0))
+        seqs, t_encode, c_encode = timed(encode_images, images, args.bins, args.order)
+        captions, t_captions, c_captions = timed(captions_for_labels, "cifar10", CLASSES, labels, np.random.default_rng(0))
         stage_out = os.path.join(work, "stages")
         os.makedirs(stage_out)
-        _, t_write = timed(shards.write_split, stage_out, "train", seqs, labels, captions,
+        _, t_write, c_write = timed(shards.write_split, stage_out, "train", seqs, labels, captions,
                            shards.default_shard_size(len(seqs)))
         size = sum(os.path.getsize(os.path.join(stage_out, f)) for f in os.listdir(stage_out))
 
     n = args.train
     print(f"prepare cifar10-sized synthetic set: {args.train:,} train + {args.test:,} test, 32x32x3, "
           f"bins {args.bins}, order {args.order}, {os.cpu_count()} CPU cores")
-    print(f"{'stage':<34}{'seconds':>9}{'images/s':>12}")
+    print(f"{'stage':<34}{'wall s':>8}{'CPU s':>8}{'images/s':>11}")
     rows = [
-        ("load both splits (torchvision)", t_load, n_all),
-        ("quantize + order (train)", t_encode, n),
-        ("captions (train)", t_captions, n),
-        ("write shards + sha256 (train)", t_write, n),
-        ("whole prepare, both splits", total, n_all),
+        ("load both splits (torchvision)", t_load, c_load, n_all),
+        ("quantize + order (train)", t_encode, c_encode, n),
+        ("captions (train)", t_captions, c_captions, n),
+        ("write shards + sha256 (train)", t_write, c_write, n),
+        ("whole prepare, both splits", total, total_cpu, n_all),
     ]
-    for name, seconds, count in rows:
-        print(f"{name:<34}{seconds:>9.2f}{count / seconds:>12,.0f}")
+    for name, seconds, cpu, count in rows:
+        print(f"{name:<34}{seconds:>8.2f}{cpu:>8.2f}{count / seconds:>11,.0f}")
     print(f"train shards: {size / 1e6:.0f} MB")
     return 0
 

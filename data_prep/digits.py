@@ -92,7 +92,8 @@ def render_digit(digit: int, rng: np.random.Generator, fonts: tuple[str, ...]) -
     canvas = Image.new("L", (CANVAS, CANVAS), 0)
     draw = ImageDraw.Draw(canvas)
     # Bold faces are already heavy: an extra outline would close their loops into blobs.
-    stroke = 0 if "Bold" in font_path else int(rng.choice([0, 1, 2, 3]))
+    bold = "Bold" in font_path
+    stroke = int(rng.choice([0, 0, 1])) if bold else int(rng.choice([1, 2, 2, 3]))
     draw.text(
         (CANVAS / 2, CANVAS / 2), str(digit), fill=255, font=_font(font_path, size), anchor="mm",
         stroke_width=stroke, stroke_fill=255,
@@ -107,13 +108,13 @@ def render_digit(digit: int, rng: np.random.Generator, fonts: tuple[str, ...]) -
     inverse = np.linalg.inv(forward)
     centre = np.array([CANVAS / 2, CANVAS / 2])
     offset = centre - inverse @ centre
-    canvas = _warp(canvas, inverse, offset, jitter=rng.uniform(1.5, 5.0), rng=rng)
+    canvas = _warp(canvas, inverse, offset, jitter=rng.uniform(1.5, 4.0), rng=rng)
 
     # Pen weight: thicken or thin the stroke a little, then soften its edge.
     pen = rng.random()
-    if pen < 0.2:
+    if pen < 0.2 and not bold:
         canvas = canvas.filter(ImageFilter.MaxFilter(3))
-    elif pen > 0.85:
+    elif pen > 0.85 and stroke >= 2:
         canvas = canvas.filter(ImageFilter.MinFilter(3))
     canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.8)))
 
@@ -136,8 +137,10 @@ def render_digit(digit: int, rng: np.random.Generator, fonts: tuple[str, ...]) -
     left = min(max(left, 0), WIDTH - small.shape[1])
     frame = np.zeros((HEIGHT, WIDTH), np.float32)
     frame[top:top + small.shape[0], left:left + small.shape[1]] = small
-    # Strokes saturate like ink on a scan: stretch so the brightest pixel is near white.
-    frame *= rng.uniform(250.0, 255.0) / max(frame.max(), 1.0)
+    # Strokes saturate like ink on a scan (MNIST's have flat white cores): stretch so that the
+    # brighter part of the stroke reaches white, leaving the anti-aliased edges grey.
+    ink = frame[frame > 0.1 * frame.max()]
+    frame *= rng.uniform(250.0, 255.0) / max(float(np.percentile(ink, 70)), 1.0)
     return np.clip(np.rint(frame), 0, 255).astype(np.uint8)
 
 

@@ -49,7 +49,7 @@ class PrepareConfig:
     overwrite: bool = False
     train_size: int | None = None  # digits: how many to render (60,000); mnist/cifar10: keep the first N
     test_size: int | None = None  # digits: 10,000 by default
-    workers: int | None = None  # processes that render digits (default: all cores)
+    workers: int | None = None  # processes rendering digits and writing shards (default: all cores)
     progress: bool = True
 
 
@@ -144,7 +144,8 @@ def prepare(config: PrepareConfig) -> Manifest:
             rng = np.random.default_rng([config.seed, 1 + split_code])
             captions = captions_for_labels(config.dataset, source.class_names, part.labels, rng)
             shard_size = config.shard_size or shard_io.default_shard_size(len(seqs))
-            splits[split] = shard_io.write_split(config.out, split, seqs, part.labels, captions, shard_size, bar)
+            splits[split] = shard_io.write_split(config.out, split, seqs, part.labels, captions, shard_size, bar,
+                                                 workers=config.workers)
             if split == "train":
                 write_preview(os.path.join(config.out, PREVIEW_NAME), seqs, part.labels, len(source.class_names),
                               height, width, channels, config.bins, config.order)
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "mnist/cifar10: keep only the first N")
     parser.add_argument("--test-size", type=int, help="digits: test images to render (default 10000); "
                                                       "mnist/cifar10: keep only the first N")
-    parser.add_argument("--workers", type=int, help="processes rendering digits (default: all CPU cores)")
+    parser.add_argument("--workers", type=int, help="processes rendering digits and writing shards (default: all CPU "
+                                                    "cores; small sets use one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,32 +40,6 @@ class Source:
     info: dict = field(default_factory=dict)
 
 
-def import_torchvision():
-    """Import torchvision, tolerating a build whose compiled ops cannot load.
-
-    The torchvision wheel for CUDA installed next to a CPU-only torch cannot load its C++ ops, and
-    torchvision 0.28 then fails at import while registering fake kernels for those ops
-    ("operator torchvision::nms does not exist"). Datasets and image utilities need none of the
-    ops, so on that one error the import is retried with fake-kernel registration skipped.
-    """
-    try:
-        import torchvision
-    except RuntimeError as error:
-        if "torchvision::" not in str(error):
-            raise
-        import torch.library
-
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        register_fake = torch.library.register_fake
-        torch.library.register_fake = lambda *args, **kwargs: (lambda function: function)
-        try:
-            import torchvision
-        finally:
-            torch.library.register_fake = register_fake
-    return torchvision
-
-
 def _missing(paths: list[str], dataset: str, root: str) -> DataError:
     listed = ", ".join(paths)
     return DataError(
@@ -77,7 +50,7 @@ def _missing(paths: list[str], dataset: str, root: str) -> DataError:
 
 def load_mnist(root: str, download: bool = False) -> Source:
     """MNIST from root/MNIST/raw/*-ubyte (torchvision's layout), read by torchvision.datasets.MNIST."""
-    torchvision = import_torchvision()
+    import torchvision  # deferred: the built-in digits need no torchvision
     from torchvision.datasets import mnist
 
     raw = os.path.join(root, "MNIST", "raw")
@@ -87,6 +60,11 @@ def load_mnist(root: str, download: bool = False) -> Source:
             if not os.path.isfile(os.path.join(raw, name))
         ]
         if missing:
+            if all(os.path.isfile(path + ".gz") for path in missing):
+                # torchvision reads only unpacked idx files; its download step unpacks official .gz
+                # files already present (their md5 matches) without touching the network.
+                raise DataError(f"mnist: {raw} holds only the .gz files; pass --download to unpack them "
+                                f"(no network needed for the official files) or gunzip them")
             raise _missing(missing, "mnist", root)
     splits = {}
     for split, (image_file, label_file) in MNIST_FILES.items():
@@ -167,7 +145,7 @@ def _cifar_class(torchvision):
 
 def load_cifar10(root: str, download: bool = False, verify_md5: bool | None = None) -> Source:
     """CIFAR-10 from root/cifar-10-batches-py (torchvision's layout), read by torchvision's CIFAR10."""
-    torchvision = import_torchvision()
+    import torchvision  # deferred: the built-in digits need no torchvision
     folder = os.path.join(root, CIFAR_FOLDER)
     names = CIFAR_FILES["train"] + CIFAR_FILES["test"] + CIFAR_FILES["meta"]
     if not download:
@@ -182,6 +160,8 @@ def load_cifar10(root: str, download: bool = False, verify_md5: bool | None = No
         try:
             dataset = dataset_class(root, train=split == "train", download=download)
         except Exception as error:  # noqa: BLE001 - a bad pickle raises anything from EOFError to KeyError
+            if download and not all(os.path.isfile(os.path.join(folder, n)) for n in names):
+                raise DataError(f"cifar10: download into {root} failed ({_one_line(error)})") from None
             raise _cifar_fault(folder, names, error) from None
         images = np.asarray(dataset.data)
         labels = np.asarray(dataset.targets, dtype=np.int64)

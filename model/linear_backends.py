@@ -39,8 +39,8 @@ def causal_linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk
         v_chunks = v.reshape(batch, heads, n_chunks, chunk_size, d_value)  # (B, H, N, C, Dv)
 
         # inside a chunk: the quadratic form, masked, in the input dtype
-        mask = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
-        scores = (q_chunks @ k_chunks.transpose(-1, -2)).masked_fill(~mask, 0)  # (B, H, N, C, C)
+        # in place: the matmul's backward needs only its inputs, so no second (C, C) copy
+        scores = (q_chunks @ k_chunks.transpose(-1, -2)).tril_()  # (B, H, N, C, C)
         intra_num = scores @ v_chunks  # (B, H, N, C, Dv)
         intra_den = scores.sum(-1)  # (B, H, N, C)
 

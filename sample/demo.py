@@ -4,7 +4,7 @@
     lit-demo --out-dir demo --max-steps 500
 
 Each stage runs the real command line in a subprocess, exactly as the README shows it:
-    python -m data_prep.prepare --dataset digits --out DEMO/data/digits
+    python -m data_prep.prepare --dataset digits --out DEMO/data/digits --train-size 20000 --test-size 2000
     python train/run.py --config configs/digits.yaml --set data.dir=... --set train.run_dir=... --resume auto
     python sample/run.py --checkpoint DEMO/run --out DEMO/digits.png --classes 0-9 --n 10
 About 10 minutes on 2 CPU cores. Running it again reuses the prepared data and the finished run (the
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training steps (default: train.max_steps of the config)")
     parser.add_argument("--skip-prepare", action="store_true",
                         help="do not prepare the digits (OUT_DIR/data/digits must already be prepared)")
+    parser.add_argument("--train-size", type=int, default=20000,
+                        help="digits to render for training (fewer than the full 60,000 keeps "
+                             "preparation to about a minute; the short training sees each a few times)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed for the grid")
     return parser
@@ -45,7 +48,12 @@ def run_stage(name: str, command: list[str]) -> int:
     """Run one stage's command line, echoing it; returns its exit code."""
     print(f"\n== {name}: {shlex.join(command)}", flush=True)
     began = time.perf_counter()
-    code = subprocess.call(command, cwd=REPO)
+    try:
+        code = subprocess.call(command, cwd=REPO)
+    except KeyboardInterrupt:  # the stage got the same Ctrl-C and stops (the trainer saves first)
+        code = 130
+    if code < 0:  # killed by a signal: report it the way a shell does
+        code = 128 - code
     print(f"== {name}: {'done' if code == 0 else f'failed (exit code {code})'} "
           f"in {time.perf_counter() - began:.0f} s", flush=True)
     return code
@@ -69,7 +77,8 @@ def stages(args: argparse.Namespace, out_dir: Path) -> list[tuple[str, list[str]
     commands = []
     if not args.skip_prepare and not is_prepared(data):
         commands.append(("prepare", [python, "-m", "data_prep.prepare", "--dataset", "digits",
-                                     "--out", str(data)]))
+                                     "--out", str(data), "--train-size", str(args.train_size),
+                                     "--test-size", "2000"]))
     train = [python, str(REPO / "train" / "run.py"), "--config", str(Path(args.config).resolve()),
              "--set", f"data.dir={data}", "--set", f"train.run_dir={run}", "--resume", "auto"]
     if args.max_steps is not None:

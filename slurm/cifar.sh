@@ -40,6 +40,6 @@ LIT_REPO=${LIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 # shellcheck source=slurm/common.sh
 source "$LIT_REPO/slurm/common.sh" 2>/dev/null ||
   { echo "error: $LIT_REPO/slurm/common.sh not found; submit from the repository root or set LIT_REPO" >&2; exit 2; }
-LIT_JOB_KIND=cifar10
+export LIT_JOB_KIND=cifar10
 lit_enter_repo
 lit_train_main configs/cifar10.yaml data/cifar10 runs/cifar10

@@ -117,6 +117,7 @@ lit_train_main() {
   trap 'lit_on_signal TERM' TERM
   # srun in the background: bash runs traps only between commands, and `wait` is one it can
   # interrupt. Ask for exactly one task per node (srun cannot exceed what the job asked for).
+  # shellcheck disable=SC2016  # single quotes on purpose: expanded by bash on each node
   srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 \
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 \
     bash -c 'source "$LIT_REPO/slurm/common.sh" && lit_node_train "$@"' lit-node "${args[@]}" &
@@ -140,12 +141,23 @@ lit_on_signal() {
   lit_log "received SIG$1: the trainer saves a checkpoint and stops"
   if [[ $1 == USR1 && -n "${LIT_SRUN_PID:-}" ]]; then
     kill -USR1 "$LIT_SRUN_PID" 2>/dev/null
+    if [[ -z "${LIT_RESEND_PID:-}" ]]; then
+      # A trainer still starting up has not installed its handler and ignores USR1: say it
+      # again every 30 s until the step ends (the handler only sets a flag).
+      ( while sleep 30 && kill -0 "$LIT_SRUN_PID" 2>/dev/null; do
+          kill -USR1 "$LIT_SRUN_PID" 2>/dev/null
+        done ) &
+      LIT_RESEND_PID=$!
+    fi
   fi
 }
 
 lit_finish() {
   # Act on the exit code of the training step: done, requeue, or fail.
   local rc=$1
+  if [[ -n "${LIT_RESEND_PID:-}" ]]; then
+    kill "$LIT_RESEND_PID" 2>/dev/null
+  fi
   if (( rc == 0 )); then
     lit_log "training finished"
     exit 0
@@ -168,18 +180,26 @@ lit_node_train() {
   # One per node, inside srun: start accelerate launch for this node's processes and report the
   # trainer's exit code (the launcher itself reports every failed process as 1).
   # Ignored signals stay ignored in the launcher and the rank wrappers; the trainer sets its own
-  # handlers. Without this, Slurm's USR1 to the whole step would kill the launcher.
+  # handlers. Without this, Slurm's USR1 to the whole step would kill the launcher. torch's
+  # launcher catches TERM itself unless told otherwise, and would SIGKILL the processes 30 s later,
+  # perhaps in the middle of their checkpoint.
   trap '' USR1 TERM
+  export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
   local status_dir rc
   status_dir=$(mktemp -d "${TMPDIR:-/tmp}/lit-ranks.XXXXXX") || return 1
-  local launch=(accelerate launch --multi_gpu
+  local launch=(accelerate launch
     --num_machines "$LIT_NNODES" --machine_rank "$SLURM_NODEID"
     --main_process_ip "$LIT_MAIN_IP" --main_process_port "$LIT_MAIN_PORT"
     --num_processes "$LIT_NUM_PROCESSES" --mixed_precision no --dynamo_backend no)
+  if (( LIT_NUM_PROCESSES > 1 )); then
+    # accelerate refuses --multi_gpu for a single process (and runs that one directly).
+    launch+=(--multi_gpu)
+  fi
   if (( LIT_GPUS_PER_NODE == 0 )); then
     # `--cpu --num_processes N` starts one process; `--multi_gpu` with this starts N on gloo.
     export ACCELERATE_USE_CPU=1
   fi
+  # shellcheck disable=SC2016  # single quotes on purpose: expanded by each rank's bash
   LIT_STATUS_DIR=$status_dir "${launch[@]}" --no_python \
     bash -c 'source "$LIT_REPO/slurm/common.sh" && lit_rank_run "$@"' lit-rank \
     python "$LIT_TRAIN_SCRIPT" "$@"

@@ -40,6 +40,6 @@ LIT_REPO=${LIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 # shellcheck source=slurm/common.sh
 source "$LIT_REPO/slurm/common.sh" 2>/dev/null ||
   { echo "error: $LIT_REPO/slurm/common.sh not found; submit from the repository root or set LIT_REPO" >&2; exit 2; }
-LIT_JOB_KIND=mnist
+export LIT_JOB_KIND=mnist
 lit_enter_repo
 lit_train_main configs/mnist.yaml data/mnist runs/mnist

@@ -30,7 +30,7 @@ LIT_REPO=${LIT_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
 # shellcheck source=slurm/common.sh
 source "$LIT_REPO/slurm/common.sh" 2>/dev/null ||
   { echo "error: $LIT_REPO/slurm/common.sh not found; submit from the repository root or set LIT_REPO" >&2; exit 2; }
-LIT_JOB_KIND=sample
+export LIT_JOB_KIND=sample
 lit_enter_repo
 
 RUN_DIR=${RUN_DIR:-runs/mnist}

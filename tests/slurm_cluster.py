@@ -4,7 +4,8 @@ temporary folder, started as plain daemons (no systemd) and shut down afterwards
 Used by tests/test_slurm.py; also runnable by hand to poke at the scripts:
 
     python tests/slurm_cluster.py /tmp/slurm      # starts, prints `export SLURM_CONF=...`, waits
-    # in another shell: export SLURM_CONF=/tmp/slurm/slurm.conf; sbatch ...; Ctrl-C here stops it
+    # in another shell: export SLURM_CONF=/tmp/slurm/slurm.conf; sbatch ...
+    # Ctrl-C (or kill) stops the daemons again
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,7 +33,7 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
 SLURM_CONF_TEMPLATE = """\
 # Written by tests/slurm_cluster.py: one node, no accounting, everything under {root}
 ClusterName=littest
-SlurmctldHost={node}
+SlurmctldHost={node}(127.0.0.1)
 SlurmUser=root
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -151,7 +153,8 @@ class SlurmCluster:
         self.cpus = cpus
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
-        self._procs: list[subprocess.Popen] = []
+        self._procs: list[subprocess.Popen] = []  # slurmctld, slurmd
+        self._munged: subprocess.Popen | None = None  # only when we started it
 
     @property
     def env(self) -> dict[str, str]:
@@ -196,9 +199,9 @@ class SlurmCluster:
             shutil.chown(MUNGE_KEY, "munge", "munge")
             MUNGE_KEY.chmod(0o400)
         log = open(self.root / "munged.out", "ab")
-        self._procs.append(subprocess.Popen(
+        self._munged = subprocess.Popen(
             [_which("munged"), "--foreground", "--force"], stdout=log, stderr=log,
-            user="munge", group="munge", start_new_session=True))
+            user="munge", group="munge", start_new_session=True)
         deadline = time.monotonic() + 15
         while not _munge_works():
             if time.monotonic() > deadline:
@@ -210,16 +213,21 @@ class SlurmCluster:
         self.run(["scancel", "--user", "root", "--full"], check=False)
         time.sleep(1)
         self.run(["scontrol", "shutdown"], check=False)
-        for proc in reversed(self._procs):
+        for proc in self._procs:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        if self._munged is not None:
+            self._munged.terminate()
+        for proc in [*self._procs, *([self._munged] if self._munged else [])]:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         self._procs.clear()
+        self._munged = None
 
     def run(self, cmd: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
         """Run a Slurm client command against this cluster."""
@@ -251,7 +259,7 @@ class SlurmCluster:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job.state} after {timeout:.0f} s")
-            time.sleep(1)
+            time.sleep(0.5)
 
 
 def main() -> None:
@@ -261,10 +269,13 @@ def main() -> None:
     if reason:
         sys.exit(reason)
     ensure_installed()
+    # Stop cleanly on Ctrl-C and on `kill` (a background job of a script ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     cluster = SlurmCluster(root)
-    cluster.start()
-    print(f"export SLURM_CONF={cluster.conf}", flush=True)
     try:
+        cluster.start()
+        print(f"export SLURM_CONF={cluster.conf}", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -156,6 +156,18 @@ def test_missing_files_name_what_was_expected_and_mention_download(tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
+def test_gzipped_mnist_alone_points_to_download(tiny_mnist, tmp_path, capsys):
+    import gzip
+
+    raw = tmp_path / "src" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in (tiny_mnist.root / "MNIST" / "raw").iterdir():
+        (raw / (path.name + ".gz")).write_bytes(gzip.compress(path.read_bytes()))
+    assert main(["--dataset", "mnist", "--root", str(tmp_path / "src"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 1
+    assert "only the .gz files; pass --download" in error_line(capsys)
+
+
 def test_corrupt_idx_file_is_named(tiny_mnist, tmp_path, capsys):
     root = tmp_path / "src"
     shutil.copytree(tiny_mnist.root, root)

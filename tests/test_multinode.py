@@ -1,13 +1,16 @@
 """Multi-node training without Slurm: two `accelerate launch` processes on 127.0.0.1 act as two
-machines of one CPU process each (gloo), the way slurm/common.sh starts one launcher per node."""
+machines of one CPU process each (gloo); then the same through slurm/common.sh's per-node
+function, stopped the way Slurm stops a job step."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,67 @@ def test_two_machines_end_with_identical_parameters(digits, tmp_path):
     assert (final / "meta.json").is_file()
     assert sorted(p.name for p in final.glob("random_states_*.pkl")) == ["random_states_0.pkl",
                                                                         "random_states_1.pkl"]
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process below it (what Slurm's linuxproc tracking signals for a step)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def start_script_node(node_id: int, port: int, data: Path, run_dir: Path, log: Path) -> subprocess.Popen:
+    """Run slurm/common.sh's lit_node_train as node `node_id` of a 2-node, 1-process-per-node job."""
+    env = dict(os.environ, LIT_REPO=str(REPO), SLURM_NODEID=str(node_id), LIT_NNODES="2",
+               LIT_NUM_PROCESSES="2", LIT_GPUS_PER_NODE="0", LIT_MAIN_IP="127.0.0.1",
+               LIT_MAIN_PORT=str(port), LIT_TRAIN_SCRIPT="train/run.py", OMP_NUM_THREADS="1")
+    args = ["--config", "configs/digits.yaml", "--set", f"data.dir={data}", "--set", f"train.run_dir={run_dir}"]
+    for item in TINY_SETS:
+        args += ["--set", item]
+    args += ["--set", "train.max_steps=100000", "--set", "train.checkpoint_every=5", "--resume", "auto"]
+    with open(log, "wb") as out:
+        return subprocess.Popen(["bash", "-c", 'source slurm/common.sh && lit_node_train "$@"', "lit-node", *args],
+                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_script_nodes_stop_on_usr1_with_exit_75(digits, tmp_path):
+    run_dir, port = tmp_path / "run", free_port()
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = [start_script_node(rank, port, digits, run_dir, logs[rank]) for rank in (0, 1)]
+    try:
+        deadline = time.monotonic() + 180
+        while not list(run_dir.glob("checkpoints/step_*/meta.json")):
+            assert all(node.poll() is None for node in nodes), [log.read_text() for log in logs]
+            assert time.monotonic() < deadline, "no checkpoint after 180 s"
+            time.sleep(0.5)
+        # Like `scancel --signal=USR1 JOB.STEP`: every process of each node's task gets USR1.
+        for node in nodes:
+            for pid in descendants(node.pid):
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+        codes = [node.wait(timeout=120) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    texts = [log.read_text(errors="replace") for log in logs]
+    assert codes == [75, 75], "\n\n".join(texts)
+    stopped = re.search(r"stopped by SIGUSR1 at step (\d+)", texts[0])
+    assert stopped, texts[0]
+    step = int(stopped.group(1))
+    assert (run_dir / "checkpoints" / f"step_{step:07d}" / "meta.json").is_file()
+    digests = [re.findall(rf"rank {rank}/2: stopped at step {step}, parameter digest ([0-9a-f]+)", text)
+               for rank, text in enumerate(texts)]
+    assert len(digests[0]) == 1 and digests[0] == digests[1], texts
+    assert all("processes stopped after saving a checkpoint" in text for text in texts)

@@ -52,10 +52,11 @@ def digits(tmp_path_factory) -> Path:
     return out
 
 
-def submit_training(slurm: SlurmCluster, run_dir: Path, data: Path, log: Path, sets: str) -> str:
-    """sbatch slurm/mnist.sh as 2 CPU ranks on the digits; returns the job id."""
+def submit_training(slurm: SlurmCluster, run_dir: Path, data: Path, log: Path, sets: str,
+                    processes: int = 2) -> str:
+    """sbatch slurm/mnist.sh as CPU ranks on the digits; returns the job id."""
     env = {"CONFIG": "configs/digits.yaml", "DATA_DIR": str(data), "RUN_DIR": str(run_dir),
-           "GPUS_PER_NODE": "0", "CPU_PROCS_PER_NODE": "2", "EXTRA_SETS": f"{TINY_SETS} {sets}"}
+           "GPUS_PER_NODE": "0", "CPU_PROCS_PER_NODE": str(processes), "EXTRA_SETS": f"{TINY_SETS} {sets}"}
     return slurm.sbatch([*CPU_JOB, f"--output={log}", "slurm/mnist.sh"], env=env, cwd=REPO)
 
 
@@ -118,9 +119,13 @@ def test_preempted_job_requeues_and_resumes(slurm, digits, tmp_path):
 
 def test_failing_job_is_not_requeued(slurm, digits, tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
-    job_id = submit_training(slurm, run_dir, digits, log, "train.max_steps=5 train.no_such_key=1")
+    # One process: accelerate runs it without torch's launcher (the default of slurm/mnist.sh on
+    # its one GPU).
+    job_id = submit_training(slurm, run_dir, digits, log, "train.max_steps=5 train.no_such_key=1",
+                             processes=1)
     state = slurm.wait(job_id, JOB_TIMEOUT)
     text = read_log(log)
+    assert "1 node(s) x 1 process(es)" in text
     # Exit 2 (bad configuration) from the trainer comes through the launcher unchanged.
     assert (state.state, state.exit_code, state.restarts) == ("FAILED", "2:0", 0), text
     assert "no_such_key" in text
@@ -131,7 +136,7 @@ def test_failing_job_is_not_requeued(slurm, digits, tmp_path):
 def test_sample_job_writes_a_grid(slurm, trained_run, tmp_path):
     run_dir, _, _ = trained_run
     out_dir, log = tmp_path / "samples", tmp_path / "sample.out"
-    env = {"RUN_DIR": str(run_dir), "OUT_DIR": str(out_dir), "N": "4", "GPUS_PER_NODE": "0",
+    env = {"RUN_DIR": str(run_dir), "OUT_DIR": str(out_dir), "N": "4", "GPUS_PER_NODE": "0", "OMP_NUM_THREADS": "1",
            "TEMPERATURES": "1.0 0.8", "SAMPLE_ARGS": "--batch-size 4 --no-progress --seed 3"}
     job_id = slurm.sbatch([*CPU_JOB, f"--output={log}", "slurm/sample.sh"], env=env, cwd=REPO)
     state = slurm.wait(job_id, JOB_TIMEOUT)

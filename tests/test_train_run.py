@@ -39,14 +39,22 @@ def digits16(tmp_path_factory) -> str:
 
 @pytest.fixture
 def fresh_accelerate():
-    """Accelerate keeps process-wide singletons; reset them around in-process training runs."""
+    """Accelerate keeps process-wide singletons; reset them around in-process training runs.
+
+    Also one torch thread: these models are tiny, and two threads on a busy 2-core machine run
+    several times slower than one.
+    """
+    import torch
     from accelerate.state import AcceleratorState, GradientState
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+    torch.set_num_threads(threads)
 
 
 def overrides(data_dir: str, run_dir: str, *extra: str) -> list[str]:
@@ -107,23 +115,23 @@ def wait_for(predicate, process, timeout=120.0, what="condition"):
 
 
 def test_one_process_learns(digits16, tmp_path, fresh_accelerate):
-    result = train_in_process(digits16, tmp_path / "run", "train.max_steps=300", "optim.lr=3e-3",
-                              "optim.warmup_steps=20", "optim.min_lr_ratio=0.1", "train.eval_every=150")
-    assert result.exit_code == 0 and result.step == 300
+    result = train_in_process(digits16, tmp_path / "run", "train.max_steps=200", "optim.lr=3e-3",
+                              "optim.warmup_steps=20", "optim.min_lr_ratio=0.1", "train.eval_every=100")
+    assert result.exit_code == 0 and result.step == 200
     steps = [step for step, _ in result.eval_bits_per_dim]
-    assert steps == [0, 150, 300]
+    assert steps == [0, 100, 200]
     start, end = result.eval_bits_per_dim[0][1], result.eval_bits_per_dim[-1][1]
     assert start > 3.8  # an untrained model is near uniform over 16 levels: 4 bits
     assert end < start - 1.0, result.eval_bits_per_dim
     run = tmp_path / "run"
-    assert complete_steps(run) == [300]
+    assert complete_steps(run) == [200]
     assert os.path.isfile(run / "export" / "model.pt") and os.path.isfile(run / "config.yaml")
-    assert os.path.isfile(run / "samples" / "step_0000300.png")
+    assert os.path.isfile(run / "samples" / "step_0000200.png")
     from model.export import load_export
     net, image_info, step = load_export(str(run / "export" / "model.pt"))
-    assert step == 300 and image_info["bins"] == 16 and net.config.condition == "class"
-    meta = json.loads((run / "checkpoints" / "step_0000300" / "meta.json").read_text())
-    assert meta["step"] == 300 and meta["model_config"]["n_layers"] == 1 and meta["image"]["height"] == 28
+    assert step == 200 and image_info["bins"] == 16 and net.config.condition == "class"
+    meta = json.loads((run / "checkpoints" / "step_0000200" / "meta.json").read_text())
+    assert meta["step"] == 200 and meta["model_config"]["n_layers"] == 1 and meta["image"]["height"] == 28
 
 
 def test_resume_equals_uninterrupted(digits16, tmp_path, fresh_accelerate):

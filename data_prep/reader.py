@@ -16,6 +16,7 @@ at epoch N // epoch_batches and reads and drops only the N % epoch_batches batch
 from __future__ import annotations
 
 import os
+import signal
 from itertools import islice
 from typing import NamedTuple
 
@@ -48,6 +49,18 @@ def _split_urls(data_dir, split: str) -> tuple[Manifest, list[str]]:
         if not os.path.isfile(url):
             raise DataError(f"{url}: shard listed in the manifest is missing")
     return manifest, urls
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: leave SIGTERM/SIGUSR1 to the main process.
+
+    Slurm signals every process of a job step; a worker killed by it makes the DataLoader raise
+    ("worker killed by signal") before the trainer can save its checkpoint. torch installs its own
+    worker SIGTERM handler before worker_init_fn runs, so this overrides it. A worker still exits
+    when the main process does: torch's worker watchdog notices the parent is gone.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _worker() -> tuple[int, int]:
@@ -150,7 +163,8 @@ class TrainBatches:
             wds.batched(min(WORKER_BATCH, self.batch_size), collation_fn=_collate_numpy, partial=False),
         )
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                               persistent_workers=False)
+                               persistent_workers=False,
+                               worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         # Mix the workers' samples (a seed per rank), then cut this rank's batches.
         return (
             loader.unbatched()
@@ -210,7 +224,8 @@ class EvalBatches:
         )
         if workers == 0:
             return iter(pipeline)
-        return iter(wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers))
+        return iter(wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                                  worker_init_fn=_ignore_stop_signals))
 
 
 def eval_batches(data_dir, batch_size: int, *, split: str = "test", rank: int = 0, world_size: int = 1,

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from sample.errors import SampleUsageError
+from sample.errors import SampleFailure, SampleUsageError
 from sample.generation import GenerationStats, SamplingOptions, generate_images
 from sample.grids import decode, save_grid, save_npz, save_per_image
 from sample.loading import LoadedModel, load_for_sampling
@@ -71,6 +71,19 @@ def check_options(options: SamplingOptions) -> None:
         raise SampleUsageError(f"--top-p {options.top_p}: must be in (0, 1]")
     if options.batch_size < 1:
         raise SampleUsageError(f"--batch-size {options.batch_size}: must be >= 1")
+
+
+def check_layout(job: "SampleJob") -> None:
+    """Reject grid and output flags that cannot work, before loading anything."""
+    if job.padding < 0:
+        raise SampleUsageError(f"--padding {job.padding}: must be >= 0")
+    if job.columns is not None and job.columns < 1:
+        raise SampleUsageError(f"--columns {job.columns}: must be >= 1")
+    out = Path(job.out)
+    if out.suffix.lower() != ".png":
+        raise SampleUsageError(f"--out {out}: must name a .png file")
+    if out.is_dir():
+        raise SampleUsageError(f"--out {out}: is a folder; name the grid's .png file")
 
 
 def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
@@ -138,14 +151,16 @@ def _completion_rows(request: SampleRequest, seqs: torch.Tensor, bins: int) -> t
 def run_job(job: SampleJob) -> SampleResult:
     """Load, generate and write the grid (plus per-image PNGs and .npz on request)."""
     check_options(job.options)
+    check_layout(job)
     out = Path(job.out)
-    if out.suffix.lower() != ".png":
-        raise SampleUsageError(f"--out {out}: must name a .png file")
     device = pick_device(job.device)
     loaded = load_for_sampling(job.checkpoint, device)
     request = build_request(job, loaded)
-    seqs, stats = generate_images(loaded.net, request.n_images, job.options, labels=request.labels,
-                                  captions=request.captions, prefix=request.prefix)
+    try:
+        seqs, stats = generate_images(loaded.net, request.n_images, job.options, labels=request.labels,
+                                      captions=request.captions, prefix=request.prefix)
+    except ValueError as err:  # the model rejects an input the checks above did not foresee
+        raise SampleFailure(f"{loaded.source}: {err}") from None
     if request.real is not None:
         grid_seqs, columns = _completion_rows(request, seqs, loaded.image["bins"])
     else:

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     how.add_argument("--bf16", action="store_true",
                      help="bf16 autocast (for GPUs; the recurrent state stays fp32)")
+    how.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's choice; 1 is often fastest for small "
+                          "models and busy machines)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -106,6 +109,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from sample.pipeline import run_job
 
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"lit-sample: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         result = run_job(job_from_args(args))
     except SampleUsageError as err:

@@ -43,7 +43,8 @@ if ! ls "$wheel_dir"/pytorch_fast_transformers-*.whl >/dev/null 2>&1; then
   echo "install_fast_transformers: building pytorch-fast-transformers $version ($flavour, torch $torch_version); this takes minutes" >&2
   tmp="$wheel_dir.tmp.$$"
   rm -rf "$tmp"; mkdir -p "$tmp"
-  MAX_JOBS=${MAX_JOBS:-$(nproc)} $python -m pip wheel --no-deps --no-build-isolation \
+  # --no-cache-dir: pip's own wheel cache would hand back a wheel built against another torch.
+  MAX_JOBS=${MAX_JOBS:-$(nproc)} $python -m pip wheel --no-cache-dir --no-deps --no-build-isolation \
     --no-binary pytorch-fast-transformers -w "$tmp" "pytorch-fast-transformers==$version"
   rm -rf "$wheel_dir"; mv "$tmp" "$wheel_dir"   # complete or absent
 fi

@@ -10,7 +10,7 @@
 #                  newer, else its newest complete checkpoint            [runs/mnist]
 #   OUT_DIR        where the grids go                                    [RUN_DIR/samples]
 #   TEMPERATURES   one grid per temperature, space-separated: OUT_DIR/grid-JOBID-tT.png   [1.0]
-#   N              images per grid                                       [64]
+#   N              images per grid; per row with --classes/--caption      [64]
 #   SAMPLE_ARGS    more sample/run.py options, e.g. "--classes 0-9 --top-k 50 --seed 1"   [none]
 #   GPUS_PER_NODE  0 samples on the CPU        [what Slurm allocated, else what nvidia-smi lists]
 #   LIT_REPO       the repository              [the folder sbatch was called from]

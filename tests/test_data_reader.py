@@ -108,3 +108,23 @@ def test_a_folder_without_manifest_is_refused(tmp_path):
         train_batches(tmp_path, 8)
     with pytest.raises(DataError, match="rank 2"):
         eval_batches(tmp_path, 8, rank=2, world_size=2)
+
+
+def test_loader_workers_survive_stop_signals(prepared_digits):
+    """Slurm signals every process of a step: workers must leave SIGTERM/SIGUSR1 to the trainer."""
+    import os
+    import signal
+
+    import psutil
+
+    stream = iter(train_batches(prepared_digits, 8, num_workers=2, seed=3, epoch_batches=1000))
+    next(stream)
+    workers = psutil.Process().children()
+    assert workers, "expected DataLoader worker processes"
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGUSR1)
+    for _ in range(20):  # must keep yielding; a dead worker raises "worker killed by signal"
+        batch = next(stream)
+    assert batch.seqs.shape[0] == 8
+    assert all(worker.is_running() for worker in workers)

@@ -12,6 +12,7 @@ from PIL import Image
 from sample import grids
 from sample.loading import load_for_sampling
 from sample.run import main
+from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sample_helpers import tiny_model, write_export, write_step_folder
 
 

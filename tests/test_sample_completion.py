@@ -7,6 +7,7 @@ from data_prep.manifest import load_manifest
 from data_prep.reader import read_samples
 from model import ImageTransformer, ModelConfig
 from sample.run import main
+from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sample_helpers import write_export
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sample.generation import SamplingOptions, draw, generate_images, image_uniforms
+from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sample_helpers import tiny_model
 
 

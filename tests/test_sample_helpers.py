@@ -6,10 +6,20 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from model import ImageTransformer, ModelConfig
 from model.export import save_export
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def tiny_config(**overrides) -> ModelConfig:

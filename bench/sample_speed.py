@@ -242,16 +242,17 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel-bytes", type=int, default=1,
                         help="estimated mode: bytes timed per position for parallel-rerun")
     parser.add_argument("--max-parallel-batch", type=int, default=None,
-                        help="skip parallel-rerun above this batch size (default: 8 on CPU, none on GPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+                        help="skip parallel-rerun above this batch size (its cost per image hardly "
+                             "depends on the batch; the slowest cell of the default CPU run is "
+                             "parallel-rerun at CIFAR-10 shape, batch 32: about 3 minutes)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for every method (1: on a shared 2-core machine two "
+                             "threads stall each other and make small steps 10-50x slower)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     on_cpu = device.type == "cpu"
     batches = [int(b) for b in (args.batch_sizes or ("1,8,32" if on_cpu else "1,16,64,256")).split(",")]
-    if args.max_parallel_batch is None and on_cpu:
-        args.max_parallel_batch = 8
     shapes = [SHAPES[name] for name in args.shapes.split(",")]
     how = ("whole images" if args.full else
            f"estimated: {args.bytes} bytes (parallel-rerun: {args.parallel_bytes}) at each of "
@@ -283,6 +284,18 @@ def main(argv=None) -> int:
         values += [ratio(cells["recurrent-linear"], cells["parallel-rerun"]),
                    ratio(cells["recurrent-linear"], cells["softmax-kv-cache"])]
         print("| " + " | ".join(values) + " |")
+    print()
+    for shape in shapes:
+        best = {}
+        for method in METHODS:
+            rates = [(cells[method].images_per_s, batch) for s, batch, cells in rows
+                     if s is shape and cells[method].images_per_s is not None]
+            best[method] = max(rates) if rates else None
+        if all(best.values()):
+            (linear, lb), (softmax, sb), (rerun, pb) = (best[m] for m in METHODS)
+            print(f"{shape.name}: best recurrent-linear {linear:.3g} images/s (batch {lb}) = "
+                  f"{linear / rerun:.0f}x the best parallel-rerun ({rerun:.3g}, batch {pb}) and "
+                  f"{linear / softmax:.1f}x the best softmax-kv-cache ({softmax:.3g}, batch {sb})")
     return 0
 
 

@@ -10,16 +10,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from torchvision.utils import make_grid, save_image
 
 from data_prep.codec import decode_sequences
-
-try:
-    from torchvision.utils import make_grid
-except (ImportError, RuntimeError, OSError):
-    # A CUDA build of torchvision beside a CPU-only torch fails at import ("operator torchvision::nms
-    # does not exist"); the grid is simple enough to lay out ourselves with the same geometry.
-    make_grid = None
 
 
 def decode(seqs: torch.Tensor, image: dict) -> np.ndarray:
@@ -33,28 +26,12 @@ def _to_chw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def _layout(batch: torch.Tensor, columns: int, padding: int, pad_value: float) -> torch.Tensor:
-    """Same geometry as torchvision.utils.make_grid: [N, C, H, W] -> [3 or C, rows*(H+p)+p, ...]."""
-    if batch.shape[1] == 1:
-        batch = batch.expand(-1, 3, -1, -1)  # make_grid shows single-channel images as RGB
-    n, channels, height, width = batch.shape
-    rows = -(-n // columns)
-    cell_h, cell_w = height + padding, width + padding
-    grid = batch.new_full((channels, rows * cell_h + padding, columns * cell_w + padding), pad_value)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[:, r * cell_h + padding: (r + 1) * cell_h, c * cell_w + padding: (c + 1) * cell_w] = batch[i]
-    return grid
-
-
 def grid_tensor(images: np.ndarray, columns: int, padding: int = 2,
                 pad_value: float = 1.0) -> torch.Tensor:
     """uint8 images [N, H, W, C] -> one float grid [3, rows*(H+p)+p, columns*(W+p)+p] in [0, 1]."""
     batch = _to_chw(images)  # (N, C, H, W)
     columns = max(1, min(columns, len(batch)))
-    if make_grid is not None:
-        return make_grid(batch, nrow=columns, padding=padding, pad_value=pad_value)
-    return _layout(batch, columns, padding, pad_value)
+    return make_grid(batch, nrow=columns, padding=padding, pad_value=pad_value)
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
@@ -68,13 +45,10 @@ def _atomic_target(path: Path) -> tuple[int, str]:
 
 def save_png(tensor: torch.Tensor, path: Path) -> None:
     """Write a float image [C, H, W] in [0, 1] as PNG via a temporary file and os.replace."""
-    array = (tensor.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, C)
-    if array.shape[2] == 1:
-        array = array[:, :, 0]
     handle, temp = _atomic_target(path)
     try:
         with os.fdopen(handle, "wb") as stream:
-            Image.fromarray(array).save(stream, format="PNG")
+            save_image(tensor, stream, format="PNG")
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -84,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--bf16", action="store_true",
                      help="bf16 autocast (for GPUs; the recurrent state stays fp32)")
     how.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default: torch's choice; 1 is often fastest for small "
-                          "models and busy machines)")
+                     help="torch CPU threads (default: 1 on CPU: one step's matrices are small, and "
+                          "several threads stall each other badly when the cores are shared, e.g. with "
+                          "a data loader; on a busy 2-core machine 2 threads ran 10-50x slower)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -109,13 +110,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from sample.pipeline import run_job
 
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"lit-sample: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
-            return 2
-        import torch
+    if args.threads is not None and args.threads < 1:
+        print(f"lit-sample: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
+        return 2
+    import torch
 
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
     try:
         result = run_job(job_from_args(args))
     except SampleUsageError as err:

@@ -44,14 +44,6 @@ def test_grid_size_matches_rows_columns_image_size_and_padding(tmp_path, images,
     assert list(tmp_path.iterdir()) == [tmp_path / "g.png"]  # no temporary file left behind
 
 
-def test_own_layout_matches_torchvision_make_grid():
-    if grids.make_grid is None:
-        pytest.skip("torchvision does not import here (CUDA build beside a CPU torch)")
-    batch = torch.rand(7, 3, 5, 4)
-    expected = grids.make_grid(batch, nrow=3, padding=2, pad_value=1.0)
-    assert torch.equal(grids._layout(batch, 3, 2, 1.0), expected)
-
-
 def test_class_grid_has_one_row_per_class(tmp_path, export, capsys):
     out = tmp_path / "classes.png"
     assert run_cli("--checkpoint", export, "--out", out, "--classes", "0,2", "--n", 3,

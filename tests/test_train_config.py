@@ -140,3 +140,38 @@ def test_model_config_mismatch_lists_the_keys(tmp_path):
     with pytest.raises(CheckpointError, match="n_layers: checkpoint 2 != config 3"):
         check_compatible(folder, current)
     assert check_compatible(folder, {**current, "n_layers": 2})["step"] == 10
+
+
+def test_epochs_convert_to_steps_with_the_global_batch(tmp_path):
+    from types import SimpleNamespace
+
+    from train.trainer import resolve_max_steps
+
+    manifest = SimpleNamespace(splits={"train": SimpleNamespace(total=60000)})
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 2\n  batch_size: 32\n  grad_accum: 2\n"))
+    assert resolve_max_steps(cfg, manifest, world_size=1) == 1875  # 120000 / (32 x 2)
+    assert resolve_max_steps(cfg, manifest, world_size=4) == 469  # ceil(120000 / 256)
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 2\n"), ["train.max_steps=7"])
+    assert resolve_max_steps(cfg, manifest, world_size=1) == 7  # max_steps wins
+    with pytest.raises(ConfigError, match="train.max_steps or train.epochs"):
+        load_config(write(tmp_path, "optim:\n  lr: 1e-3\n"))
+
+
+def test_no_weight_decay_on_norms_embeddings_and_biases():
+    import torch
+
+    from model import ImageTransformer, ModelConfig
+    from train.trainer import parameter_groups
+
+    net = ImageTransformer(ModelConfig(bins=16, seq_len=12, n_layers=1, n_heads=2, d_query=4, d_ff=8,
+                                       condition="class"))
+    decay, no_decay = parameter_groups(net, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in net.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed and all(name.endswith("weight") for name in decayed)
+    embeddings = {id(m.weight) for m in net.modules() if isinstance(m, torch.nn.Embedding)}
+    norms = {id(p) for m in net.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    assert embeddings and norms
+    assert not ({id(p) for p in decay["params"]} & (embeddings | norms))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))

@@ -114,6 +114,7 @@ def wait_for(predicate, process, timeout=120.0, what="condition"):
     pytest.fail(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_one_process_learns(digits16, tmp_path, fresh_accelerate):
     result = train_in_process(digits16, tmp_path / "run", "train.max_steps=200", "optim.lr=3e-3",
                               "optim.warmup_steps=20", "optim.min_lr_ratio=0.1", "train.eval_every=100")
@@ -179,6 +180,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_train_in_lockstep(digits16, tmp_path):
     run = tmp_path / "ddp"
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -215,6 +217,7 @@ def start(args, tmp_path, wrapper=None) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
 def test_sigusr1_saves_a_checkpoint_and_exits_75(digits16, tmp_path):
     run = tmp_path / "run"
     process = start(cli_args(digits16, run, "train.max_steps=100000", "train.eval_at_start=false"), tmp_path)
@@ -258,6 +261,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_the_previous_checkpoint_and_resume_continues(digits16, tmp_path):
     run = tmp_path / "run"
     ckpt = run / "checkpoints"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -104,9 +104,7 @@ def _generate_parallel(net, out, start, labels, captions, uniforms, options, adv
 @torch.no_grad()
 def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOptions,
                     labels: Optional[torch.Tensor] = None, captions: Optional[list[str]] = None,
-                    prefix: Optional[torch.Tensor] = None,
-                    on_batch: Optional[Callable[[int], None]] = None
-                    ) -> tuple[torch.Tensor, GenerationStats]:
+                    prefix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, GenerationStats]:
     """Generate n_images sequences [n, L] in batches; prefix bytes [n, K] are kept as given."""
     if options.mode not in MODES:
         raise ValueError(f"mode {options.mode!r} must be one of {', '.join(MODES)}")
@@ -132,8 +130,6 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
             with _autocast(device, options.bf16):
                 run(net, out, start, batch_labels, batch_captions, uniforms, options, bar.update)
             result[rows] = out.cpu()
-            if on_batch is not None:
-                on_batch(len(rows))
     finally:
         bar.close()
         net.train(was_training)

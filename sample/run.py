@@ -31,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lit-sample", description=__doc__.split("\n\n")[0],
         epilog="Same --seed, same images: each image draws from its own random stream keyed by "
-               "(seed, its position in the request), so batch size and --mode do not change them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               "(seed, its position in the request), so batch size and --mode do not change them.")
     what = parser.add_argument_group("model and output")
     what.add_argument("--checkpoint", required=True, metavar="PATH",
                       help="export/model.pt, a checkpoints/step_N folder (meta.json + model.safetensors), "
@@ -46,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "--out with .npz instead of .png")
     what.add_argument("--columns", type=int, default=None,
                       help="images per grid row for unconditional samples (default: a near-square grid)")
-    what.add_argument("--padding", type=int, default=2, help="pixels between grid cells")
+    what.add_argument("--padding", type=int, default=2, help="pixels between grid cells (default %(default)s)")
     cond = parser.add_argument_group("what to generate")
     cond.add_argument("--n", type=int, default=None,
                       help="unconditional: number of images (default 16); with --classes or --caption: "
@@ -67,18 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     cond.add_argument("--data", metavar="DIR", default=None,
                       help="prepared data folder for --index (an export records the image format, "
                            "not where the data is)")
-    cond.add_argument("--split", default="test", choices=("test", "train"), help="split for --index")
+    cond.add_argument("--split", default="test", choices=("test", "train"), help="split for --index (default %(default)s)")
     how = parser.add_argument_group("sampling")
     how.add_argument("--temperature", type=float, default=1.0,
-                     help="divide log-probabilities by this; lower is more conservative, 0 is greedy")
+                     help="divide log-probabilities by this; lower is more conservative, 0 is greedy (default %(default)s)")
     how.add_argument("--top-k", type=int, default=None, help="keep only the K most likely byte values")
     how.add_argument("--top-p", type=float, default=None,
                      help="keep the smallest set of byte values whose probability reaches P (nucleus)")
-    how.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
-    how.add_argument("--batch-size", type=int, default=64, help="images generated together")
+    how.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images; default %(default)s)")
+    how.add_argument("--batch-size", type=int, default=64, help="images generated together (default %(default)s)")
     how.add_argument("--mode", choices=MODES, default="recurrent",
                      help="recurrent: the RNN twin, O(1) work per byte; parallel: re-run the whole "
-                          "prefix at every byte, O(L^2), only to compare speed and results")
+                          "prefix at every byte, O(L^2), only to compare speed and results (default %(default)s)")
     how.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     how.add_argument("--bf16", action="store_true",

@@ -64,3 +64,9 @@ def test_generation_leaves_the_model_in_its_mode():
     net = tiny_model().train()
     generate_images(net, 1, options())
     assert net.training
+
+
+def test_bf16_autocast_samples_valid_bytes():
+    net = tiny_model()
+    out, _ = generate_images(net, 2, options(seed=0, bf16=True), labels=torch.tensor([0, 1]))
+    assert out.shape == (2, 36) and 0 <= out.min() and out.max() < 16

@@ -23,7 +23,8 @@ CONFIG = os.path.join(REPO, "configs", "digits.yaml")
 # A model of a few thousand parameters: every step takes milliseconds, the behaviour is the real one.
 TINY = ["model.n_layers=1", "model.n_heads=2", "model.d_query=8", "model.d_ff=32", "train.batch_size=8",
         "train.eval_batch_size=100", "data.num_workers=1", "data.shuffle_buffer=200", "train.n_samples=2",
-        "log.every=5", "log.progress_bar=false", "train.eval_every=1000", "train.checkpoint_every=1000"]
+        "log.every=5", "log.progress_bar=false", "train.eval_every=1000", "train.checkpoint_every=1000",
+        "train.eval_at_start=true", "train.keep_checkpoints=2", "optim.warmup_steps=10"]
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +296,7 @@ def test_kill_9_leaves_the_previous_checkpoint_and_resume_continues(digits16, tm
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {ckpt}/step_0000030 at step 30" in done.stdout
-    assert complete_steps(run) == [30, 40]  # digits.yaml keeps 2
+    assert complete_steps(run) == [30, 40]  # keep_checkpoints=2
     assert not [name for name in os.listdir(ckpt) if ".tmp-" in name]
 
 

@@ -87,6 +87,7 @@ class TrainSection:
     mixed_precision: str = "no"  # no | bf16 | fp16
     deterministic: bool = False  # torch.use_deterministic_algorithms: N + resume N == 2N exactly
     max_bad_steps: int = 20  # stop after this many non-finite losses in a row
+    cpu_threads: Optional[int] = None  # torch threads per rank when training on CPU; None: torch's default
 
 
 @dataclass
@@ -115,7 +116,7 @@ CHOICES = {
 POSITIVE = {
     ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"),
     ("train", "eval_batch_size"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-    ("train", "max_bad_steps"), ("log", "every"), ("optim", "lr"),
+    ("train", "max_bad_steps"), ("train", "cpu_threads"), ("log", "every"), ("optim", "lr"),
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from torchvision.utils import make_grid
 
 from train.checkpoint import (CheckpointError, check_compatible, remove_stale_temporaries, resolve_resume,
                               save_checkpoint)
@@ -183,21 +184,6 @@ def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig, model_con
     return (total[0] / total[1]).item() / LN2
 
 
-def image_grid(images: np.ndarray, columns: int, padding: int = 2, pad_value: int = 128) -> np.ndarray:
-    """Tile uint8 images (N, H, W, C) into one RGB grid (H', W', 3), row by row."""
-    n, height, width, channels = images.shape
-    if channels == 1:
-        images = np.repeat(images, 3, axis=-1)  # (N, H, W, 3)
-    rows = -(-n // columns)
-    grid = np.full((padding + rows * (height + padding), padding + columns * (width + padding), 3),
-                   pad_value, dtype=np.uint8)
-    for index in range(n):
-        top = padding + (index // columns) * (height + padding)
-        left = padding + (index % columns) * (width + padding)
-        grid[top:top + height, left:left + width] = images[index, ..., :3]
-    return grid
-
-
 def sample_grid(net: torch.nn.Module, model_config: Any, manifest: Any, n: int, seed: int,
                 device: torch.device) -> np.ndarray:
     """An RGB uint8 grid (H', W', 3) of n recurrent samples, one class per column when class-conditional."""
@@ -221,7 +207,9 @@ def sample_grid(net: torch.nn.Module, model_config: Any, manifest: Any, n: int, 
     images = decode_sequences(seqs.cpu(), manifest.height, manifest.width, manifest.channels,
                               manifest.bins, manifest.order)  # (n, H, W, C) uint8
     columns = min(n, n_classes if 0 < n_classes <= 16 else int(math.ceil(math.sqrt(n))))
-    return image_grid(np.asarray(images), max(1, columns))
+    chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (n, C, H, W) uint8
+    grid = make_grid(chw, nrow=max(1, columns), padding=2, pad_value=128)  # (3, H', W') uint8
+    return grid.permute(1, 2, 0).numpy()
 
 
 def save_grid_png(grid: np.ndarray, path: str) -> None:

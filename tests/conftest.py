@@ -12,6 +12,7 @@ Session-scoped, built once per run in a temporary folder, CPU only, no downloads
   labels list); 50 train images (10 per batch) and 20 test images of 32x32x3; class names are the
   real CIFAR-10 ones.
 - ``tiny_cifar_root``: ``tiny_cifar.root``.
+- ``small_digits``: digits prepared through the real CLI, 256 train / 64 test (launcher and Slurm tests).
 - ``prepared_digits``: a pathlib.Path to a folder prepared from the built-in digits (1,000 train /
   200 test images, 28x28x1, bins 256, order raster, seed 0, 16 shards per split, with
   manifest.json and preview.png), built in about 2-3 s. Treat it as read-only; copy it
@@ -123,4 +124,18 @@ def prepared_digits(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("prepared") / "digits"
     prepare(PrepareConfig(dataset="digits", out=str(out), train_size=1000, test_size=200, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_digits(tmp_path_factory) -> Path:
+    """Digits prepared through the real CLI: 256 train / 64 test (for the launcher and Slurm tests)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("small_digits")
+    subprocess.run([sys.executable, "-m", "data_prep.prepare", "--dataset", "digits", "--out", str(out),
+                    "--train-size", "256", "--test-size", "64", "--workers", "1", "--no-progress",
+                    "--overwrite"], cwd=Path(__file__).resolve().parent.parent, check=True,
+                   capture_output=True, timeout=300)
     return out

@@ -38,13 +38,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """A small prepared copy of the built-in digits."""
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "data_prep.prepare", "--dataset", "digits", "--out", str(out),
-                    "--train-size", "256", "--test-size", "64", "--workers", "1", "--no-progress",
-                    "--overwrite"], cwd=REPO, check=True, capture_output=True, timeout=300)
-    return out
+def digits(small_digits) -> Path:
+    """The session's small prepared digits (tests/conftest.py)."""
+    return small_digits
 
 
 def launch_machine(rank: int, port: int, data: Path, run_dir: Path, log: Path) -> subprocess.Popen:

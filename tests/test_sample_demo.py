@@ -2,6 +2,7 @@
 
 import shutil
 
+from data_prep.manifest import load_manifest
 from sample import demo
 from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sample_helpers import tiny_model, write_export
@@ -26,10 +27,18 @@ def test_fresh_folder_runs_prepare_train_and_sample(tmp_path):
 
 def test_rerun_skips_what_is_done(tmp_path, prepared_digits):
     shutil.copytree(prepared_digits, tmp_path / "data" / "digits")
-    assert list(plan(tmp_path, "--max-steps", "5")) == ["train", "sample"]
+    bins = str(load_manifest(prepared_digits).bins)
+    assert list(plan(tmp_path, "--bins", bins, "--max-steps", "5")) == ["train", "sample"]
     write_export(tmp_path / "run" / "export" / "model.pt", tiny_model(), step=5)
-    assert list(plan(tmp_path, "--max-steps", "5")) == ["sample"]
-    assert list(plan(tmp_path, "--max-steps", "6")) == ["train", "sample"]  # resumes to 6
+    assert list(plan(tmp_path, "--bins", bins, "--max-steps", "5")) == ["sample"]
+    assert list(plan(tmp_path, "--bins", bins, "--max-steps", "6")) == ["train", "sample"]  # resumes to 6
+
+
+def test_digits_at_other_levels_are_prepared_again(tmp_path, prepared_digits):
+    shutil.copytree(prepared_digits, tmp_path / "data" / "digits")
+    other = str(load_manifest(prepared_digits).bins // 2)
+    prepare = plan(tmp_path, "--bins", other)["prepare"]
+    assert prepare[prepare.index("--bins") + 1] == other and "--overwrite" in prepare
 
 
 def test_skip_prepare_needs_a_prepared_folder(tmp_path, capsys):

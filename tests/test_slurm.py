@@ -5,8 +5,6 @@ from its checkpoint, a failing job is not requeued, and the sampler job writes a
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -43,13 +41,9 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    """A small prepared copy of the built-in digits."""
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, "-m", "data_prep.prepare", "--dataset", "digits", "--out", str(out),
-                    "--train-size", "256", "--test-size", "64", "--workers", "1", "--no-progress",
-                    "--overwrite"], cwd=REPO, check=True, capture_output=True, timeout=300)
-    return out
+def digits(small_digits) -> Path:
+    """The session's small prepared digits (tests/conftest.py)."""
+    return small_digits
 
 
 def submit_training(slurm: SlurmCluster, run_dir: Path, data: Path, log: Path, sets: str,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
-from train.checkpoint import (CheckpointError, check_compatible, remove_stale_temporaries, resolve_resume,
+from train.checkpoint import (check_compatible, remove_stale_temporaries, resolve_resume,
                               save_checkpoint)
 from train.config import ConfigError, TrainConfig, write_config, config_to_dict
 from train.schedule import learning_rate

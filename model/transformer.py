@@ -180,9 +180,10 @@ class ImageTransformer(nn.Module):
         """Feed one byte [B] at state.position; return logits [B, head_dim] for the next byte."""
         if state.position >= self.max_len:
             raise ValueError(f"the recurrent state is at position {state.position}: the image is complete")
-        byte = self._check_bytes(byte.reshape(-1, 1), "byte").squeeze(1)
-        position = torch.full_like(byte, state.position)
-        x = self.byte_embedding(byte) + self.position_embedding(position)  # (B, d)
+        # No value check here: it would cost two device->host syncs per byte, and the bytes fed back
+        # by generate() come from the model itself. User-given bytes are checked once, in prefill().
+        byte = byte.reshape(-1).long()
+        x = self.byte_embedding(byte) + self.position_embedding.weight[state.position]  # (B, d)
         for index, block in enumerate(self.blocks):
             x, state.layers[index] = block.step(x, state.layers[index])
         state.position += 1

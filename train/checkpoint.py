@@ -150,6 +150,12 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every rank's files are in tmp
     if accelerator.is_main_process:
+        # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a
+        # folder must not look complete while its weights are still only in the page cache.
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as stream:
+                    os.fsync(stream.fileno())
         _write_json_atomic(os.path.join(tmp, META_NAME), {**meta, "step": step})  # last: marks it complete
         _fsync_dir(tmp)
         if os.path.exists(final):

@@ -369,8 +369,9 @@ def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume_path: Opti
                 seqs = batch.seqs.to(device, non_blocking=True).long()  # (B, L)
                 with accelerator.accumulate(model):
                     logits = model(seqs, **_condition_inputs(model_config, batch, device))  # (B, L, head_dim)
-                    log_probs = net_unwrapped.log_probs(logits.float())  # (B, L, bins)
-                    loss = -log_probs.gather(-1, seqs.unsqueeze(-1)).mean()  # nats per byte
+                    # the head's nll evaluates only the target level (the mixture head never builds
+                    # its (B, L, bins, K) table here)
+                    loss = net_unwrapped.head.nll(logits.float(), seqs).mean()  # nats per byte
                     accelerator.backward(loss)
                 loss_sum += loss.detach() / cfg.train.grad_accum
             # One small collective per step (and one host sync): every rank learns whether any rank

@@ -132,6 +132,20 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     assert [s for s, _ in complete_checkpoints(run)] == [200]
 
 
+def test_resume_from_a_path_refuses_newer_checkpoints_in_the_run(tmp_path):
+    """Pruning keeps the highest steps: resuming an older path beside newer ones would lose its saves."""
+    run = str(tmp_path / "run")
+    older = make_checkpoint(run, 100)
+    newest = make_checkpoint(run, 200)
+    assert resolve_resume(run, newest) == newest
+    with pytest.raises(CheckpointError, match="holds newer checkpoints .*step_0000200"):
+        resolve_resume(run, older)
+    elsewhere = make_checkpoint(str(tmp_path / "other"), 50)  # e.g. starting from another run's weights
+    with pytest.raises(CheckpointError, match="holds newer checkpoints"):
+        resolve_resume(run, elsewhere)
+    assert resolve_resume(str(tmp_path / "fresh"), elsewhere) == elsewhere
+
+
 def test_model_config_mismatch_lists_the_keys(tmp_path):
     saved = {"n_layers": 2, "n_heads": 4, "backend": "torch", "chunk_size": 64}
     folder = make_checkpoint(str(tmp_path), 10, model_config=saved)

@@ -80,7 +80,16 @@ def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
     if resume == "auto":
         existing = complete_checkpoints(run_dir)
         return existing[-1][1] if existing else None
-    read_meta(resume)  # raises for a missing or incomplete folder
+    step = read_meta(resume)["step"]  # raises for a missing or incomplete folder
+    # keep_checkpoints prunes by step: a newer checkpoint left in this run folder would outlive the
+    # resumed run's own saves and be what `--resume auto` picks next, so refuse rather than lose them.
+    newer = [path for saved_step, path in complete_checkpoints(run_dir)
+             if saved_step > step and os.path.realpath(path) != os.path.realpath(resume)]
+    if newer:
+        raise CheckpointError(
+            f"--resume {resume} (step {step}): {run_dir} holds newer checkpoints "
+            f"({', '.join(os.path.basename(p) for p in newer)}) that would outlive this run's saves; "
+            "use --resume auto, another train.run_dir, or move them away")
     return resume
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.utils import make_grid
 
 from data_prep.codec import decode_sequences
 
@@ -20,22 +22,14 @@ def pick_preview(labels: np.ndarray, n_classes: int, per_class: int = 10, total:
 
 
 def save_grid(path: str, images: np.ndarray, columns: int = 10, padding: int = 2, scale: int = 2) -> str:
-    """Write uint8 images [N, H, W, C] as a PNG grid (pixels scaled up `scale` times), atomically.
-
-    Plain numpy + Pillow rather than torchvision's make_grid: the built-in dataset then needs no
-    torchvision at all.
-    """
-    n, height, width, channels = images.shape
-    rows = (n + columns - 1) // columns
-    cell_h, cell_w = height + padding, width + padding
-    grid = np.zeros((rows * cell_h + padding, columns * cell_w + padding, channels), np.uint8)
-    for i in range(n):
-        top, left = padding + (i // columns) * cell_h, padding + (i % columns) * cell_w
-        grid[top:top + height, left:left + width] = images[i]
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    picture = Image.fromarray(grid[..., 0] if channels == 1 else grid)
+    """Write uint8 images [N, H, W, C] as a PNG grid (pixels scaled up `scale` times), atomically."""
+    channels = images.shape[-1]
+    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, C, H, W) uint8
+    grid = make_grid(batch, nrow=columns, padding=padding, pad_value=0)  # (3, H', W'), grey repeated
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    pixels = grid[0] if channels == 1 else grid.permute(1, 2, 0)  # keep a grey preview single-channel
     temporary = path + ".tmp"
-    picture.save(temporary, format="PNG")
+    Image.fromarray(pixels.numpy()).save(temporary, format="PNG")
     os.replace(temporary, path)
     return path
 

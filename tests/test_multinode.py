@@ -4,6 +4,7 @@ function, stopped the way Slurm stops a job step."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -58,17 +59,28 @@ def launch_machine(rank: int, port: int, data: Path, run_dir: Path, log: Path) -
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
+@contextlib.contextmanager
+def killed_on_exit(processes: list):
+    """Yield processes; kill whichever still runs when the block ends (a failed assertion included)."""
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+
+
+def read_logs(logs: list) -> list:
+    """The text of each log file."""
+    return [log.read_text(errors="replace") for log in logs]
+
+
 def test_two_machines_end_with_identical_parameters(digits, tmp_path):
     run_dir, port = tmp_path / "run", free_port()
     logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)]
-    machines = [launch_machine(rank, port, digits, run_dir, logs[rank]) for rank in (0, 1)]
-    try:
+    with killed_on_exit([launch_machine(rank, port, digits, run_dir, logs[rank]) for rank in (0, 1)]) as machines:
         codes = [machine.wait(timeout=240) for machine in machines]
-    finally:
-        for machine in machines:
-            if machine.poll() is None:
-                machine.kill()
-    texts = [log.read_text(errors="replace") for log in logs]
+    texts = read_logs(logs)
     assert codes == [0, 0], "\n\n".join(texts)
 
     # Each machine ran one process, with the global rank of its machine, and reports its digest.
@@ -124,8 +136,7 @@ def start_script_node(node_id: int, port: int, data: Path, run_dir: Path, log: P
 def test_script_nodes_stop_on_usr1_with_exit_75(digits, tmp_path):
     run_dir, port = tmp_path / "run", free_port()
     logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    nodes = [start_script_node(rank, port, digits, run_dir, logs[rank]) for rank in (0, 1)]
-    try:
+    with killed_on_exit([start_script_node(rank, port, digits, run_dir, logs[rank]) for rank in (0, 1)]) as nodes:
         deadline = time.monotonic() + 180
         while not list(run_dir.glob("checkpoints/step_*/meta.json")):
             assert all(node.poll() is None for node in nodes), [log.read_text() for log in logs]
@@ -139,11 +150,7 @@ def test_script_nodes_stop_on_usr1_with_exit_75(digits, tmp_path):
                 except ProcessLookupError:
                     pass
         codes = [node.wait(timeout=120) for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    texts = [log.read_text(errors="replace") for log in logs]
+    texts = read_logs(logs)
     assert codes == [75, 75], "\n\n".join(texts)
     stopped = re.search(r"stopped by SIGUSR1 at step (\d+)", texts[0])
     assert stopped, texts[0]

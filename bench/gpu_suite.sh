@@ -1,40 +1,68 @@
 #!/usr/bin/env bash
-# Run every benchmark on a GPU machine in one go and print all tables last, for bench/RESULTS.md.
+# Every GPU check and benchmark in one go, for the GPU issue and bench/RESULTS.md.
 #
-#   bash bench/gpu_suite.sh                 # from the repository root, on a machine with a CUDA GPU
-#   OUT=/tmp/bench bash bench/gpu_suite.sh  # keep the logs somewhere else
+#   bash bench/gpu_suite.sh            # from the repository root, on a machine with a CUDA GPU
+#   OUT=/tmp/gpu bash bench/gpu_suite.sh
 #
-# Installs nothing: run `pip install -c constraints.txt -e .` first (and
-# scripts/install_fast_transformers.sh, or `pip install flash-linear-attention`, for those backends).
+# Installs nothing: the project (or PYTHONPATH=repo root), webdataset and, for the fla backend,
+# flash-linear-attention must be importable. Each step has a time limit, so one hang cannot eat the
+# rest; a failed step is reported and the others still run. Writes:
+#   bench/results/gpu-YYYY-MM-DD.json  every figure (name, value, unit, config) + device and versions
+#   $OUT/summary.md                    the goals table and every step's table
+#   $OUT/logs.tar.gz                   each step's full log and raw JSON
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/out}
-mkdir -p "$out"
+work=$(mktemp -d /tmp/gpu_suite.XXXXXX)
+mkdir -p "$out" bench/results
 export PYTHONUNBUFFERED=1
+day=$(date -u +%Y-%m-%d)
 
-python3 - <<'PY' | tee "$out/device.txt"
-import torch
-name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device (CPU run)"
-print(f"device: {name}; torch {torch.__version__}")
+python3 - "$work/device.json" "$day" <<'PY'
+import json, sys, torch
+info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "date": sys.argv[2]}
+for name in ("triton", "fla", "accelerate", "webdataset"):
+    try:
+        info[name] = __import__(name).__version__
+    except Exception as error:  # not installed, or broken: say which
+        info[name] = f"unavailable ({type(error).__name__})"
+print(json.dumps(info))
+json.dump(info, open(sys.argv[1], "w"))
 PY
 
 status=0
-run() {  # name, command...
-  local name=$1; shift
-  echo "== $name: $*"
-  if ! "$@" 2>&1 | tee "$out/$name.log"; then
-    echo "!! $name failed (see $out/$name.log)"; status=1
-  fi
+step() {  # name, time limit (s), command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s): $*"
+  local began=$SECONDS
+  timeout "$limit" "$@" > "$work/$name.log" 2>&1
+  local rc=$?
+  tail -n 40 "$work/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - began)) s"
+  [ $rc = 0 ] || status=1
 }
-run attention   python3 bench/attention.py --device cuda --dtype bf16
-run train_speed python3 bench/train_speed.py --device cuda
-run sample      python3 bench/sample_speed.py --device cuda --full
-run prep        python3 bench/prep_speed.py
 
-echo
-echo "================ tables ($(cat "$out/device.txt"), $(date -u +%Y-%m-%d)) ================"
-for name in attention train_speed sample prep; do
-  echo; echo "### $name"
-  grep -E '^\|' "$out/$name.log" || echo "(no table: see $out/$name.log)"
-done
+step cuda_checks 240 env LIT_GPU_RECORD="$work/cuda_checks.jsonl" \
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step sample 240 python3 bench/sample_speed.py --device cuda --full --shapes mnist,cifar10 \
+  --batch-sizes 256,1024,4096 --methods recurrent-linear,recurrent-eager,softmax-kv-cache \
+  --max-softmax-batch 256 --max-eager-batch 256 --json "$work/sample.json"
+step train 240 python3 bench/train_speed.py --device cuda --batch-size 64 --steps 10 --warmup 3 \
+  --backends torch fla --json "$work/train.json"
+step precision 300 python3 bench/precision_check.py --out "$work/precision"
+step loader 90 python3 bench/loader_speed.py --data "$work/precision/digits256" --batch-size 64 \
+  --workers 0,4,8 --batches 200 --json "$work/loader.json"
+step attention 180 python3 bench/attention.py --device cuda --dtype bf16 --lengths 3072,12288
+
+python3 bench/gpu_results.py "$work" "bench/results/gpu-$day.json" | tee "$work/goals.md"
+{
+  echo "# GPU suite, $day"; cat "$work/goals.md"
+  for name in cuda_checks sample train precision loader attention; do
+    echo; echo "## $name"; grep -E '^\||passed|failed|PASS|FAIL|best|resume|second half|test bits' "$work/$name.log"
+  done
+} > "$out/summary.md"
+cp "bench/results/gpu-$day.json" "$out/"
+rm -rf "$work/precision/run-"*/checkpoints  # the weights are not needed back
+tar -czf "$out/logs.tar.gz" -C "$work" --exclude='*.tar' .
 exit $status

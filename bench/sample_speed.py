@@ -5,7 +5,9 @@
 
 For each shape (MNIST: 784 bytes, 8 layers; CIFAR-10: 3,072 bytes, 16 layers; 8 heads x 32) and batch
 size, three ways of drawing bytes with the same sampling function (sample.generation.next_byte):
-  recurrent-linear  causal-linear model, its recurrent twin: O(1) work and memory per byte
+  recurrent-linear  causal-linear model, its recurrent twin: O(1) work and memory per byte (on CUDA,
+                    whole-image mode: one captured CUDA graph replayed per byte)
+  recurrent-eager   the same without the CUDA graph (a few hundred kernel launches per byte)
   softmax-kv-cache  softmax model, one step per byte over a KV cache: O(t) work at byte t, O(L) memory
   parallel-rerun    causal-linear model re-run over the whole prefix at every byte: O(t) work at byte t
 Estimated mode (default): at --positions evenly spaced byte positions p, time --bytes consecutive
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import json
 import os
 import sys
 import time
@@ -35,7 +38,7 @@ import torch  # noqa: E402
 from model import ImageTransformer, ModelConfig  # noqa: E402
 from sample.generation import SamplingOptions, generate_images, image_uniforms, next_byte  # noqa: E402
 
-METHODS = ("recurrent-linear", "softmax-kv-cache", "parallel-rerun")
+METHODS = ("recurrent-linear", "recurrent-eager", "softmax-kv-cache", "parallel-rerun")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class Shape:
     n_heads: int = 8
     d_query: int = 32
     d_ff: int = 1024
+    head: str = "logistic-mixture"  # as configs/mnist.yaml and configs/cifar10.yaml
+    mixtures: int = 10
 
 
 SHAPES = {"mnist": Shape("mnist", 784, 8), "cifar10": Shape("cifar10", 3072, 16)}
@@ -66,7 +71,8 @@ def build_model(shape: Shape, attention: str, device: torch.device) -> ImageTran
     """An untrained model of the shape (speed does not depend on the weights)."""
     torch.manual_seed(0)
     config = ModelConfig(bins=256, seq_len=shape.seq_len, n_layers=shape.n_layers, n_heads=shape.n_heads,
-                         d_query=shape.d_query, d_ff=shape.d_ff, attention=attention, condition="none")
+                         d_query=shape.d_query, d_ff=shape.d_ff, head=shape.head, mixtures=shape.mixtures,
+                         attention=attention, condition="none")
     return ImageTransformer(config).to(device).eval()
 
 
@@ -179,19 +185,32 @@ def measure_rerun(net: ImageTransformer, batch: int, starts: list[int], width: i
     return sum(per_byte) / len(per_byte), peak
 
 
-def measure_full(net: ImageTransformer, batch: int, mode: str, device: torch.device) -> tuple[float, int]:
+def measure_full(net: ImageTransformer, batch: int, mode: str, device: torch.device, cuda_graph: bool,
+                 bf16: bool) -> tuple[float, int]:
     """Seconds per image generating whole images with the sampler's own loop, and peak bytes."""
+    options = SamplingOptions(batch_size=batch, mode=mode, progress=False, cuda_graph=cuda_graph, bf16=bf16)
+    # warm-up (kernels, cuBLAS handles, allocator, graph capture) on the last few bytes only
+    almost_whole = torch.zeros(batch, net.config.seq_len - 4, dtype=torch.long)
+    generate_images(net, batch, options, prefix=almost_whole)
     memory = PeakMemory(device)
     memory.start()
-    _, stats = generate_images(net, batch, SamplingOptions(batch_size=batch, mode=mode, progress=False))
+    _, stats = generate_images(net, batch, options)
     return stats.seconds / batch, memory.peak()
 
 
 def run_cell(shape: Shape, method: str, batch: int, args, device: torch.device, nets: dict) -> Cell:
     """Measure one (shape, method, batch) cell."""
     parallel = method == "parallel-rerun"
+    if method not in args.methods:
+        return Cell(None, None, "skipped: not in --methods")
     if parallel and args.max_parallel_batch and batch > args.max_parallel_batch:
         return Cell(None, None, f"skipped: batch > --max-parallel-batch {args.max_parallel_batch}")
+    if method == "recurrent-eager" and not (args.full and device.type == "cuda"):
+        return Cell(None, None, "skipped: same as recurrent-linear off CUDA or in estimated mode")
+    if method == "recurrent-eager" and args.max_eager_batch and batch > args.max_eager_batch:
+        return Cell(None, None, f"skipped: batch > --max-eager-batch {args.max_eager_batch}")
+    if method == "softmax-kv-cache" and args.max_softmax_batch and batch > args.max_softmax_batch:
+        return Cell(None, None, f"skipped: batch > --max-softmax-batch {args.max_softmax_batch}")
     attention = "softmax" if method == "softmax-kv-cache" else "causal-linear"
     key = (shape.name, attention)
     if key not in nets:
@@ -199,7 +218,8 @@ def run_cell(shape: Shape, method: str, batch: int, args, device: torch.device, 
         nets[key] = build_model(shape, attention, device)
     net = nets[key]
     if args.full:
-        seconds, peak = measure_full(net, batch, "parallel" if parallel else "recurrent", device)
+        seconds, peak = measure_full(net, batch, "parallel" if parallel else "recurrent", device,
+                                     cuda_graph=method != "recurrent-eager", bf16=args.bf16)
         return Cell(1.0 / seconds, peak / batch)
     width = args.parallel_bytes if parallel else args.bytes
     starts = window_starts(shape.seq_len, args.positions, width)
@@ -219,11 +239,18 @@ def format_memory(cell: Cell) -> str:
     return "—" if cell.bytes_per_image is None else f"{cell.bytes_per_image / 2**20:.3g}"
 
 
-def ratio(a: Cell, b: Cell) -> str:
+def ratio(a: Cell, b: Cell, digits: int = 0) -> str:
     """a's rate over b's, or a dash."""
     if a.images_per_s is None or b.images_per_s is None:
         return "—"
-    return f"{a.images_per_s / b.images_per_s:.0f}x"
+    return f"{a.images_per_s / b.images_per_s:.{digits}f}x"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU and its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
 
 
 def main(argv=None) -> int:
@@ -245,12 +272,29 @@ def main(argv=None) -> int:
                         help="skip parallel-rerun above this batch size (its cost per image hardly "
                              "depends on the batch; the slowest cell of the default CPU run is "
                              "parallel-rerun at CIFAR-10 shape, batch 32: about 3 minutes)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: "
+                        + ", ".join(METHODS) + " (recurrent-eager differs from recurrent-linear only "
+                        "on CUDA in --full mode)")
+    parser.add_argument("--max-softmax-batch", type=int, default=None,
+                        help="skip softmax-kv-cache above this batch size (its cache holds 2 x layers x "
+                             "L x d_model values per image: about 96 MiB at the CIFAR-10 shape in fp32)")
+    parser.add_argument("--max-eager-batch", type=int, default=None,
+                        help="skip recurrent-eager above this batch size")
+    parser.add_argument("--bf16", action="store_true", help="--full mode: sample under bf16 autocast "
+                        "(the recurrent sums stay fp32)")
+    parser.add_argument("--json", default=None, help="also write every cell to this JSON file")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads for every method (1: on a shared 2-core machine two "
                              "threads stall each other and make small steps 10-50x slower)")
     args = parser.parse_args(argv)
+    args.methods = args.methods.split(",")
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     on_cpu = device.type == "cpu"
     batches = [int(b) for b in (args.batch_sizes or ("1,8,32" if on_cpu else "1,16,64,256")).split(",")]
     shapes = [SHAPES[name] for name in args.shapes.split(",")]
@@ -273,7 +317,7 @@ def main(argv=None) -> int:
     header = ["shape", "L", "layers", "batch"]
     for method in METHODS:
         header += [f"{method} img/s", f"{method} MiB/img"]
-    header += ["recurrent / parallel", "recurrent / softmax-kv"]
+    header += ["recurrent / parallel", "recurrent / softmax-kv", "graph / eager"]
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -282,7 +326,8 @@ def main(argv=None) -> int:
         for method in METHODS:
             values += [format_rate(cells[method]), format_memory(cells[method])]
         values += [ratio(cells["recurrent-linear"], cells["parallel-rerun"]),
-                   ratio(cells["recurrent-linear"], cells["softmax-kv-cache"])]
+                   ratio(cells["recurrent-linear"], cells["softmax-kv-cache"]),
+                   ratio(cells["recurrent-linear"], cells["recurrent-eager"], digits=1)]
         print("| " + " | ".join(values) + " |")
     print()
     for shape in shapes:
@@ -291,11 +336,23 @@ def main(argv=None) -> int:
             rates = [(cells[method].images_per_s, batch) for s, batch, cells in rows
                      if s is shape and cells[method].images_per_s is not None]
             best[method] = max(rates) if rates else None
-        if all(best.values()):
-            (linear, lb), (softmax, sb), (rerun, pb) = (best[m] for m in METHODS)
-            print(f"{shape.name}: best recurrent-linear {linear:.3g} images/s (batch {lb}) = "
-                  f"{linear / rerun:.0f}x the best parallel-rerun ({rerun:.3g}, batch {pb}) and "
-                  f"{linear / softmax:.1f}x the best softmax-kv-cache ({softmax:.3g}, batch {sb})")
+        if best["recurrent-linear"]:
+            linear, lb = best["recurrent-linear"]
+            line = f"{shape.name}: best recurrent-linear {linear:.4g} images/s (batch {lb})"
+            for other in ("recurrent-eager", "softmax-kv-cache", "parallel-rerun"):
+                if best[other]:
+                    rate, b = best[other]
+                    line += f"; {linear / rate:.1f}x the best {other} ({rate:.3g}, batch {b})"
+            print(line)
+    if args.json:
+        entries = [{"shape": shape.name, "seq_len": shape.seq_len, "layers": shape.n_layers, "batch": batch,
+                    "method": method, "images_per_s": cell.images_per_s,
+                    "mib_per_image": None if cell.bytes_per_image is None else cell.bytes_per_image / 2**20,
+                    "note": cell.note}
+                   for shape, batch, cells in rows for method, cell in cells.items()]
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"device": device_name(device), "torch": torch.__version__, "full": args.full,
+                       "bf16": args.bf16, "cells": entries}, handle, indent=1)
     return 0
 
 

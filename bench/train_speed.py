@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -81,8 +82,7 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = net(seqs, **kwargs)  # (B, L, head_dim)
-        loss = -net.log_probs(logits.float()).gather(-1, seqs.unsqueeze(-1)).mean()
+            loss = net.nll(seqs, **kwargs).mean()  # as the trainer: only the target level is evaluated
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
@@ -132,6 +132,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="auto: bf16 where the device supports it (CUDA), fp32 otherwise")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, if not known")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write every row to this JSON file")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -147,6 +148,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(header)
     print("-" * len(header))
     args.dataset_of = {}
+    results = []
     for path in args.configs:
         cfg = load_config(path)
         dataset = os.path.splitext(os.path.basename(path))[0]
@@ -170,9 +172,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
+            results.append({"config": dataset, "attention": attention, "backend": backend,
+                            "precision": "bf16" if bf16 else "fp32", **r})
             mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
             print(f"{label} {r['layers']:6d} {r['batch']:5d} {r['step_ms']:9.1f} {r['images_per_s']:9.1f} "
                   f"{r['bytes_per_s']:10.3g} {r['tflops']:8.3f} {mfu:>6} {r['memory_gib']:7.2f}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"device": name, "torch": torch.__version__, "rows": results}, handle, indent=1)
     return 0
 
 

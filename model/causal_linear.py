@@ -36,6 +36,10 @@ class CausalLinearAttention(nn.Module):
 class RecurrentCausalLinearAttention(nn.Module):
     """Recurrent twin of CausalLinearAttention: one position at a time, constant memory in L."""
 
+    # step() mutates the state in place and never syncs with the host, so a CUDA graph can capture
+    # it (sample.generation replays one captured step per byte)
+    graph_safe = True
+
     def __init__(self, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6):
         super().__init__()
         # backend and chunk_size are accepted so both twins build from the same parameters
@@ -57,12 +61,12 @@ class RecurrentCausalLinearAttention(nn.Module):
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              state: LinearAttentionState) -> tuple[torch.Tensor, LinearAttentionState]:
-        """Attend from one new position: q, k (B, H, Dk), v (B, H, Dv) -> (B, H, Dv), new state."""
+        """Attend from one new position: q, k (B, H, Dk), v (B, H, Dv) -> (B, H, Dv); state updated in place."""
         with torch.autocast(device_type=q.device.type, enabled=False):
             phi_q, phi_k = elu_feature_map(q.float()), elu_feature_map(k.float())
-            state.S = state.S + phi_k.unsqueeze(-1) * v.float().unsqueeze(-2)  # (B, H, Dk, Dv)
-            state.Z = state.Z + phi_k  # (B, H, Dk)
-            num = torch.einsum("bhd,bhde->bhe", phi_q, state.S)  # (B, H, Dv)
+            state.S.addcmul_(phi_k.unsqueeze(-1), v.float().unsqueeze(-2))  # (B, H, Dk, Dv), no new tensor
+            state.Z.add_(phi_k)  # (B, H, Dk)
+            num = (phi_q.unsqueeze(-2) @ state.S).squeeze(-2)  # (B, H, Dv)
             den = (phi_q * state.Z).sum(-1, keepdim=True)  # (B, H, 1)
             out = num / (den + self.eps)
         return out.to(q.dtype), state

@@ -31,6 +31,8 @@ class SoftmaxAttention(nn.Module):
 class RecurrentSoftmaxAttention(nn.Module):
     """Recurrent twin of SoftmaxAttention: one position at a time over a KV cache."""
 
+    graph_safe = False  # the cache length is a Python int that changes every step
+
     def init_state(self, batch: int, heads: int, d_key: int, d_value: int, max_len: int,
                    device: torch.device, dtype: torch.dtype) -> KVCache:
         """An empty cache with room for max_len positions."""

@@ -182,12 +182,27 @@ class ImageTransformer(nn.Module):
             raise ValueError(f"the recurrent state is at position {state.position}: the image is complete")
         # No value check here: it would cost two device->host syncs per byte, and the bytes fed back
         # by generate() come from the model itself. User-given bytes are checked once, in prefill().
-        byte = byte.reshape(-1).long()
-        x = self.byte_embedding(byte) + self.position_embedding.weight[state.position]  # (B, d)
-        for index, block in enumerate(self.blocks):
-            x, state.layers[index] = block.step(x, state.layers[index])
+        logits = self._step_logits(byte.reshape(-1).long(), self.position_embedding.weight[state.position],
+                                   state.layers)
         state.position += 1
-        return self.head(self.final_norm(x)), state
+        return logits, state
+
+    def step_at(self, byte: torch.Tensor, position: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """step() for CUDA graphs: byte [B] long at token `position` (a 0-dim long tensor on the model's
+        device) -> logits [B, head_dim]. No checks and no host sync; the layer states are updated in
+        place and state.position is left for the caller to keep."""
+        return self._step_logits(byte, self.position_embedding(position), state.layers)
+
+    def _step_logits(self, byte: torch.Tensor, position_vector: torch.Tensor, layers: list) -> torch.Tensor:
+        x = self.byte_embedding(byte) + position_vector  # (B, d)
+        for index, block in enumerate(self.blocks):
+            x, layers[index] = block.step(x, layers[index])
+        return self.head(self.final_norm(x))
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether step_at() may be captured in a CUDA graph (every layer's recurrent twin allows it)."""
+        return all(getattr(block.attention.recurrent_attention, "graph_safe", False) for block in self.blocks)
 
     @torch.no_grad()
     def generate(self, n: int, labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None,

@@ -28,6 +28,7 @@ class SamplingOptions:
     mode: str = "recurrent"
     bf16: bool = False
     progress: bool = True
+    cuda_graph: bool = True  # recurrent mode on CUDA: replay one captured step per byte
 
 
 @dataclass
@@ -74,7 +75,59 @@ def _autocast(device: torch.device, bf16: bool):
     """bf16 autocast on request; the model keeps its recurrent state in fp32 either way."""
     if not bf16:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    # no cast cache: a CUDA graph must not capture casts cached outside it
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+class _StepLoop:
+    """Draws bytes first..L-1 one recurrent step each, from static buffers and in-place state.
+
+    The loop body has no host sync and allocates nothing that outlives it, so on CUDA (for models
+    whose recurrent twin is graph-safe) one step is captured in a CUDA graph and replayed for every
+    byte: one launch per byte instead of a few hundred, which is what limits sampling at these
+    model sizes. Elsewhere the same body runs eagerly, so CPU tests cover it.
+    """
+
+    def __init__(self, net, state, out: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions,
+                 first: int):
+        self.net, self.state, self.out, self.uniforms, self.options = net, state, out, uniforms, options
+        self.byte = out[:, first - 1].clone()  # (B,) the byte the next step reads
+        self.t = torch.tensor([first], device=out.device)  # index of the byte drawn next, (1,)
+        self.token_offset = net.prefix_len  # byte t - 1 sits at token position prefix_len + t
+
+    def _body(self) -> None:
+        logits = self.net.step_at(self.byte, self.t + self.token_offset, self.state)  # (B, head_dim)
+        byte = next_byte(self.net, logits, self.uniforms.index_select(1, self.t).squeeze(1), self.options)
+        self.out.index_copy_(1, self.t, byte.unsqueeze(1))
+        self.byte.copy_(byte)
+        self.t.add_(1)
+
+    def run(self, count: int, advance, use_graph: bool) -> None:
+        """Run `count` steps, calling advance(batch) after each."""
+        batch = self.out.shape[0]
+        if not use_graph:
+            for _ in range(count):
+                self._body()
+                advance(batch)
+            return
+        # Eager warm-up steps on a side stream (as torch.cuda.graph asks): real bytes, and they settle
+        # cuBLAS workspaces and the allocator before capture.
+        warmup = min(count, 2)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                self._body()
+                advance(batch)
+        torch.cuda.current_stream().wait_stream(side)
+        if count == warmup:
+            return
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # records one step; runs nothing, so the state does not move
+            self._body()
+        for _ in range(count - warmup):
+            graph.replay()
+            advance(batch)
 
 
 def _generate_recurrent(net, out, start, labels, captions, uniforms, options, advance):
@@ -83,12 +136,11 @@ def _generate_recurrent(net, out, start, labels, captions, uniforms, options, ad
     state = net.init_state(batch)
     prefix = out[:, :start] if start > 0 else None
     logits, state = net.prefill(state, labels=labels, captions=captions, prefix=prefix)
-    for t in range(start, seq_len):
-        byte = next_byte(net, logits, uniforms[:, t], options)  # (B,)
-        out[:, t] = byte
-        advance(batch)
-        if t + 1 < seq_len:
-            logits, state = net.step(byte, state)  # O(1) work per byte, whatever t is
+    out[:, start] = next_byte(net, logits, uniforms[:, start], options)  # (B,)
+    advance(batch)
+    if start + 1 < seq_len:  # O(1) work per byte from here on, whatever the position
+        use_graph = options.cuda_graph and out.is_cuda and net.graph_safe
+        _StepLoop(net, state, out, uniforms, options, start + 1).run(seq_len - start - 1, advance, use_graph)
 
 
 def _generate_parallel(net, out, start, labels, captions, uniforms, options, advance):

@@ -231,3 +231,27 @@ def test_bf16_autocast_training_step_is_finite_and_close_to_fp32(attention, back
     nll.mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     assert (nll - reference).abs().max() < 0.1
+
+
+def test_only_the_linear_recurrent_twin_is_graph_safe():
+    # sample.generation captures step_at() in a CUDA graph only when every layer allows it: the
+    # softmax twin's KV-cache length is a Python int that a replayed graph would not advance
+    linear = ImageTransformer(ModelConfig(bins=4, seq_len=8, n_layers=2, n_heads=2, d_query=4, d_ff=8))
+    softmax = ImageTransformer(ModelConfig(bins=4, seq_len=8, n_layers=2, n_heads=2, d_query=4, d_ff=8,
+                                           attention="softmax"))
+    assert linear.graph_safe and not softmax.graph_safe
+
+
+def test_step_at_with_a_position_tensor_equals_step():
+    torch.manual_seed(0)
+    net = ImageTransformer(ModelConfig(bins=16, seq_len=12, n_layers=2, n_heads=2, d_query=4, d_ff=8,
+                                       condition="class", n_classes=3)).eval()
+    seq = torch.randint(0, 16, (3, 12))
+    labels = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        _, state = net.prefill(net.init_state(3), labels=labels)
+        _, twin = net.prefill(net.init_state(3), labels=labels)
+        for t in range(11):
+            expected, state = net.step(seq[:, t], state)
+            got = net.step_at(seq[:, t], torch.tensor([net.prefix_len + 1 + t]), twin)
+            assert torch.equal(got, expected), t

@@ -43,17 +43,17 @@ step() {  # name, time limit (s), command...
   [ $rc = 0 ] || status=1
 }
 
-step cuda_checks 240 env LIT_GPU_RECORD="$work/cuda_checks.jsonl" \
+step cuda_checks 110 env LIT_GPU_RECORD="$work/cuda_checks.jsonl" \
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step sample 240 python3 bench/sample_speed.py --device cuda --full --shapes mnist,cifar10 \
+step sample 130 python3 bench/sample_speed.py --device cuda --full --shapes mnist,cifar10 \
   --batch-sizes 256,1024,4096 --methods recurrent-linear,recurrent-eager,softmax-kv-cache \
   --max-softmax-batch 256 --max-eager-batch 256 --json "$work/sample.json"
-step train 240 python3 bench/train_speed.py --device cuda --batch-size 64 --steps 10 --warmup 3 \
+step train 110 python3 bench/train_speed.py --device cuda --batch-size 64 --steps 10 --warmup 3 \
   --backends torch fla --json "$work/train.json"
-step precision 300 python3 bench/precision_check.py --out "$work/precision"
-step loader 90 python3 bench/loader_speed.py --data "$work/precision/digits256" --batch-size 64 \
+step precision 120 python3 bench/precision_check.py --out "$work/precision"
+step loader 30 python3 bench/loader_speed.py --data "$work/precision/digits256" --batch-size 64 \
   --workers 0,4,8 --batches 200 --json "$work/loader.json"
-step attention 180 python3 bench/attention.py --device cuda --dtype bf16 --lengths 3072,12288
+step attention 50 python3 bench/attention.py --device cuda --dtype bf16 --lengths 3072
 
 python3 bench/gpu_results.py "$work" "bench/results/gpu-$day.json" | tee "$work/goals.md"
 {

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one go, for the GPU issue and bench/RESULTS.md.
 #
-#   bash bench/gpu_suite.sh            # from the repository root, on a machine with a CUDA GPU
+#   bash bench/gpu_suite.sh                    # from the repository root, on a machine with a CUDA GPU
 #   OUT=/tmp/gpu bash bench/gpu_suite.sh
+#   bash bench/gpu_suite.sh cuda_checks sample # only these steps (the day's results file keeps the rest)
+#
+# Steps: cuda_checks sample train precision loader attention (loader reads precision's data).
+# SAMPLE_ARGS replaces the sample step's batch and method options.
 #
 # Installs nothing: the project (or PYTHONPATH=repo root), webdataset and, for the fla backend,
 # flash-linear-attention must be importable. Each step has a time limit, so one hang cannot eat the
 # rest; a failed step is reported and the others still run. Writes:
-#   bench/results/gpu-YYYY-MM-DD.json  every figure (name, value, unit, config) + device and versions
+#   bench/results/gpu-YYYY-MM-DD.json  every figure (name, value, unit, config) + device and versions,
+#                                      merged into the newest earlier file's (a later run wins by name)
 #   $OUT/summary.md                    the goals table and every step's table
 #   $OUT/logs.tar.gz                   each step's full log and raw JSON
 set -uo pipefail
@@ -31,9 +36,15 @@ print(json.dumps(info))
 json.dump(info, open(sys.argv[1], "w"))
 PY
 
+steps=${*:-cuda_checks sample train precision loader attention}
+if ! python3 -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  echo "gpu_suite: no CUDA device here; GPU figures come only from a GPU machine" >&2
+  exit 2
+fi
 status=0
 step() {  # name, time limit (s), command...
   local name=$1 limit=$2; shift 2
+  case " $steps " in *" $name "*) ;; *) return 0 ;; esac
   echo "== $name (limit ${limit}s): $*"
   local began=$SECONDS
   timeout "$limit" "$@" > "$work/$name.log" 2>&1
@@ -43,11 +54,12 @@ step() {  # name, time limit (s), command...
   [ $rc = 0 ] || status=1
 }
 
-step cuda_checks 110 env LIT_GPU_RECORD="$work/cuda_checks.jsonl" \
+step cuda_checks 130 env LIT_GPU_RECORD="$work/cuda_checks.jsonl" \
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step sample 130 python3 bench/sample_speed.py --device cuda --full --shapes mnist,cifar10 \
-  --batch-sizes 256,1024,4096 --methods recurrent-linear,recurrent-eager,softmax-kv-cache \
-  --max-softmax-batch 256 --max-eager-batch 256 --json "$work/sample.json"
+# shellcheck disable=SC2086  # SAMPLE_ARGS is a list of options
+step sample 140 python3 bench/sample_speed.py --device cuda --full --shapes mnist,cifar10 \
+  ${SAMPLE_ARGS:---batch-sizes 256,1024,4096 --methods recurrent-linear,recurrent-compiled,recurrent-eager,softmax-kv-cache --compile-batches 4096 --max-softmax-batch 256 --max-eager-batch 256} \
+  --json "$work/sample.json"
 step train 110 python3 bench/train_speed.py --device cuda --batch-size 64 --steps 10 --warmup 3 \
   --backends torch fla --json "$work/train.json"
 step precision 120 python3 bench/precision_check.py --out "$work/precision"
@@ -55,14 +67,17 @@ step loader 30 python3 bench/loader_speed.py --data "$work/precision/digits256" 
   --workers 0,4,8 --batches 200 --json "$work/loader.json"
 step attention 50 python3 bench/attention.py --device cuda --dtype bf16 --lengths 3072
 
-python3 bench/gpu_results.py "$work" "bench/results/gpu-$day.json" | tee "$work/goals.md"
+# the day's file starts from the newest earlier one, so its goals table covers every step measured
+results=bench/results/gpu-$day.json
+newest=$(ls bench/results/gpu-*.json 2>/dev/null | sort | tail -n 1)
+if [ ! -e "$results" ] && [ -n "$newest" ]; then cp "$newest" "$results"; fi
+python3 bench/gpu_results.py "$work" "$results" | tee "$work/goals.md"
 {
   echo "# GPU suite, $day"; cat "$work/goals.md"
-  for name in cuda_checks sample train precision loader attention; do
-    echo; echo "## $name"; grep -E '^\||passed|failed|PASS|FAIL|best|resume|second half|test bits' "$work/$name.log"
+  for name in $steps; do
+    echo; echo "## $name"; grep -E '^\||passed|failed|PASS|FAIL|best|resume|second half|test bits|equal|images/s' "$work/$name.log"
   done
 } > "$out/summary.md"
-cp "bench/results/gpu-$day.json" "$out/"
-rm -rf "$work/precision/run-"*/checkpoints  # the weights are not needed back
-tar -czf "$out/logs.tar.gz" -C "$work" --exclude='*.tar' .
+cp "$results" "$out/"
+(cd "$work" && find . -name '*.log' -o -name '*.json' -o -name '*.jsonl' | tar -czf "$out/logs.tar.gz" -T -)
 exit $status

@@ -7,6 +7,7 @@ For each shape (MNIST: 784 bytes, 8 layers; CIFAR-10: 3,072 bytes, 16 layers; 8 
 size, three ways of drawing bytes with the same sampling function (sample.generation.next_byte):
   recurrent-linear  causal-linear model, its recurrent twin: O(1) work and memory per byte (on CUDA,
                     whole-image mode: one captured CUDA graph replayed per byte)
+  recurrent-compiled  the same with the step's kernels fused by torch.compile (then captured)
   recurrent-eager   the same without the CUDA graph (a few hundred kernel launches per byte)
   softmax-kv-cache  softmax model, one step per byte over a KV cache: O(t) work at byte t, O(L) memory
   parallel-rerun    causal-linear model re-run over the whole prefix at every byte: O(t) work at byte t
@@ -38,7 +39,7 @@ import torch  # noqa: E402
 from model import ImageTransformer, ModelConfig  # noqa: E402
 from sample.generation import SamplingOptions, generate_images, image_uniforms, next_byte  # noqa: E402
 
-METHODS = ("recurrent-linear", "recurrent-eager", "softmax-kv-cache", "parallel-rerun")
+METHODS = ("recurrent-linear", "recurrent-compiled", "recurrent-eager", "softmax-kv-cache", "parallel-rerun")
 
 
 @dataclass
@@ -65,6 +66,7 @@ class Cell:
     images_per_s: Optional[float]
     bytes_per_image: Optional[float]
     note: str = ""
+    images: Optional[torch.Tensor] = None  # whole-image mode: what was drawn (same seed in every method)
 
 
 def build_model(shape: Shape, attention: str, device: torch.device) -> ImageTransformer:
@@ -186,16 +188,17 @@ def measure_rerun(net: ImageTransformer, batch: int, starts: list[int], width: i
 
 
 def measure_full(net: ImageTransformer, batch: int, mode: str, device: torch.device, cuda_graph: bool,
-                 bf16: bool) -> tuple[float, int]:
-    """Seconds per image generating whole images with the sampler's own loop, and peak bytes."""
-    options = SamplingOptions(batch_size=batch, mode=mode, progress=False, cuda_graph=cuda_graph, bf16=bf16)
+                 bf16: bool, compile: bool = False) -> tuple[float, int, torch.Tensor]:
+    """Seconds per image generating whole images with the sampler's own loop, peak bytes, the images."""
+    options = SamplingOptions(batch_size=batch, mode=mode, progress=False, cuda_graph=cuda_graph, bf16=bf16,
+                              compile=compile)
     # warm-up (kernels, cuBLAS handles, allocator, graph capture) on the last few bytes only
     almost_whole = torch.zeros(batch, net.config.seq_len - 4, dtype=torch.long)
     generate_images(net, batch, options, prefix=almost_whole)
     memory = PeakMemory(device)
     memory.start()
-    _, stats = generate_images(net, batch, options)
-    return stats.seconds / batch, memory.peak()
+    images, stats = generate_images(net, batch, options)
+    return stats.seconds / batch, memory.peak(), images
 
 
 def run_cell(shape: Shape, method: str, batch: int, args, device: torch.device, nets: dict) -> Cell:
@@ -207,6 +210,10 @@ def run_cell(shape: Shape, method: str, batch: int, args, device: torch.device, 
         return Cell(None, None, f"skipped: batch > --max-parallel-batch {args.max_parallel_batch}")
     if method == "recurrent-eager" and not (args.full and device.type == "cuda"):
         return Cell(None, None, "skipped: same as recurrent-linear off CUDA or in estimated mode")
+    if method == "recurrent-compiled" and not args.full:
+        return Cell(None, None, "skipped: whole-image mode only")
+    if method == "recurrent-compiled" and args.compile_batches and batch not in args.compile_batches:
+        return Cell(None, None, "skipped: batch not in --compile-batches")
     if method == "recurrent-eager" and args.max_eager_batch and batch > args.max_eager_batch:
         return Cell(None, None, f"skipped: batch > --max-eager-batch {args.max_eager_batch}")
     if method == "softmax-kv-cache" and args.max_softmax_batch and batch > args.max_softmax_batch:
@@ -218,9 +225,10 @@ def run_cell(shape: Shape, method: str, batch: int, args, device: torch.device, 
         nets[key] = build_model(shape, attention, device)
     net = nets[key]
     if args.full:
-        seconds, peak = measure_full(net, batch, "parallel" if parallel else "recurrent", device,
-                                     cuda_graph=method != "recurrent-eager", bf16=args.bf16)
-        return Cell(1.0 / seconds, peak / batch)
+        seconds, peak, images = measure_full(net, batch, "parallel" if parallel else "recurrent", device,
+                                             cuda_graph=method != "recurrent-eager", bf16=args.bf16,
+                                             compile=method == "recurrent-compiled")
+        return Cell(1.0 / seconds, peak / batch, images=images)
     width = args.parallel_bytes if parallel else args.bytes
     starts = window_starts(shape.seq_len, args.positions, width)
     measure = measure_rerun if parallel else measure_stepping
@@ -278,6 +286,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-softmax-batch", type=int, default=None,
                         help="skip softmax-kv-cache above this batch size (its cache holds 2 x layers x "
                              "L x d_model values per image: about 96 MiB at the CIFAR-10 shape in fp32)")
+    parser.add_argument("--compile-batches", default=None,
+                        help="comma-separated batch sizes for recurrent-compiled (each compiles anew)")
     parser.add_argument("--max-eager-batch", type=int, default=None,
                         help="skip recurrent-eager above this batch size")
     parser.add_argument("--bf16", action="store_true", help="--full mode: sample under bf16 autocast "
@@ -288,6 +298,7 @@ def main(argv=None) -> int:
                              "threads stall each other and make small steps 10-50x slower)")
     args = parser.parse_args(argv)
     args.methods = args.methods.split(",")
+    args.compile_batches = [int(b) for b in args.compile_batches.split(",")] if args.compile_batches else None
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         parser.error(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
@@ -313,11 +324,19 @@ def main(argv=None) -> int:
                 print(f"  {shape.name} L={shape.seq_len} batch {batch} {method}: "
                       f"{format_rate(cells[method])} images/s, {format_memory(cells[method])} MiB/image "
                       f"{cells[method].note} ({time.perf_counter() - began:.1f} s)", flush=True)
+            reference = cells["recurrent-linear"].images
+            for other in ("recurrent-compiled", "recurrent-eager"):
+                if reference is not None and cells[other].images is not None:
+                    same = (cells[other].images == reference).float().mean().item()
+                    cells[other].note += f"{100 * same:.2f}% of bytes equal to recurrent-linear's"
+                    print(f"    {other}: {100 * same:.2f}% of bytes equal to recurrent-linear's (same seed)")
+            for cell in cells.values():
+                cell.images = None  # compared above; do not hold every row's images
             rows.append((shape, batch, cells))
     header = ["shape", "L", "layers", "batch"]
     for method in METHODS:
         header += [f"{method} img/s", f"{method} MiB/img"]
-    header += ["recurrent / parallel", "recurrent / softmax-kv", "graph / eager"]
+    header += ["recurrent / parallel", "recurrent / softmax-kv", "graph / eager", "compiled / graph"]
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -327,7 +346,8 @@ def main(argv=None) -> int:
             values += [format_rate(cells[method]), format_memory(cells[method])]
         values += [ratio(cells["recurrent-linear"], cells["parallel-rerun"]),
                    ratio(cells["recurrent-linear"], cells["softmax-kv-cache"]),
-                   ratio(cells["recurrent-linear"], cells["recurrent-eager"], digits=1)]
+                   ratio(cells["recurrent-linear"], cells["recurrent-eager"], digits=1),
+                   ratio(cells["recurrent-compiled"], cells["recurrent-linear"], digits=2)]
         print("| " + " | ".join(values) + " |")
     print()
     for shape in shapes:
@@ -339,7 +359,7 @@ def main(argv=None) -> int:
         if best["recurrent-linear"]:
             linear, lb = best["recurrent-linear"]
             line = f"{shape.name}: best recurrent-linear {linear:.4g} images/s (batch {lb})"
-            for other in ("recurrent-eager", "softmax-kv-cache", "parallel-rerun"):
+            for other in ("recurrent-compiled", "recurrent-eager", "softmax-kv-cache", "parallel-rerun"):
                 if best[other]:
                     rate, b = best[other]
                     line += f"; {linear / rate:.1f}x the best {other} ({rate:.3g}, batch {b})"

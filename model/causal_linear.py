@@ -66,7 +66,12 @@ class RecurrentCausalLinearAttention(nn.Module):
             phi_q, phi_k = elu_feature_map(q.float()), elu_feature_map(k.float())
             state.S.addcmul_(phi_k.unsqueeze(-1), v.float().unsqueeze(-2))  # (B, H, Dk, Dv), no new tensor
             state.Z.add_(phi_k)  # (B, H, Dk)
-            num = (phi_q.unsqueeze(-2) @ state.S).squeeze(-2)  # (B, H, Dv)
+            if torch.compiler.is_compiling():
+                # as a broadcast and a sum, the compiler fuses the update and this read into one
+                # pass over S (eagerly this would materialise a (B, H, Dk, Dv) product)
+                num = (phi_q.unsqueeze(-1) * state.S).sum(-2)  # (B, H, Dv)
+            else:
+                num = (phi_q.unsqueeze(-2) @ state.S).squeeze(-2)  # (B, H, Dv)
             den = (phi_q * state.Z).sum(-1, keepdim=True)  # (B, H, 1)
             out = num / (den + self.eps)
         return out.to(q.dtype), state

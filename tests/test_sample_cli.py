@@ -85,6 +85,23 @@ def test_unconditional_defaults_to_a_square_grid_and_the_seed_reproduces(tmp_pat
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
+def test_compile_flag_reaches_the_sampler_and_draws_the_same_images(tmp_path, export, monkeypatch):
+    import sample.generation as generation
+
+    compiled_calls = []
+    # "aot_eager": dynamo's trace of the step, without generating C++/Triton code (~25 s on this CPU)
+    traced = torch.compile(generation._recurrent_step, backend="aot_eager", dynamic=False)
+    monkeypatch.setattr(generation, "_compiled_step", lambda: compiled_calls.append(1) or traced)
+    assert run_cli("--checkpoint", export, "--out", tmp_path / "c.png", "--npz", "--seed", 4, "--n", 4,
+                   "--compile", "--no-cuda-graph") == 0
+    assert compiled_calls  # every step went through the compiled function
+    steps = len(compiled_calls)
+    assert run_cli("--checkpoint", export, "--out", tmp_path / "e.png", "--npz", "--seed", 4, "--n", 4) == 0
+    assert len(compiled_calls) == steps  # without --compile it is never used
+    compiled, eager = np.load(tmp_path / "c.npz"), np.load(tmp_path / "e.npz")
+    assert np.array_equal(compiled["sequences"], eager["sequences"])
+
+
 def test_loads_export_step_folder_and_run_folder(tmp_path):
     old, new = tiny_model(seed=1), tiny_model(seed=2)
     run = tmp_path / "run"

@@ -51,16 +51,23 @@ class ConditionEmbedding(nn.Module):
         """Number of prefix tokens P."""
         return int(self.uses_class) + (self.caption_len if self.uses_caption else 0)
 
-    def _dropped(self, batch: int, device: torch.device) -> torch.Tensor:
-        """Which samples lose this condition now: (B,) bool, all False outside train mode."""
-        if not self.training or self.condition_dropout <= 0:
-            return torch.zeros(batch, dtype=torch.bool, device=device)
-        return torch.rand(batch, device=device) < self.condition_dropout
+    def _dropped(self, batch: int, device: torch.device, drop: Optional[torch.Tensor]) -> torch.Tensor:
+        """Which samples lose this condition now: (B,) bool; condition dropout in train mode only,
+        plus the rows `drop` asks for (the unconditional rows of classifier-free guidance)."""
+        dropped = torch.zeros(batch, dtype=torch.bool, device=device)
+        if self.training and self.condition_dropout > 0:
+            dropped = torch.rand(batch, device=device) < self.condition_dropout
+        if drop is not None:
+            dropped = dropped | drop.to(device=device, dtype=torch.bool).reshape(batch)
+        return dropped
 
     def forward(self, batch: int, labels: Optional[torch.Tensor], captions: Optional[Sequence[str]],
-                device: torch.device) -> Optional[torch.Tensor]:
-        """Prefix embeddings (B, P, d_model), or None when the model is unconditional."""
-        parts = []
+                device: torch.device, drop: Optional[torch.Tensor] = None
+                ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The condition twice: prefix tokens (B, P, d_model) and one vector (B, d_model), the class
+        embedding plus the mean of the caption's byte embeddings; (None, None) when unconditional.
+        Rows where `drop` (B,) is true get the null condition."""
+        parts, vectors = [], []
         if self.uses_class:
             if labels is None:
                 classes = torch.full((batch,), self.n_classes, dtype=torch.long, device=device)
@@ -71,8 +78,10 @@ class ConditionEmbedding(nn.Module):
                 if classes.numel() and (classes.min() < 0 or classes.max() >= self.n_classes):
                     raise ValueError(f"labels must be in [0, {self.n_classes}), got "
                                      f"{classes.min().item()}..{classes.max().item()}")
-                classes = classes.masked_fill(self._dropped(batch, device), self.n_classes)
-            parts.append(self.class_embedding(classes).unsqueeze(1))  # (B, 1, d)
+                classes = classes.masked_fill(self._dropped(batch, device, drop), self.n_classes)
+            embedded = self.class_embedding(classes)  # (B, d)
+            parts.append(embedded.unsqueeze(1))
+            vectors.append(embedded)
         if self.uses_caption:
             if captions is None:
                 tokens = torch.full((batch, self.caption_len), CAPTION_NULL, dtype=torch.long, device=device)
@@ -80,6 +89,11 @@ class ConditionEmbedding(nn.Module):
                 if len(captions) != batch:
                     raise ValueError(f"captions has {len(captions)} entries for a batch of {batch}")
                 tokens = encode_captions(captions, self.caption_len).to(device)
-                tokens = tokens.masked_fill(self._dropped(batch, device).unsqueeze(1), CAPTION_NULL)
-            parts.append(self.caption_embedding(tokens))  # (B, caption_len, d)
-        return torch.cat(parts, dim=1) if parts else None
+                tokens = tokens.masked_fill(self._dropped(batch, device, drop).unsqueeze(1), CAPTION_NULL)
+            embedded = self.caption_embedding(tokens)  # (B, caption_len, d)
+            parts.append(embedded)
+            present = (tokens != CAPTION_PAD).unsqueeze(-1).to(embedded.dtype)  # (B, caption_len, 1)
+            vectors.append((embedded * present).sum(1) / present.sum(1).clamp_min(1.0))  # (B, d)
+        if not parts:
+            return None, None
+        return torch.cat(parts, dim=1), sum(vectors)

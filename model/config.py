@@ -10,6 +10,10 @@ ATTENTIONS = ("causal-linear", "softmax")
 BACKENDS = ("auto", "torch", "fast-transformers", "fla")
 HEADS = ("categorical", "logistic-mixture")
 CONDITIONS = ("none", "class", "caption", "both")
+# How the condition reaches the image beyond its prefix tokens: "prefix" not at all; "input" added
+# to every position's input embedding; "blocks" added to the residual stream before every block,
+# through a learned projection per block.
+CONDITION_INJECTIONS = ("prefix", "input", "blocks")
 
 
 @dataclass
@@ -33,6 +37,7 @@ class ModelConfig:
     n_classes: int = 10
     caption_len: int = 48
     condition_dropout: float = 0.1
+    condition_inject: str = "blocks"
 
     def __post_init__(self) -> None:
         if self.d_value is None:
@@ -88,7 +93,7 @@ class ModelConfig:
                 fail(name, "must be in [0, 1]")
             setattr(self, name, float(value))
         for name, choices in (("attention", ATTENTIONS), ("backend", BACKENDS), ("head", HEADS),
-                              ("condition", CONDITIONS)):
+                              ("condition", CONDITIONS), ("condition_inject", CONDITION_INJECTIONS)):
             if getattr(self, name) not in choices:
                 fail(name, f"must be one of {', '.join(choices)}")
         if self.dropout >= 1.0:

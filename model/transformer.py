@@ -28,11 +28,17 @@ class RecurrentState:
     layers: list          # one LinearAttentionState or KVCache per layer
     position: int         # index in the full sequence of the next token step() consumes
     batch_size: int
+    # what the condition adds at every position, set by prefill(): to the input embedding
+    # (B, d_model), and before each block (one (B, d_model) per block); None where not used
+    condition_input: Optional[torch.Tensor] = None
+    condition_biases: Optional[list] = None
 
     def tensors(self) -> list:
         """All tensors held by the state."""
-        return [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
+        held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
                 if isinstance(getattr(layer, f.name), torch.Tensor)]
+        held += [] if self.condition_input is None else [self.condition_input]
+        return held + list(self.condition_biases or [])
 
     def nbytes(self) -> int:
         """Memory held by the state, in bytes."""
@@ -48,18 +54,32 @@ class Block(nn.Module):
         self.attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.d_query, cfg.d_value, cfg.attention,
                                         **attention_params(cfg.attention, cfg))
         self.feed_forward_norm = nn.LayerNorm(cfg.d_model)
+        # the condition's share of this block, added to the residual stream at its start; zero at
+        # initialisation, so a fresh model starts as the prefix-only one
+        self.condition_projection = (nn.Linear(cfg.d_model, cfg.d_model)
+                                     if cfg.condition != "none" and cfg.condition_inject == "blocks" else None)
         self.feed_forward = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
                                           nn.Linear(cfg.d_ff, cfg.d_model))
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, state=None):
+    def condition_bias(self, condition: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B, d_model) this block adds at every position for condition vector (B, d_model), or None."""
+        if self.condition_projection is None or condition is None:
+            return None
+        return self.condition_projection(condition)
+
+    def forward(self, x: torch.Tensor, state=None, bias: Optional[torch.Tensor] = None):
         """x (B, L, d_model) -> (B, L, d_model); fills the layer state when one is given."""
+        if bias is not None:
+            x = x + bias.unsqueeze(1)
         attended, state = self.attention(self.attention_norm(x), state)
         x = x + self.dropout(attended)
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x))), state
 
-    def step(self, x: torch.Tensor, state):
+    def step(self, x: torch.Tensor, state, bias: Optional[torch.Tensor] = None):
         """One position x (B, d_model) through the recurrent twin."""
+        if bias is not None:
+            x = x + bias
         attended, state = self.attention.step(self.attention_norm(x), state)
         x = x + self.dropout(attended)
         return x + self.dropout(self.feed_forward(self.feed_forward_norm(x))), state
@@ -86,6 +106,8 @@ class ImageTransformer(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith("out_projection.weight") or name.endswith("feed_forward.2.weight"):
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * cfg.n_layers))
+            if "condition_projection" in name:
+                nn.init.zeros_(parameter)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -106,32 +128,37 @@ class ImageTransformer(nn.Module):
                              f"{seq.min().item()}..{seq.max().item()}")
         return seq
 
-    def _embed(self, tokens: torch.Tensor, labels, captions) -> torch.Tensor:
-        """[prefix] + [begin] + tokens (B, K) -> input embeddings (B, P + 1 + K, d_model)."""
+    def _embed(self, tokens: torch.Tensor, labels, captions, drop_condition=None):
+        """[prefix] + [begin] + tokens (B, K) -> input embeddings (B, P + 1 + K, d_model), and the
+        condition vector (B, d_model) or None."""
         batch = tokens.shape[0]
         begin = torch.full((batch, 1), self.config.bins, dtype=torch.long, device=tokens.device)
         x = self.byte_embedding(torch.cat([begin, tokens], dim=1))  # (B, 1 + K, d)
-        prefix = self.condition(batch, labels, captions, tokens.device)
+        prefix, condition = self.condition(batch, labels, captions, tokens.device, drop_condition)
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)  # (B, P + 1 + K, d)
+        if condition is not None and self.config.condition_inject == "input":
+            x = x + condition.unsqueeze(1)
         positions = torch.arange(x.shape[1], device=x.device)
-        return self.dropout(x + self.position_embedding(positions))
+        return self.dropout(x + self.position_embedding(positions)), condition
 
-    def _trunk(self, x: torch.Tensor, states: Optional[list] = None):
+    def _trunk(self, x: torch.Tensor, condition: Optional[torch.Tensor], states: Optional[list] = None):
         """Run the blocks and the final norm over (B, T, d_model); fill states when given."""
         new_states = []
         for index, block in enumerate(self.blocks):
-            x, layer_state = block(x, None if states is None else states[index])
+            x, layer_state = block(x, None if states is None else states[index], block.condition_bias(condition))
             new_states.append(layer_state)
         return self.final_norm(x), new_states
 
     def forward(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                captions: Optional[Sequence[str]] = None) -> torch.Tensor:
-        """Logits [B, L, head_dim]; logits[:, t] predicts seq[:, t] from seq[:, :t] and the condition."""
+                captions: Optional[Sequence[str]] = None, drop_condition: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """Logits [B, L, head_dim]; logits[:, t] predicts seq[:, t] from seq[:, :t] and the condition
+        (the null condition in rows where drop_condition (B,) bool is true)."""
         seq = self._check_bytes(seq, "seq")
         if seq.shape[1] > self.config.seq_len:
             raise ValueError(f"seq has {seq.shape[1]} bytes, more than seq_len={self.config.seq_len}")
-        hidden, _ = self._trunk(self._embed(seq[:, :-1], labels, captions))
+        hidden, _ = self._trunk(*self._embed(seq[:, :-1], labels, captions, drop_condition))
         return self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -157,7 +184,8 @@ class ImageTransformer(nn.Module):
         return RecurrentState(layers=layers, position=0, batch_size=batch_size)
 
     def prefill(self, state: RecurrentState, labels: Optional[torch.Tensor] = None,
-                captions: Optional[Sequence[str]] = None, prefix: Optional[torch.Tensor] = None):
+                captions: Optional[Sequence[str]] = None, prefix: Optional[torch.Tensor] = None,
+                drop_condition: Optional[torch.Tensor] = None):
         """Read the condition, the begin token and K given bytes in one parallel pass.
 
         Returns logits [B, head_dim] predicting byte K, and the state ready for step().
@@ -172,8 +200,13 @@ class ImageTransformer(nn.Module):
         if prefix.shape[1] >= self.config.seq_len:
             raise ValueError(f"prefix has {prefix.shape[1]} bytes; at most seq_len-1="
                              f"{self.config.seq_len - 1} leave a byte to predict")
-        hidden, state.layers = self._trunk(self._embed(prefix, labels, captions), state.layers)
+        x, condition = self._embed(prefix, labels, captions, drop_condition)
+        hidden, state.layers = self._trunk(x, condition, state.layers)
         state.position = hidden.shape[1]
+        if condition is not None:
+            state.condition_input = condition if self.config.condition_inject == "input" else None
+            biases = [block.condition_bias(condition) for block in self.blocks]
+            state.condition_biases = None if biases[0] is None else biases
         return self.head(hidden[:, -1]), state
 
     def step(self, byte: torch.Tensor, state: RecurrentState):
@@ -183,7 +216,7 @@ class ImageTransformer(nn.Module):
         # No value check here: it would cost two device->host syncs per byte, and the bytes fed back
         # by generate() come from the model itself. User-given bytes are checked once, in prefill().
         logits = self._step_logits(byte.reshape(-1).long(), self.position_embedding.weight[state.position],
-                                   state.layers)
+                                   state)
         state.position += 1
         return logits, state
 
@@ -191,12 +224,15 @@ class ImageTransformer(nn.Module):
         """step() for CUDA graphs: byte [B] long at token `position` (a 0-dim long tensor on the model's
         device) -> logits [B, head_dim]. No checks and no host sync; the layer states are updated in
         place and state.position is left for the caller to keep."""
-        return self._step_logits(byte, self.position_embedding(position), state.layers)
+        return self._step_logits(byte, self.position_embedding(position), state)
 
-    def _step_logits(self, byte: torch.Tensor, position_vector: torch.Tensor, layers: list) -> torch.Tensor:
+    def _step_logits(self, byte: torch.Tensor, position_vector: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         x = self.byte_embedding(byte) + position_vector  # (B, d)
+        if state.condition_input is not None:
+            x = x + state.condition_input
+        layers, biases = state.layers, state.condition_biases
         for index, block in enumerate(self.blocks):
-            x, layers[index] = block.step(x, layers[index])
+            x, layers[index] = block.step(x, layers[index], None if biases is None else biases[index])
         return self.head(self.final_norm(x))
 
     @property

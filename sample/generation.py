@@ -31,6 +31,7 @@ class SamplingOptions:
     progress: bool = True
     cuda_graph: bool = True  # recurrent mode on CUDA: replay one captured step per byte
     compile: bool = False  # recurrent mode: fuse the step's kernels with torch.compile (slow first call)
+    guidance: float = 1.0  # classifier-free guidance scale: 1 none, 0 unconditional, > 1 stronger condition
 
 
 @dataclass
@@ -64,8 +65,13 @@ def draw(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 def next_byte(net: torch.nn.Module, logits: torch.Tensor, uniforms: torch.Tensor,
               options: SamplingOptions) -> torch.Tensor:
-    """The one sampling function both modes share: head logits [B, head_dim] -> bytes [B]."""
+    """The one sampling function both modes share: head logits [R, head_dim] -> bytes [B] (R = 2B
+    under guidance: conditional rows, then unconditional ones)."""
     log_probs = net.log_probs(logits.float())  # (B, bins) normalized for either head
+    if options.guidance != 1:
+        # the model's rows are [conditional; unconditional] (see _condition_rows): guide, renormalise
+        conditional, unconditional = log_probs.chunk(2)
+        log_probs = torch.log_softmax(unconditional + options.guidance * (conditional - unconditional), -1)
     if options.temperature == 0:
         return log_probs.argmax(dim=-1)  # greedy
     filtered = filter_logits(log_probs, temperature=options.temperature, top_k=options.top_k,
@@ -87,7 +93,7 @@ def _recurrent_step(net, state, byte: torch.Tensor, t: torch.Tensor, token_offse
     logits = net.step_at(byte, t + token_offset, state)  # (B, head_dim)
     drawn = next_byte(net, logits, uniforms.index_select(1, t).squeeze(1), options)  # (B,)
     out.index_copy_(1, t, drawn.unsqueeze(1))
-    byte.copy_(drawn)
+    byte.copy_(drawn.repeat(byte.shape[0] // drawn.shape[0]))  # both halves read it under guidance
     t.add_(1)
 
 
@@ -112,7 +118,8 @@ class _StepLoop:
     def __init__(self, net, state, out: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions,
                  first: int):
         self.net, self.state, self.out, self.uniforms, self.options = net, state, out, uniforms, options
-        self.byte = out[:, first - 1].clone()  # (B,) the byte the next step reads
+        copies = state.batch_size // out.shape[0]  # 2 under guidance
+        self.byte = out[:, first - 1].repeat(copies)  # (R,) the byte the next step reads
         self.t = torch.tensor([first], device=out.device)  # index of the byte drawn next, (1,)
         self.token_offset = net.prefix_len  # byte t - 1 sits at token position prefix_len + t
 
@@ -148,12 +155,22 @@ class _StepLoop:
             advance(batch)
 
 
-def _generate_recurrent(net, out, start, labels, captions, uniforms, options, advance):
+def _condition_rows(labels, captions, batch: int, guidance: float) -> tuple[dict, int]:
+    """The model's keyword arguments for one batch and its rows per image: under guidance every image
+    has a conditional row and, after all of those, an unconditional one."""
+    if guidance == 1:
+        return dict(labels=labels, captions=captions), 1
+    drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)])
+    return dict(labels=None if labels is None else labels.repeat(2), drop_condition=drop,
+                captions=None if captions is None else captions * 2), 2
+
+
+def _generate_recurrent(net, out, start, condition, copies, uniforms, options, advance):
     """Fill out[:, start:] with the recurrent twin: prefill the prefix, then one step per byte."""
     batch, seq_len = out.shape
-    state = net.init_state(batch)
-    prefix = out[:, :start] if start > 0 else None
-    logits, state = net.prefill(state, labels=labels, captions=captions, prefix=prefix)
+    state = net.init_state(batch * copies)
+    prefix = out[:, :start].repeat(copies, 1) if start > 0 else None
+    logits, state = net.prefill(state, prefix=prefix, **condition)
     out[:, start] = next_byte(net, logits, uniforms[:, start], options)  # (B,)
     advance(batch)
     if start + 1 < seq_len:  # O(1) work per byte from here on, whatever the position
@@ -161,12 +178,12 @@ def _generate_recurrent(net, out, start, labels, captions, uniforms, options, ad
         _StepLoop(net, state, out, uniforms, options, start + 1).run(seq_len - start - 1, advance, use_graph)
 
 
-def _generate_parallel(net, out, start, labels, captions, uniforms, options, advance):
+def _generate_parallel(net, out, start, condition, copies, uniforms, options, advance):
     """Fill out[:, start:] by re-running the whole prefix at every byte (O(L^2); for comparison)."""
     batch, seq_len = out.shape
     for t in range(start, seq_len):
         # logits[:, t] sees only bytes < t, so out[:, t] (not yet drawn) is an ignored placeholder
-        logits = net(out[:, : t + 1], labels=labels, captions=captions)[:, t]  # (B, head_dim)
+        logits = net(out[:, : t + 1].repeat(copies, 1), **condition)[:, t]  # (R, head_dim)
         out[:, t] = next_byte(net, logits, uniforms[:, t], options)
         advance(batch)
 
@@ -178,6 +195,11 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
     """Generate n_images sequences [n, L] in batches; prefix bytes [n, K] are kept as given."""
     if options.mode not in MODES:
         raise ValueError(f"mode {options.mode!r} must be one of {', '.join(MODES)}")
+    if not options.guidance >= 0:
+        raise ValueError(f"guidance={options.guidance!r} must be >= 0 (1: none, 0: unconditional)")
+    if options.guidance != 1 and not (net.condition.uses_class or net.condition.uses_caption):
+        raise ValueError(f"guidance={options.guidance:g} needs a class- or caption-conditioned model; this "
+                         f"one has condition {net.config.condition!r}")
     seq_len = net.config.seq_len
     device = next(net.parameters()).device
     start = 0 if prefix is None else prefix.shape[1]
@@ -197,8 +219,9 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
             batch_labels = None if labels is None else labels[rows].to(device)
             batch_captions = None if captions is None else [captions[i] for i in rows]
             uniforms = image_uniforms(options.seed, rows, seq_len).to(device)  # (B, L)
+            condition, copies = _condition_rows(batch_labels, batch_captions, len(rows), options.guidance)
             with _autocast(device, options.bf16):
-                run(net, out, start, batch_labels, batch_captions, uniforms, options, bar.update)
+                run(net, out, start, condition, copies, uniforms, options, bar.update)
             result[rows] = out.cpu()
     finally:
         bar.close()

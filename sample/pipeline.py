@@ -71,6 +71,8 @@ def check_options(options: SamplingOptions) -> None:
         raise SampleUsageError(f"--top-p {options.top_p}: must be in (0, 1]")
     if options.batch_size < 1:
         raise SampleUsageError(f"--batch-size {options.batch_size}: must be >= 1")
+    if not options.guidance >= 0:
+        raise SampleUsageError(f"--guidance {options.guidance}: must be >= 0 (1 = none, 0 = unconditional)")
 
 
 def check_layout(job: "SampleJob") -> None:
@@ -126,6 +128,9 @@ def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
     if job.index is not None:
         return _completion(job, loaded)
     check_conditioning(config.condition, job.classes is not None, job.captions is not None)
+    if job.options.guidance != 1 and config.condition == "none":
+        raise SampleUsageError(f"--guidance {job.options.guidance:g}: the model is unconditional "
+                               "(guidance needs model.condition class, caption or both)")
     for caption in job.captions or []:
         check_caption(caption, config.caption_len)
     if job.classes is None and job.captions is None:

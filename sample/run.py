@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--top-k", type=int, default=None, help="keep only the K most likely byte values")
     how.add_argument("--top-p", type=float, default=None,
                      help="keep the smallest set of byte values whose probability reaches P (nucleus)")
+    how.add_argument("--guidance", type=float, default=1.0,
+                     help="classifier-free guidance scale S for class/caption models: log p = "
+                          "log p(x|none) + S (log p(x|condition) - log p(x|none)), before temperature, "
+                          "top-k and top-p. 1 = none (default), > 1 follows the condition more closely, "
+                          "0 ignores it. Costs a second (unconditional) row per image in the same batch")
     how.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images; default %(default)s)")
     how.add_argument("--batch-size", type=int, default=64, help="images generated together (default %(default)s)")
     how.add_argument("--mode", choices=MODES, default="recurrent",
@@ -105,6 +110,7 @@ def job_from_args(args: argparse.Namespace):
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, batch_size=args.batch_size, mode=args.mode,
                               bf16=args.bf16, progress=not args.no_progress, compile=args.compile,
+                              guidance=args.guidance,
                               cuda_graph=not args.no_cuda_graph)
     return SampleJob(checkpoint=args.checkpoint, out=args.out, n=args.n, columns=args.columns,
                      classes=args.classes, captions=args.caption, index=args.index,

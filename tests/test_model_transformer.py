@@ -21,7 +21,12 @@ def tiny(attention="causal-linear", backend="torch", head="categorical", conditi
                   caption_len=CAPTION_LEN, condition_dropout=0.0)
     values.update(overrides)
     torch.manual_seed(0)
-    return ImageTransformer(ModelConfig(**values)).eval()
+    net = ImageTransformer(ModelConfig(**values)).eval()
+    with torch.no_grad():  # the per-block condition projections start at zero: give them weight
+        for name, parameter in net.named_parameters():
+            if "condition_projection" in name:
+                parameter.normal_(0.0, 0.5)
+    return net
 
 
 def batch_inputs(batch=3, seed=1):
@@ -83,6 +88,33 @@ def test_no_logit_sees_its_own_or_a_later_byte(attention, backend, condition):
         assert torch.allclose(logits[:, : t + 1], changed_logits[:, : t + 1], atol=1e-6), t
         if t + 1 < LENGTH:
             assert not torch.allclose(logits[:, t + 1], changed_logits[:, t + 1]), t
+
+
+@pytest.mark.parametrize("inject", ["prefix", "input", "blocks"])
+@pytest.mark.parametrize("condition", ["class", "caption", "both"])
+def test_recurrent_twin_matches_parallel_for_each_condition_injection(condition, inject):
+    net = tiny(condition=condition, condition_inject=inject, head="logistic-mixture")
+    seq, labels, captions = batch_inputs()
+    logits = net(seq, labels, captions)
+    step_logits, state = net.prefill(net.init_state(3), labels, captions, seq[:, :4])
+    assert (step_logits - logits[:, 4]).abs().max() < 1e-4
+    for t in range(4, LENGTH - 1):
+        step_logits, state = net.step(seq[:, t], state)
+        assert (step_logits - logits[:, t + 1]).abs().max() < 1e-4, t
+
+
+@pytest.mark.parametrize("inject,direct", [("prefix", False), ("input", True), ("blocks", True)])
+def test_condition_is_injected_at_every_position_not_only_through_attention(inject, direct):
+    # With every attention output cut, a position sees nothing but itself: the class can then change
+    # its logits only if it is injected there directly (input embedding or per-block bias).
+    net = tiny(condition="class", condition_inject=inject)
+    with torch.no_grad():
+        for block in net.blocks:
+            block.attention.out_projection.weight.zero_()
+            block.attention.out_projection.bias.zero_()
+    seq, labels, _ = batch_inputs()
+    changed = (net(seq, labels) - net(seq, (labels + 1) % 3)).abs().amax(-1)  # (B, L)
+    assert bool((changed > 1e-6).all()) == direct
 
 
 @pytest.mark.parametrize("attention,backend", KINDS)

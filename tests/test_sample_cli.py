@@ -102,6 +102,18 @@ def test_compile_flag_reaches_the_sampler_and_draws_the_same_images(tmp_path, ex
     assert np.array_equal(compiled["sequences"], eager["sequences"])
 
 
+def test_guidance_flag_guides_and_one_changes_nothing(tmp_path):
+    net = tiny_model()
+    with torch.no_grad():  # a class that matters: random 0.02-scale embeddings barely move the logits
+        net.condition.class_embedding.weight.normal_(0.0, 1.0)
+    export = write_export(tmp_path / "model.pt", net)
+    for name, extra in (("plain", ()), ("one", ("--guidance", "1")), ("three", ("--guidance", "3"))):
+        assert run_cli("--checkpoint", export, "--out", tmp_path / f"{name}.png", "--npz", "--seed", 2,
+                       "--classes", "0-2", "--n", "2", *extra) == 0
+    plain, one, three = (np.load(tmp_path / f"{name}.npz")["sequences"] for name in ("plain", "one", "three"))
+    assert np.array_equal(plain, one) and not np.array_equal(plain, three)
+
+
 def test_loads_export_step_folder_and_run_folder(tmp_path):
     old, new = tiny_model(seed=1), tiny_model(seed=2)
     run = tmp_path / "run"
@@ -181,6 +193,8 @@ def test_bad_inputs_give_one_line_errors(tmp_path, export, capsys):
         ((export, "--temperature", "-1"), 2, "--temperature"),
         ((export, "--top-p", "1.5"), 2, "--top-p"),
         ((export, "--n", "0"), 2, "--n 0"),
+        ((export, "--guidance", "-2"), 2, "--guidance -2"),
+        ((unconditional, "--guidance", "3"), 2, "the model is unconditional"),
     ]
     for extra, code, words in cases:
         got_code, message = bad(capsys, "--checkpoint", extra[0], "--out", out, *extra[1:])

@@ -94,3 +94,37 @@ def test_compiled_step_draws_the_same_images(monkeypatch, head):
         generation._compiled_step.cache_clear()
     assert torch.equal(compiled, eager)
     assert torch.equal(completed, compiled)  # same uniforms, same prefix: the same continuation
+
+
+def test_guidance_one_is_exactly_unguided_and_zero_is_exactly_unconditional():
+    net = tiny_model()
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    plain, _ = generate_images(net, 5, options(seed=7), labels=labels)
+    one, _ = generate_images(net, 5, options(seed=7, guidance=1.0), labels=labels)
+    zero, _ = generate_images(net, 5, options(seed=7, guidance=0.0), labels=labels)
+    unconditional, _ = generate_images(net, 5, options(seed=7))  # the null class
+    guided, _ = generate_images(net, 5, options(seed=7, guidance=3.0), labels=labels)
+    assert torch.equal(one, plain)
+    assert torch.equal(zero, unconditional) and not torch.equal(zero, plain)
+    assert not torch.equal(guided, plain)
+
+
+@pytest.mark.parametrize("condition", ["class", "caption", "both"])
+def test_guided_sampling_recurrent_equals_parallel_and_the_seed_reproduces(condition):
+    net = tiny_model(condition=condition)
+    labels = torch.tensor([0, 1, 2, 0])
+    captions = ["a", "bb", "", "ccc"]
+    common = dict(seed=5, guidance=2.5, top_p=0.9)
+    recurrent, _ = generate_images(net, 4, options(mode="recurrent", batch_size=4, **common), labels=labels,
+                                   captions=captions)
+    split, _ = generate_images(net, 4, options(mode="recurrent", batch_size=3, **common), labels=labels,
+                               captions=captions)
+    parallel, _ = generate_images(net, 4, options(mode="parallel", **common), labels=labels, captions=captions)
+    assert torch.equal(recurrent, parallel) and torch.equal(recurrent, split)
+
+
+def test_guidance_needs_a_condition_and_a_sane_scale():
+    with pytest.raises(ValueError, match="needs a class- or caption-conditioned model"):
+        generate_images(tiny_model(condition="none"), 2, options(guidance=2.0))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        generate_images(tiny_model(), 2, options(guidance=-1.0))

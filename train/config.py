@@ -51,6 +51,7 @@ class ModelSection:
     condition: str = "class"  # none | class | caption | both
     caption_len: int = 48
     condition_dropout: float = 0.1
+    condition_inject: str = "blocks"  # prefix | input | blocks: how the condition reaches every position
 
 
 @dataclass

@@ -223,7 +223,7 @@ def format_table(result: EvalResult) -> str:
                      f"seed {agreement.seed}; classifier test accuracy {classifier['test_accuracy']:.1%} "
                      f"on {classifier['test_images']:,} images)")
         lines.append("")
-        lines.append(f"{'class':<16} agreement  most often taken for")
+        lines.append(f"{'class':<16} {'agreement':>9}  most often taken for (count)")
         for index, (name, share, row) in enumerate(zip(result.class_names, agreement.per_class,
                                                        agreement.confusion)):
             others = [(count, k) for k, count in enumerate(row) if k != index and count]
@@ -231,7 +231,7 @@ def format_table(result: EvalResult) -> str:
             if others:
                 count, k = max(others)
                 taken = f"{result.class_names[k]} ({count})"
-            lines.append(f"{index:>2} {name:<13} {share:>8.1%}  {taken}")
+            lines.append(f"{index:>2} {name:<13} {share:>9.1%}  {taken}".rstrip())
     lines.append(f"took {result.seconds:.1f} s")
     return "\n".join(lines)
 
@@ -275,6 +275,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if value is not None and value < least:
             print(f"lit-eval: error: {flag} {value}: must be >= {least}", file=sys.stderr)
             return 2
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads or 1)
     job = EvalJob(checkpoint=args.checkpoint, data=args.data, split=args.split, n_per_class=args.n_per_class,
                   batch_size=args.batch_size, seed=args.seed, device=args.device,

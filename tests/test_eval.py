@@ -157,6 +157,7 @@ def test_help_explains_the_tool(capsys):
     ("corrupt export", 1, "broken.pt"),
     ("negative n", 2, "--n-per-class"),
     ("zero classifier steps", 2, "--classifier-steps"),
+    ("json folder missing", 2, "--json"),
 ])
 def test_bad_input_is_one_line(data, class_export, tmp_path, capsys, case, code, named):
     checkpoint, folder, extra = class_export, data, []
@@ -173,6 +174,8 @@ def test_bad_input_is_one_line(data, class_export, tmp_path, capsys, case, code,
         checkpoint.write_bytes(class_export.read_bytes()[:300])
     elif case == "negative n":
         extra = ["--n-per-class", "-1"]
+    elif case == "json folder missing":
+        extra = ["--json", tmp_path / "nowhere" / "eval.json"]
     else:
         extra = ["--classifier-steps", "0"]
     assert run_cli("--checkpoint", checkpoint, "--data", folder, *extra) == code

@@ -239,7 +239,7 @@ def format_table(result: EvalResult) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """lit-eval's flags, each with its help text."""
     parser = argparse.ArgumentParser(prog="lit-eval", description=__doc__.split("\n\n")[0],
-                                     epilog="\n".join(__doc__.split("\n\n")[1:]),
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
                         help="export/model.pt, a checkpoints/step_N folder, or a run folder (its export "

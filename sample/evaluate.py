@@ -1,0 +1,308 @@
+"""Evaluate a trained model: exact bits/dim over a prepared split, and class agreement of its samples.
+
+    lit-eval --checkpoint demo/run --data demo/data/digits
+    lit-eval --checkpoint runs/mnist/export/model.pt --data data/mnist --n-per-class 50 --json eval.json
+    python -m sample.evaluate --checkpoint runs/mnist/checkpoints/step_0005000 --data data/mnist
+    accelerate launch -m sample.evaluate --checkpoint runs/mnist --data data/mnist   (bits/dim on all ranks)
+
+Bits/dim: the model's negative log-likelihood of every byte of every image of the split, summed in
+float64 and divided by the number of bytes and ln 2 (each rank reads a disjoint share of the shards;
+the totals are summed over ranks).
+Class agreement (class-conditional models only): N samples per class from the project's sampler
+(recurrent mode, temperature 1, no filters; the same images as `lit-sample --classes 0-K --n N
+--seed S`), each classified by a small CNN; agreement is the share classified as the class asked for.
+The CNN is trained on the train split once and cached in DATA/classifier/ with its test accuracy,
+which is printed next to the score: agreement cannot be trusted beyond the classifier's accuracy.
+Exit codes: 0 done, 1 failure (e.g. a corrupt checkpoint or shard), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from sample.errors import SampleFailure, SampleUsageError
+
+LN2 = math.log(2.0)
+_IMAGE_KEYS = ("height", "width", "channels", "bins", "order")
+
+
+@dataclass
+class EvalJob:
+    """What to evaluate and how; the CLI fills it from flags, tests build it directly."""
+
+    checkpoint: str
+    data: str
+    split: str = "test"
+    n_per_class: int = 50
+    batch_size: int = 64
+    seed: int = 0
+    device: Optional[str] = None
+    classifier_steps: int = 1000
+    classifier_dir: Optional[str] = None
+    retrain_classifier: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Agreement:
+    """Class agreement of samples: overall, per class, and what each class's samples were taken for."""
+
+    n_per_class: int
+    seed: int
+    overall: float
+    per_class: list  # share of class c's samples classified as c
+    confusion: list  # confusion[c][k]: samples asked as class c, classified as k
+    classifier: dict  # path, test_accuracy, test_images, trained_now
+    sample_seconds: float
+
+
+@dataclass
+class EvalResult:
+    """Everything lit-eval reports (and writes to --json)."""
+
+    model: str
+    step: int
+    data: str
+    split: str
+    images: int
+    bytes: int
+    bits_per_dim: float
+    condition: str
+    class_names: list = field(default_factory=list)
+    agreement: Optional[Agreement] = None
+    seconds: float = 0.0
+
+
+def _check_data_fits(manifest, image: dict, data: str, source) -> None:
+    """The prepared data must hold the images the model was trained on (shape, levels, order)."""
+    theirs = {key: image[key] for key in _IMAGE_KEYS}
+    ours = {key: getattr(manifest, key) for key in _IMAGE_KEYS}
+    if ours != theirs:
+        def describe(values):
+            return (f"{values['height']}x{values['width']}x{values['channels']}, {values['bins']} bins, "
+                    f"{values['order']}")
+        raise SampleUsageError(f"--data {data}: its images ({describe(ours)}) are not the model's "
+                               f"({describe(theirs)}, from {source})")
+
+
+def _condition_inputs(condition: str, batch, device) -> dict:
+    """labels / captions of a data batch, as the model's condition uses them."""
+    kwargs = {}
+    if condition in ("class", "both"):
+        kwargs["labels"] = batch.labels.to(device)
+    if condition in ("caption", "both"):
+        kwargs["captions"] = list(batch.captions)
+    return kwargs
+
+
+@torch.no_grad()
+def bits_per_dim(net, data_dir, split: str, batch_size: int, device, progress: bool = True,
+                 rank: int = 0, world_size: int = 1) -> tuple[float, torch.Tensor]:
+    """(bits/dim, totals [nats, bytes, images] float64 of this rank) over this rank's share of split."""
+    from data_prep.reader import eval_batches
+
+    batches = eval_batches(data_dir, batch_size, split=split, rank=rank, world_size=world_size)
+    condition = net.config.condition
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # (nats, bytes, images)
+    bar = tqdm(total=batches.num_samples, desc=f"bits/dim ({split})", unit="img", disable=not progress,
+               leave=False)
+    for batch in batches:
+        seqs = batch.seqs.to(device).long()  # (B, L)
+        nll = net.nll(seqs, **_condition_inputs(condition, batch, device))  # (B, L) nats per byte
+        totals += torch.tensor([nll.double().sum().item(), seqs.numel(), seqs.shape[0]],
+                               dtype=torch.float64, device=device)
+        bar.update(seqs.shape[0])
+    bar.close()
+    return _bits(totals), totals
+
+
+def _bits(totals: torch.Tensor) -> float:
+    """nats and bytes -> bits per byte."""
+    return (totals[0] / totals[1]).item() / LN2 if totals[1].item() else float("nan")
+
+
+def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement:
+    """Sample n_per_class images of every class and measure how many the classifier names correctly."""
+    from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
+    from sample.generation import SamplingOptions, generate_images
+    from sample.request import conditional_request
+
+    n_classes = len(manifest.class_names)
+    settings = ClassifierSettings(steps=job.classifier_steps)
+    classifier, info, path, trained = load_or_train(job.data, settings, device, job.classifier_dir,
+                                                    job.retrain_classifier, job.progress, log)
+    request = conditional_request(list(range(n_classes)), None, job.n_per_class, n_classes)
+    options = SamplingOptions(seed=job.seed, batch_size=job.batch_size, mode="recurrent",
+                              progress=job.progress)
+    seqs, stats = generate_images(net, request.n_images, options, labels=request.labels)  # (C * N, L)
+    predicted = predict(classifier, sequences_to_tensor(seqs, manifest))  # (C * N,)
+    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
+    confusion.index_put_((request.labels, predicted), torch.ones_like(predicted), accumulate=True)
+    per_class = (confusion.diagonal().double() / job.n_per_class).tolist()
+    overall = confusion.diagonal().sum().item() / request.n_images
+    return Agreement(job.n_per_class, job.seed, overall, per_class, confusion.tolist(),
+                     dict(path=str(path), test_accuracy=info.test_accuracy, test_images=info.test_images,
+                          trained_now=trained), stats.seconds)
+
+
+def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
+    """Run the evaluation; the result on the main process, None on the others."""
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    from data_prep.errors import DataError
+    from data_prep.manifest import load_manifest
+    from sample.loading import load_for_sampling
+
+    if job.n_per_class < 0:
+        raise SampleUsageError(f"--n-per-class {job.n_per_class}: must be >= 0")
+    if job.batch_size < 1:
+        raise SampleUsageError(f"--batch-size {job.batch_size}: must be >= 1")
+    began = time.perf_counter()
+    state = PartialState(cpu=job.device == "cpu")  # one process, or each rank under accelerate launch
+    device = torch.device(job.device) if job.device else state.device
+    try:
+        manifest = load_manifest(job.data)
+    except DataError as err:
+        raise SampleUsageError(f"--data: {err}") from None
+    if job.split not in manifest.splits:
+        raise SampleUsageError(f"--split {job.split}: {job.data} has no such split "
+                               f"(has {', '.join(manifest.splits)})")
+    loaded = load_for_sampling(job.checkpoint, device)
+    _check_data_fits(manifest, loaded.image, job.data, loaded.source)
+    net, condition = loaded.net, loaded.net.config.condition
+    if condition in ("class", "both") and net.config.n_classes != len(manifest.class_names):
+        raise SampleUsageError(f"--data {job.data}: {len(manifest.class_names)} classes, the model has "
+                               f"{net.config.n_classes}")
+    try:
+        _, totals = bits_per_dim(net, job.data, job.split, job.batch_size, device,
+                                 job.progress and state.is_main_process, state.process_index,
+                                 state.num_processes)
+        totals = reduce(totals, reduction="sum")  # every rank read a disjoint share of the shards
+    except DataError as err:
+        raise SampleFailure(str(err)) from None
+    if totals[1].item() == 0:
+        raise SampleFailure(f"{job.data}: split {job.split!r} is empty; nothing to evaluate")
+    if not state.is_main_process:
+        return None  # sampling is keyed by position in one request: the main process draws them all
+    result = EvalResult(str(loaded.source), loaded.step, str(job.data), job.split, int(totals[2].item()),
+                        int(totals[1].item()), _bits(totals), condition, list(manifest.class_names))
+    if condition in ("class", "both") and job.n_per_class > 0:
+        try:
+            result.agreement = class_agreement(net, manifest, job, device, log)
+        except DataError as err:
+            raise SampleFailure(str(err)) from None
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def format_table(result: EvalResult) -> str:
+    """The human-readable report."""
+    lines = [f"model            {result.model} (step {result.step})",
+             f"data             {result.data} split {result.split}: {result.images:,} images, "
+             f"{result.bytes:,} bytes",
+             f"bits/dim         {result.bits_per_dim:.4f}"]
+    agreement = result.agreement
+    if agreement is None:
+        why = ("--n-per-class 0" if result.condition in ("class", "both")
+               else f"not class-conditional (condition={result.condition})")
+        lines.append(f"class agreement  -  ({why})")
+    else:
+        classifier = agreement.classifier
+        lines.append(f"class agreement  {agreement.overall:.1%}  ({agreement.n_per_class} samples per class, "
+                     f"seed {agreement.seed}; classifier test accuracy {classifier['test_accuracy']:.1%} "
+                     f"on {classifier['test_images']:,} images)")
+        lines.append("")
+        lines.append(f"{'class':<16} {'agreement':>9}  most often taken for (count)")
+        for index, (name, share, row) in enumerate(zip(result.class_names, agreement.per_class,
+                                                       agreement.confusion)):
+            others = [(count, k) for k, count in enumerate(row) if k != index and count]
+            taken = ""
+            if others:
+                count, k = max(others)
+                taken = f"{result.class_names[k]} ({count})"
+            lines.append(f"{index:>2} {name:<13} {share:>9.1%}  {taken}".rstrip())
+    lines.append(f"took {result.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """lit-eval's flags, each with its help text."""
+    parser = argparse.ArgumentParser(prog="lit-eval", description=__doc__.split("\n\n")[0],
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
+                        help="export/model.pt, a checkpoints/step_N folder, or a run folder (its export "
+                             "if at least as new, else its newest complete checkpoint)")
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="the prepared folder (python -m data_prep.prepare) the model was trained on")
+    parser.add_argument("--split", default="test", help="split for bits/dim (default %(default)s)")
+    parser.add_argument("--n-per-class", type=int, default=50, metavar="N",
+                        help="class-conditional models: samples per class for class agreement; 0 skips "
+                             "it (default %(default)s)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per batch for bits/dim and for sampling (default %(default)s)")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: accelerate's device: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default 1: small models, shared cores; see lit-sample)")
+    parser.add_argument("--classifier-steps", type=int, default=1000,
+                        help="training steps of the agreement classifier (default %(default)s); a cache "
+                             "trained with other steps is retrained")
+    parser.add_argument("--classifier-dir", default=None, metavar="DIR",
+                        help="where to cache the classifier (default DATA/classifier)")
+    parser.add_argument("--retrain-classifier", action="store_true", help="retrain even if a cache fits")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse flags, evaluate, print the table, write --json; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    for flag, value, least in (("--threads", args.threads, 1), ("--classifier-steps", args.classifier_steps, 1)):
+        if value is not None and value < least:
+            print(f"lit-eval: error: {flag} {value}: must be >= {least}", file=sys.stderr)
+            return 2
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads or 1)
+    job = EvalJob(checkpoint=args.checkpoint, data=args.data, split=args.split, n_per_class=args.n_per_class,
+                  batch_size=args.batch_size, seed=args.seed, device=args.device,
+                  classifier_steps=args.classifier_steps, classifier_dir=args.classifier_dir,
+                  retrain_classifier=args.retrain_classifier, progress=not args.no_progress)
+    try:
+        result = evaluate(job)
+    except SampleUsageError as err:
+        print(f"lit-eval: error: {err}", file=sys.stderr)
+        return 2
+    except SampleFailure as err:
+        print(f"lit-eval: failed: {err}", file=sys.stderr)
+        return 1
+    if result is None:  # not the main process
+        return 0
+    print(format_table(result))
+    if args.json:
+        try:
+            Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        except OSError as err:
+            print(f"lit-eval: failed: --json {args.json}: {err.strerror}", file=sys.stderr)
+            return 1
+        print(f"wrote: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

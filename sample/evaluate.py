@@ -46,6 +46,7 @@ class EvalJob:
     n_per_class: int = 50
     batch_size: int = 64
     seed: int = 0
+    guidance: float = 1.0
     device: Optional[str] = None
     classifier_steps: int = 1000
     classifier_dir: Optional[str] = None
@@ -59,6 +60,7 @@ class Agreement:
 
     n_per_class: int
     seed: int
+    guidance: float
     overall: float
     per_class: list  # share of class c's samples classified as c
     confusion: list  # confusion[c][k]: samples asked as class c, classified as k
@@ -143,14 +145,14 @@ def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement
                                                     job.retrain_classifier, job.progress, log)
     request = conditional_request(list(range(n_classes)), None, job.n_per_class, n_classes)
     options = SamplingOptions(seed=job.seed, batch_size=job.batch_size, mode="recurrent",
-                              progress=job.progress)
+                              progress=job.progress, guidance=job.guidance)
     seqs, stats = generate_images(net, request.n_images, options, labels=request.labels)  # (C * N, L)
     predicted = predict(classifier, sequences_to_tensor(seqs, manifest))  # (C * N,)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
     confusion.index_put_((request.labels, predicted), torch.ones_like(predicted), accumulate=True)
     per_class = (confusion.diagonal().double() / job.n_per_class).tolist()
     overall = confusion.diagonal().sum().item() / request.n_images
-    return Agreement(job.n_per_class, job.seed, overall, per_class, confusion.tolist(),
+    return Agreement(job.n_per_class, job.seed, job.guidance, overall, per_class, confusion.tolist(),
                      dict(path=str(path), test_accuracy=info.test_accuracy, test_images=info.test_images,
                           trained_now=trained), stats.seconds)
 
@@ -220,8 +222,8 @@ def format_table(result: EvalResult) -> str:
     else:
         classifier = agreement.classifier
         lines.append(f"class agreement  {agreement.overall:.1%}  ({agreement.n_per_class} samples per class, "
-                     f"seed {agreement.seed}; classifier test accuracy {classifier['test_accuracy']:.1%} "
-                     f"on {classifier['test_images']:,} images)")
+                     f"seed {agreement.seed}, guidance {agreement.guidance:g}; classifier test accuracy "
+                     f"{classifier['test_accuracy']:.1%} on {classifier['test_images']:,} images)")
         lines.append("")
         lines.append(f"{'class':<16} {'agreement':>9}  most often taken for (count)")
         for index, (name, share, row) in enumerate(zip(result.class_names, agreement.per_class,
@@ -252,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "it (default %(default)s)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale for the agreement samples, as lit-sample's "
+                             "(default %(default)s: none)")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="images per batch for bits/dim and for sampling (default %(default)s)")
     parser.add_argument("--device", default=None,
@@ -271,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, evaluate, print the table, write --json; returns the exit code."""
     args = build_parser().parse_args(argv)
+    if not args.guidance >= 0:
+        print(f"lit-eval: error: --guidance {args.guidance}: must be >= 0", file=sys.stderr)
+        return 2
     for flag, value, least in (("--threads", args.threads, 1), ("--classifier-steps", args.classifier_steps, 1)):
         if value is not None and value < least:
             print(f"lit-eval: error: {flag} {value}: must be >= {least}", file=sys.stderr)
@@ -280,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     torch.set_num_threads(args.threads or 1)
     job = EvalJob(checkpoint=args.checkpoint, data=args.data, split=args.split, n_per_class=args.n_per_class,
-                  batch_size=args.batch_size, seed=args.seed, device=args.device,
+                  batch_size=args.batch_size, seed=args.seed, guidance=args.guidance, device=args.device,
                   classifier_steps=args.classifier_steps, classifier_dir=args.classifier_dir,
                   retrain_classifier=args.retrain_classifier, progress=not args.no_progress)
     try:

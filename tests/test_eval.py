@@ -158,6 +158,7 @@ def test_help_explains_the_tool(capsys):
     ("negative n", 2, "--n-per-class"),
     ("zero classifier steps", 2, "--classifier-steps"),
     ("json folder missing", 2, "--json"),
+    ("negative guidance", 2, "--guidance"),
 ])
 def test_bad_input_is_one_line(data, class_export, tmp_path, capsys, case, code, named):
     checkpoint, folder, extra = class_export, data, []
@@ -176,6 +177,8 @@ def test_bad_input_is_one_line(data, class_export, tmp_path, capsys, case, code,
         extra = ["--n-per-class", "-1"]
     elif case == "json folder missing":
         extra = ["--json", tmp_path / "nowhere" / "eval.json"]
+    elif case == "negative guidance":
+        extra = ["--guidance", "-1"]
     else:
         extra = ["--classifier-steps", "0"]
     assert run_cli("--checkpoint", checkpoint, "--data", folder, *extra) == code

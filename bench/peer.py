@@ -7,7 +7,7 @@ Same model size on both sides (4 layers, 4 heads x 32, feed-forward 512, categor
 values, random weights and bytes, fp32): fast-transformers' TransformerEncoderBuilder for the
 training step (forward, cross-entropy, backward) and RecurrentEncoderBuilder for sampling (one
 recurrent step per byte, torch.multinomial), against ImageTransformer's nll + backward and
-sample.generation (the project's recurrent sampler: inverse-CDF draw from per-image streams).
+model.generation (the project's recurrent sampler: inverse-CDF draw from per-image streams).
 Each figure is the best of --repeats after one warm-up, both sides in this one process. Ratio =
 ours / theirs (below 1: we are faster). fast-transformers comes from
 scripts/install_fast_transformers.sh; without it the script says so and exits 0.
@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from model import ImageTransformer, ModelConfig  # noqa: E402
-from sample.generation import SamplingOptions, generate_images  # noqa: E402
+from model.generation import SamplingOptions, generate_images  # noqa: E402
 
 LAYERS, HEADS, D_HEAD, D_FF, BINS = 4, 4, 32, 512, 256
 

@@ -4,7 +4,7 @@
     python bench/sample_speed.py --device cuda --full # GPU: whole images, timed end to end
 
 For each shape (MNIST: 784 bytes, 8 layers; CIFAR-10: 3,072 bytes, 16 layers; 8 heads x 32) and batch
-size, three ways of drawing bytes with the same sampling function (sample.generation.next_byte):
+size, three ways of drawing bytes with the same sampling function (model.generation.next_byte):
   recurrent-linear  causal-linear model, its recurrent twin: O(1) work and memory per byte (on CUDA,
                     whole-image mode: one captured CUDA graph replayed per byte)
   recurrent-compiled  the same with the step's kernels fused by torch.compile (then captured)
@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from model import ImageTransformer, ModelConfig  # noqa: E402
-from sample.generation import SamplingOptions, generate_images, image_uniforms, next_byte  # noqa: E402
+from model.generation import SamplingOptions, generate_images, image_uniforms, next_byte  # noqa: E402
 
 METHODS = ("recurrent-linear", "recurrent-compiled", "recurrent-eager", "softmax-kv-cache", "parallel-rerun")
 

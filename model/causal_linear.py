@@ -37,7 +37,7 @@ class RecurrentCausalLinearAttention(nn.Module):
     """Recurrent twin of CausalLinearAttention: one position at a time, constant memory in L."""
 
     # step() mutates the state in place and never syncs with the host, so a CUDA graph can capture
-    # it (sample.generation replays one captured step per byte)
+    # it (model.generation replays one captured step per byte)
     graph_safe = True
 
     def __init__(self, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6):

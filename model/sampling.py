@@ -1,4 +1,4 @@
-"""Logit filters (temperature, top-k, top-p) and drawing the next byte from log-probabilities."""
+"""Logit filters: temperature, top-k, top-p (model.generation draws from what they leave)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide logits by a positive temperature (lower is greedier)."""
     if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0 (use 0 only through sample_next)")
+        raise ValueError(f"temperature={temperature!r} must be > 0 (0, greedy, is handled by the caller)")
     return logits / temperature
 
 
@@ -46,16 +46,3 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optiona
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
     return logits
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Draw one index per row of logits (B, V) -> LongTensor (B,); temperature 0 means argmax."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    filtered = filter_logits(logits.float(), temperature, top_k, top_p)
-    probs = torch.softmax(filtered, dim=-1)  # (B, V)
-    if generator is not None and generator.device != probs.device:
-        # a CPU generator drives a CUDA model too: draw where the generator lives
-        return torch.multinomial(probs.to(generator.device), 1, generator=generator).squeeze(-1).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

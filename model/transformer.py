@@ -18,7 +18,6 @@ from model.attention_layer import AttentionLayer, attention_params
 from model.conditioning import ConditionEmbedding
 from model.config import ModelConfig
 from model.heads import build_head
-from model.sampling import sample_next
 
 
 @dataclass
@@ -244,49 +243,25 @@ class ImageTransformer(nn.Module):
     def generate(self, n: int, labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None,
                  prefix: Optional[torch.Tensor] = None, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 batch_size: Optional[int] = None) -> torch.Tensor:
-        """Sample n sequences LongTensor [n, L] (on the model's device); given prefix bytes are kept."""
-        length, device = self.config.seq_len, self.byte_embedding.weight.device
-        if labels is not None:
-            labels = torch.as_tensor(labels, device=device).long().reshape(-1)
-            labels = labels.expand(n) if labels.numel() == 1 else labels
-            if labels.shape[0] != n:
-                raise ValueError(f"labels has {labels.shape[0]} entries for n={n}")
-        if captions is not None and len(captions) != n:
-            raise ValueError(f"captions has {len(captions)} entries for n={n}")
-        if prefix is not None:
-            prefix = prefix.to(device).long()
-            prefix = prefix.unsqueeze(0).expand(n, -1) if prefix.dim() == 1 else prefix
-            if prefix.shape[0] != n or prefix.shape[1] > length:
-                raise ValueError(f"prefix shape {tuple(prefix.shape)} does not fit n={n}, seq_len={length}")
-        batch_size = batch_size or max(n, 1)
-        was_training = self.training
-        self.eval()
-        try:
-            out = torch.empty(n, length, dtype=torch.long, device=device)
-            for start in range(0, n, batch_size):
-                rows = slice(start, min(n, start + batch_size))
-                out[rows] = self._generate_batch(
-                    rows.stop - rows.start, None if labels is None else labels[rows],
-                    None if captions is None else captions[rows], None if prefix is None else prefix[rows],
-                    temperature, top_k, top_p, generator)
-            return out
-        finally:
-            self.train(was_training)
+                 batch_size: Optional[int] = None, seed: Optional[int] = None, guidance: float = 1.0) -> torch.Tensor:
+        """Sample n sequences LongTensor [n, L] (on the model's device); given prefix bytes are kept.
 
-    def _generate_batch(self, batch, labels, captions, prefix, temperature, top_k, top_p, generator):
-        """generate() for one batch: prefill, then one step per byte."""
-        length = self.config.seq_len
-        given = 0 if prefix is None else prefix.shape[1]
-        out = torch.empty(batch, length, dtype=torch.long, device=self.byte_embedding.weight.device)
-        if given:
-            out[:, :given] = self._check_bytes(prefix, "prefix")
-        if given == length:
-            return out
-        logits, state = self.prefill(self.init_state(batch), labels, captions, prefix)
-        for t in range(given, length):
-            byte = sample_next(self.log_probs(logits), temperature, top_k, top_p, generator)  # (B,)
-            out[:, t] = byte
-            if t + 1 < length:
-                logits, state = self.step(byte, state)
-        return out
+        The one generation path (model.generation): image i draws from a stream seeded by (seed, i),
+        so the same seed gives the same images at any batch size, here, in the trainer's grids and
+        from lit-sample. Without a seed, one is drawn from `generator` (else 0).
+        """
+        from model.generation import SamplingOptions, generate_images  # generation calls back into this class
+
+        if seed is None:
+            seed = 0 if generator is None else int(torch.randint(2**31 - 1, (), generator=generator))
+        device = self.byte_embedding.weight.device
+        if prefix is not None:
+            prefix = prefix.long().cpu()
+            prefix = prefix.unsqueeze(0).expand(n, -1) if prefix.dim() == 1 else prefix
+        if labels is not None:
+            labels = torch.as_tensor(labels).long().reshape(-1).cpu()
+            labels = labels.expand(n) if labels.numel() == 1 else labels
+        options = SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                  batch_size=batch_size or max(n, 1), guidance=guidance, progress=False)
+        seqs, _ = generate_images(self, n, options, labels=labels, captions=captions, prefix=prefix)
+        return seqs.to(device)

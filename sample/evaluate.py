@@ -136,7 +136,7 @@ def _bits(totals: torch.Tensor) -> float:
 def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement:
     """Sample n_per_class images of every class and measure how many the classifier names correctly."""
     from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
-    from sample.generation import SamplingOptions, generate_images
+    from model.generation import SamplingOptions, generate_images
     from sample.request import conditional_request
 
     n_classes = len(manifest.class_names)

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sample.errors import SampleFailure, SampleUsageError  # noqa: E402
-from sample.generation import MODES, SamplingOptions  # noqa: E402
+from model.generation import MODES, SamplingOptions  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ import torch
 
 from model import ImageTransformer, ModelConfig
 from model.linear_backends import backend_available, causal_linear, elu_feature_map
-from sample.generation import SamplingOptions, generate_images
+from model.generation import SamplingOptions, generate_images
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

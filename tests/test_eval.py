@@ -13,7 +13,7 @@ from data_prep.reader import read_samples
 from sample.classifier import CACHE_FOLDER, CACHE_NAME, load_or_train, ClassifierSettings, predict, \
     sequences_to_tensor
 from sample.evaluate import main
-from sample.generation import SamplingOptions, generate_images
+from model.generation import SamplingOptions, generate_images
 from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sample_helpers import tiny_model, write_export, write_step_folder
 

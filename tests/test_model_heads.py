@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model.heads import CategoricalHead, LogisticMixtureHead
-from model.sampling import filter_logits, sample_next, top_k_filter, top_p_filter
+from model.sampling import filter_logits, top_k_filter, top_p_filter
 
 
 @pytest.mark.parametrize("bins", [2, 16, 256])
@@ -58,14 +58,3 @@ def test_filters_validate_arguments():
         filter_logits(logits, top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         filter_logits(logits, top_p=1.5)
-
-
-def test_sample_next_respects_filters_and_generator():
-    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1])).expand(2000, -1)
-    draws = sample_next(logits, top_k=2, generator=torch.Generator().manual_seed(0))
-    assert set(draws.tolist()) == {0, 1}
-    again = sample_next(logits, top_k=2, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(draws, again)
-    assert (sample_next(logits, temperature=0) == 0).all()
-    cold = sample_next(logits, temperature=0.1, generator=torch.Generator().manual_seed(0))
-    assert (cold == 0).float().mean() > 0.9

@@ -266,7 +266,7 @@ def test_bf16_autocast_training_step_is_finite_and_close_to_fp32(attention, back
 
 
 def test_only_the_linear_recurrent_twin_is_graph_safe():
-    # sample.generation captures step_at() in a CUDA graph only when every layer allows it: the
+    # model.generation captures step_at() in a CUDA graph only when every layer allows it: the
     # softmax twin's KV-cache length is a Python int that a replayed graph would not advance
     linear = ImageTransformer(ModelConfig(bins=4, seq_len=8, n_layers=2, n_heads=2, d_query=4, d_ff=8))
     softmax = ImageTransformer(ModelConfig(bins=4, seq_len=8, n_layers=2, n_heads=2, d_query=4, d_ff=8,

@@ -86,7 +86,7 @@ def test_unconditional_defaults_to_a_square_grid_and_the_seed_reproduces(tmp_pat
 
 
 def test_compile_flag_reaches_the_sampler_and_draws_the_same_images(tmp_path, export, monkeypatch):
-    import sample.generation as generation
+    import model.generation as generation
 
     compiled_calls = []
     # "aot_eager": dynamo's trace of the step, without generating C++/Triton code (~25 s on this CPU)

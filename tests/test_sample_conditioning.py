@@ -3,7 +3,7 @@
 import torch
 
 from model import ImageTransformer, ModelConfig
-from sample.generation import SamplingOptions, generate_images
+from model.generation import SamplingOptions, generate_images
 from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)
 
 LEVELS = [1, 3, 5, 7]  # class c is a flat 4x4 image at grey level LEVELS[c] of 8 bins

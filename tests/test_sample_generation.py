@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sample.generation import SamplingOptions, draw, generate_images, image_uniforms
+from model.generation import SamplingOptions, draw, generate_images, image_uniforms
 from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)
 from test_sample_helpers import tiny_model
 
@@ -77,7 +77,7 @@ def test_compiled_step_draws_the_same_images(monkeypatch, head):
     # --compile traces the recurrent step (in-place state, position and byte counters as tensors)
     # with torch.compile; "aot_eager" runs that same trace without generating C++/Triton code, which
     # on a 2-core CPU would cost ~25 s per model. The code generation is torch's; the trace is ours.
-    import sample.generation as generation
+    import model.generation as generation
 
     monkeypatch.setattr(generation, "COMPILE_BACKEND", "aot_eager")
     generation._compiled_step.cache_clear()
@@ -128,3 +128,12 @@ def test_guidance_needs_a_condition_and_a_sane_scale():
         generate_images(tiny_model(condition="none"), 2, options(guidance=2.0))
     with pytest.raises(ValueError, match="must be >= 0"):
         generate_images(tiny_model(), 2, options(guidance=-1.0))
+
+
+def test_model_generate_is_the_sampler_same_seed_same_images():
+    # the trainer's TensorBoard grids call net.generate; lit-sample calls generate_images: one path
+    net = tiny_model()
+    labels = torch.tensor([2, 0, 1, 1])
+    from_model = net.generate(4, labels=labels, seed=9, top_k=6, batch_size=3)
+    from_sampler, _ = generate_images(net, 4, options(seed=9, top_k=6, batch_size=4), labels=labels)
+    assert torch.equal(from_model, from_sampler)

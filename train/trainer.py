@@ -198,11 +198,11 @@ def sample_grid(net: torch.nn.Module, model_config: Any, manifest: Any, n: int, 
     if model_config.condition in ("caption", "both"):
         rng = random.Random(seed)
         kwargs["captions"] = [caption_for(manifest.dataset, manifest.class_names[c], rng) for c in classes]
-    generator = torch.Generator(device=device).manual_seed(seed)
     was_training = net.training
     net.eval()
     with torch.no_grad():
-        seqs = net.generate(n, generator=generator, **kwargs)  # (n, L)
+        # the sampler's per-image streams: `lit-sample --seed` with these labels draws the same images
+        seqs = net.generate(n, seed=seed, **kwargs)  # (n, L)
     net.train(was_training)
     images = decode_sequences(seqs.cpu(), manifest.height, manifest.width, manifest.channels,
                               manifest.bins, manifest.order)  # (n, H, W, C) uint8

@@ -1,4 +1,9 @@
-"""The generation loop: recurrent twin (prefill, then one step per byte) or parallel re-run."""
+"""The one generation path: recurrent twin (prefill, then one step per byte) or parallel re-run.
+
+ImageTransformer.generate (the trainer's sample grids), lit-sample, lit-eval and the benchmarks all
+draw through generate_images here: image i of a request takes its uniforms from a stream seeded by
+(seed, i), so a seed names the same images at any batch size, in either mode, on any device.
+"""
 
 from __future__ import annotations
 
@@ -202,7 +207,15 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
                          f"one has condition {net.config.condition!r}")
     seq_len = net.config.seq_len
     device = next(net.parameters()).device
+    if labels is not None and len(labels) != n_images:
+        raise ValueError(f"labels has {len(labels)} entries for {n_images} images")
+    if captions is not None and len(captions) != n_images:
+        raise ValueError(f"captions has {len(captions)} entries for {n_images} images")
+    if prefix is not None and (prefix.dim() != 2 or prefix.shape[0] != n_images or prefix.shape[1] > seq_len):
+        raise ValueError(f"prefix shape {tuple(prefix.shape)} does not fit {n_images} images of {seq_len} bytes")
     start = 0 if prefix is None else prefix.shape[1]
+    if start == seq_len:  # nothing left to draw
+        return net._check_bytes(prefix, "prefix").cpu().clone(), GenerationStats(n_images, 0, 0.0)
     was_training = net.training
     net.eval()  # no dropout, no condition dropout while sampling
     run = _generate_recurrent if options.mode == "recurrent" else _generate_parallel

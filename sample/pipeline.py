@@ -8,9 +8,10 @@ from typing import Optional
 
 import torch
 
-from sample.errors import SampleFailure, SampleUsageError
+from data_prep.grids import save_grid
 from model.generation import GenerationStats, SamplingOptions, generate_images
-from sample.grids import decode, save_grid, save_npz, save_per_image
+from sample.errors import SampleFailure, SampleUsageError
+from sample.grids import decode, save_npz, save_per_image
 from sample.loading import LoadedModel, load_for_sampling
 from sample.request import (SampleRequest, check_caption, check_conditioning, completion_request,
                             conditional_request, parse_int_ranges, unconditional_request)

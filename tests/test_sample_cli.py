@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sample import grids
+from data_prep import grids
 from sample.loading import load_for_sampling
 from sample.run import main
 from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)

@@ -18,8 +18,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid
 
+from data_prep.grids import grid_tensor, save_png
 from train.checkpoint import (check_compatible, remove_stale_temporaries, resolve_resume,
                               save_checkpoint)
 from train.config import ConfigError, TrainConfig, write_config, config_to_dict
@@ -185,8 +185,8 @@ def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig, model_con
 
 
 def sample_grid(net: torch.nn.Module, model_config: Any, manifest: Any, n: int, seed: int,
-                device: torch.device) -> np.ndarray:
-    """An RGB uint8 grid (H', W', 3) of n recurrent samples, one class per column when class-conditional."""
+                device: torch.device) -> torch.Tensor:
+    """A float grid (3, H', W') of n recurrent samples, one class per column when class-conditional."""
     from data_prep.captions import caption_for
     from data_prep.codec import decode_sequences
 
@@ -207,19 +207,7 @@ def sample_grid(net: torch.nn.Module, model_config: Any, manifest: Any, n: int, 
     images = decode_sequences(seqs.cpu(), manifest.height, manifest.width, manifest.channels,
                               manifest.bins, manifest.order)  # (n, H, W, C) uint8
     columns = min(n, n_classes if 0 < n_classes <= 16 else int(math.ceil(math.sqrt(n))))
-    chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (n, C, H, W) uint8
-    grid = make_grid(chw, nrow=max(1, columns), padding=2, pad_value=128)  # (3, H', W') uint8
-    return grid.permute(1, 2, 0).numpy()
-
-
-def save_grid_png(grid: np.ndarray, path: str) -> None:
-    """Write an (H, W, 3) uint8 grid as PNG, atomically."""
-    from PIL import Image
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    return grid_tensor(images, columns)  # (3, H', W') float in [0, 1]
 
 
 def _configure_determinism(enabled: bool) -> bool:
@@ -329,8 +317,8 @@ def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume_path: Opti
                 if with_samples and cfg.train.n_samples > 0:
                     grid = sample_grid(net_unwrapped, model_config, manifest, cfg.train.n_samples,
                                        cfg.train.seed, device)
-                    writer.add_image("samples", grid, state.step, dataformats="HWC")
-                    save_grid_png(grid, os.path.join(run_dir, "samples", f"step_{state.step:07d}.png"))
+                    writer.add_image("samples", grid, state.step)  # CHW
+                    save_png(grid, os.path.join(run_dir, "samples", f"step_{state.step:07d}.png"))
                 writer.flush()
         result.eval_bits_per_dim.append((state.step, bits))
         accelerator.print(f"step {state.step}: eval {bits:.4f} bits/dim")

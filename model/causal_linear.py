@@ -40,9 +40,8 @@ class RecurrentCausalLinearAttention(nn.Module):
     # it (model.generation replays one captured step per byte)
     graph_safe = True
 
-    def __init__(self, backend: str = "auto", chunk_size: int = 64, eps: float = 1e-6):
+    def __init__(self, eps: float = 1e-6):
         super().__init__()
-        # backend and chunk_size are accepted so both twins build from the same parameters
         self.eps = eps
 
     def init_state(self, batch: int, heads: int, d_key: int, d_value: int, max_len: int,

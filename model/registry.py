@@ -1,12 +1,14 @@
 """Attention registry: each kind registers a batch module and its recurrent twin under one name.
 
-Both modules of a kind take the same keyword parameters and hold no weights of their own (the
-projections live in AttentionLayer), so weights trained through the batch module serve the
-recurrent one unchanged.
+A kind's parameters are declared once; each module receives those its constructor names (the
+recurrent twin of causal-linear needs eps, not the batch backend or chunk size). Neither holds
+weights of its own (the projections live in AttentionLayer), so weights trained through the batch
+module serve the recurrent one unchanged.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,7 +19,7 @@ class AttentionKind:
 
     name: str
     batch: Callable[..., Any]      # module: forward(q, k, v) -> out, q/k/v (B, H, L, D)
-    recurrent: Callable[..., Any]  # module: init_state / state_from / step
+    recurrent: Callable[..., Any]  # module: init_state / fill / step
     params: dict                   # parameter name -> (type, default)
 
 
@@ -47,4 +49,10 @@ def build_attention(name: str, **params):
         resolved[key] = value
     for key, (_, default) in kind.params.items():
         resolved.setdefault(key, default)
-    return kind.batch(**resolved), kind.recurrent(**resolved)
+    return kind.batch(**_accepted(kind.batch, resolved)), kind.recurrent(**_accepted(kind.recurrent, resolved))
+
+
+def _accepted(constructor: Callable[..., Any], params: dict) -> dict:
+    """The params that constructor's signature names."""
+    names = inspect.signature(constructor).parameters
+    return {key: value for key, value in params.items() if key in names}

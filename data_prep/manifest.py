@@ -11,7 +11,6 @@ from data_prep.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "test")
 
 
 @dataclass

@@ -54,7 +54,7 @@ step() {  # name, time limit (s), command...
   [ $rc = 0 ] || status=1
 }
 
-step cuda_checks 130 env LIT_GPU_RECORD="$work/cuda_checks.jsonl" \
+step cuda_checks 240 env LIT_GPU_RECORD="$work/cuda_checks.jsonl" \
   python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 # shellcheck disable=SC2086  # SAMPLE_ARGS is a list of options
 step sample 140 python3 bench/sample_speed.py --device cuda --full --shapes mnist,cifar10 \

@@ -5,7 +5,9 @@ These tests need a CUDA device and are skipped without one (CI has none; bench/g
 them on the GPU machine). The code they exercise also runs on CPU in the other test files: the
 graph-captured sampling loop runs eagerly there (tests/test_sample_generation.py).
 
-Set LIT_GPU_RECORD=FILE to append every measured error (JSON lines) for bench/RESULTS.md.
+Set LIT_GPU_RECORD=FILE to append every measured error (JSON lines) for bench/RESULTS.md. The
+backend-agreement tests come last: fla's first calls autotune its Triton kernels (48
+configurations each, minutes on a fresh machine), so a time-limited run gets the quick checks first.
 """
 
 from __future__ import annotations
@@ -59,74 +61,6 @@ def tiny_model(attention="causal-linear", backend="torch", head="logistic-mixtur
 
 def backends_here() -> list[str]:
     return ["torch"] + [name for name in ("fla", "fast-transformers") if backend_available(name)]
-
-
-# ---------------------------------------------------------------- backends agree
-def kernel_inputs(length, dtype, batch=2, heads=8, dim=32, seed=0):
-    generator = torch.Generator(device=DEVICE).manual_seed(seed)
-    return [torch.randn(batch, heads, length, dim, device=DEVICE, generator=generator).to(dtype).requires_grad_()
-            for _ in range(3)]
-
-
-def forward_and_grads(backend, q, k, v):
-    out = causal_linear(elu_feature_map(q), elu_feature_map(k), v, backend, 64, EPS)
-    weights = torch.randn(out.shape, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
-    grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
-    return (out,) + grads
-
-
-@pytest.mark.parametrize("length", [784, 3072])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", backends_here())
-def test_backend_matches_fp32_torch_backend_forward_and_gradients(backend, dtype, length):
-    if backend == "torch" and dtype == torch.float32:
-        pytest.skip("the reference itself (torch bf16 is kept: it shows the error bf16 alone brings)")
-    if backend == "fast-transformers" and dtype != torch.float32:
-        pytest.skip("fast-transformers' kernel is fp32 only (our backend casts; the fp32 case covers it)")
-    reference = forward_and_grads("torch", *kernel_inputs(length, torch.float32))
-    ours = forward_and_grads(backend, *kernel_inputs(length, dtype))
-    # fp32: fla's Triton dots may run in TF32 (10-bit mantissa); bf16: inputs rounded to 8 bits
-    tolerance = 2e-2 if dtype == torch.float32 else 5e-2
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
-        error = relative_error(a, b)
-        record("backend_vs_torch_fp32", backend=backend, dtype=str(dtype).replace("torch.", ""),
-               length=length, tensor=name, relative_error=error, tolerance=tolerance)
-        assert error < tolerance, name
-
-
-def test_fla_conventions_on_the_real_package():
-    """fla's own normalize=True and default scale=K^-0.5, checked against the naive definition:
-    our glue (scale=1.0, normalize=False, our own fp32 normaliser) relies on exactly these."""
-    if not backend_available("fla"):
-        pytest.skip("flash-linear-attention not installed")
-    import fla
-    from fla.ops.linear_attn import chunk_linear_attn
-
-    q, k, v = (t.detach() for t in kernel_inputs(256, torch.float32, heads=4, dim=16))
-    phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
-    scale = q.shape[-1] ** -0.5
-    scores = ((phi_q * scale) @ phi_k.transpose(-1, -2)).tril()  # (B, H, L, L)
-    expected = (scores @ v) / (scores.sum(-1, keepdim=True) + 1e-10)
-    out, _ = chunk_linear_attn(*(t.transpose(1, 2).contiguous() for t in (phi_q, phi_k, v)))  # defaults
-    error = relative_error(out.transpose(1, 2), expected)
-    unnormalised, _ = chunk_linear_attn(*(t.transpose(1, 2).contiguous() for t in (phi_q, phi_k, v)),
-                                        scale=1.0, normalize=False)
-    error_raw = relative_error(unnormalised.transpose(1, 2), (scores / scale) @ v)
-    record("fla_conventions", fla_version=getattr(fla, "__version__", "?"), normalized_default_error=error,
-           unnormalized_scale1_error=error_raw)
-    assert error < 2e-2 and error_raw < 2e-2
-
-
-@pytest.mark.parametrize("backend", backends_here())
-def test_model_with_each_backend_matches_torch_backend_logits(backend):
-    net = tiny_model(backend="torch", seq_len=784, layers=2)
-    other = tiny_model(backend=backend, seq_len=784, layers=2)
-    other.load_state_dict(net.state_dict())
-    seq = torch.randint(0, 256, (2, 784), device=DEVICE)
-    with torch.no_grad():
-        error = relative_error(other(seq), net(seq))
-    record("model_logits_vs_torch_backend", backend=backend, relative_error=error)
-    assert error < 2e-2
 
 
 # ---------------------------------------------------------------- recurrent == parallel, causality
@@ -199,3 +133,71 @@ def test_cuda_graph_sampling_matches_cpu_and_keeps_prefix():
     agreement = (on_gpu == on_cpu).float().mean().item()
     record("cuda_graph_vs_cpu_bytes", fraction_equal=agreement)
     assert agreement > 0.75
+
+
+# ---------------------------------------------------------------- backends agree
+def kernel_inputs(length, dtype, batch=2, heads=8, dim=32, seed=0):
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [torch.randn(batch, heads, length, dim, device=DEVICE, generator=generator).to(dtype).requires_grad_()
+            for _ in range(3)]
+
+
+def forward_and_grads(backend, q, k, v):
+    out = causal_linear(elu_feature_map(q), elu_feature_map(k), v, backend, 64, EPS)
+    weights = torch.randn(out.shape, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
+    grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
+    return (out,) + grads
+
+
+def test_fla_conventions_on_the_real_package():
+    """fla's own normalize=True and default scale=K^-0.5, checked against the naive definition:
+    our glue (scale=1.0, normalize=False, our own fp32 normaliser) relies on exactly these."""
+    if not backend_available("fla"):
+        pytest.skip("flash-linear-attention not installed")
+    import fla
+    from fla.ops.linear_attn import chunk_linear_attn
+
+    q, k, v = (t.detach() for t in kernel_inputs(256, torch.float32, heads=4, dim=16))
+    phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+    scale = q.shape[-1] ** -0.5
+    scores = ((phi_q * scale) @ phi_k.transpose(-1, -2)).tril()  # (B, H, L, L)
+    expected = (scores @ v) / (scores.sum(-1, keepdim=True) + 1e-10)
+    out, _ = chunk_linear_attn(*(t.transpose(1, 2).contiguous() for t in (phi_q, phi_k, v)))  # defaults
+    error = relative_error(out.transpose(1, 2), expected)
+    unnormalised, _ = chunk_linear_attn(*(t.transpose(1, 2).contiguous() for t in (phi_q, phi_k, v)),
+                                        scale=1.0, normalize=False)
+    error_raw = relative_error(unnormalised.transpose(1, 2), (scores / scale) @ v)
+    record("fla_conventions", fla_version=getattr(fla, "__version__", "?"), normalized_default_error=error,
+           unnormalized_scale1_error=error_raw)
+    assert error < 2e-2 and error_raw < 2e-2
+
+
+@pytest.mark.parametrize("backend", backends_here())
+def test_model_with_each_backend_matches_torch_backend_logits(backend):
+    net = tiny_model(backend="torch", seq_len=784, layers=2)
+    other = tiny_model(backend=backend, seq_len=784, layers=2)
+    other.load_state_dict(net.state_dict())
+    seq = torch.randint(0, 256, (2, 784), device=DEVICE)
+    with torch.no_grad():
+        error = relative_error(other(seq), net(seq))
+    record("model_logits_vs_torch_backend", backend=backend, relative_error=error)
+    assert error < 2e-2
+
+
+@pytest.mark.parametrize("length", [784, 3072])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", backends_here())
+def test_backend_matches_fp32_torch_backend_forward_and_gradients(backend, dtype, length):
+    if backend == "torch" and dtype == torch.float32:
+        pytest.skip("the reference itself (torch bf16 is kept: it shows the error bf16 alone brings)")
+    if backend == "fast-transformers" and dtype != torch.float32:
+        pytest.skip("fast-transformers' kernel is fp32 only (our backend casts; the fp32 case covers it)")
+    reference = forward_and_grads("torch", *kernel_inputs(length, torch.float32))
+    ours = forward_and_grads(backend, *kernel_inputs(length, dtype))
+    # fp32: fla's Triton dots may run in TF32 (10-bit mantissa); bf16: inputs rounded to 8 bits
+    tolerance = 2e-2 if dtype == torch.float32 else 5e-2
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, reference):
+        error = relative_error(a, b)
+        record("backend_vs_torch_fp32", backend=backend, dtype=str(dtype).replace("torch.", ""),
+               length=length, tensor=name, relative_error=error, tolerance=tolerance)
+        assert error < tolerance, name

@@ -150,6 +150,23 @@ def test_resume_equals_uninterrupted(digits16, tmp_path, fresh_accelerate):
     assert second.eval_bits_per_dim == whole.eval_bits_per_dim
 
 
+def test_ema_is_evaluated_exported_and_resumes_exactly(digits16, tmp_path, fresh_accelerate):
+    from model.export import load_export
+    from train.trainer import parameter_digest
+
+    extra = ["train.deterministic=true", "train.ema_decay=0.9", "optim.min_lr_ratio=1.0", "train.eval_at_start=false"]
+    whole = train_in_process(digits16, tmp_path / "whole", *extra, "train.max_steps=24")
+    train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=12")
+    second = train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=24", resume="auto")
+    exported = {name: load_export(tmp_path / name / "export" / "model.pt")[0] for name in ("whole", "split")}
+    # the export holds the average, not the raw weights the run ended with
+    assert parameter_digest(exported["whole"]) != whole.param_digest
+    # the average is part of the checkpoint: resuming gives the same average and the same eval
+    assert second.param_digest == whole.param_digest
+    assert parameter_digest(exported["split"]) == parameter_digest(exported["whole"])
+    assert second.eval_bits_per_dim == whole.eval_bits_per_dim
+
+
 def test_bf16_on_cpu_trains_with_finite_loss(digits16, tmp_path, fresh_accelerate):
     result = train_in_process(digits16, tmp_path / "run", "train.mixed_precision=bf16", "train.max_steps=20",
                               "optim.lr=3e-3")
@@ -312,7 +329,8 @@ def finished_run(digits16, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing data folder", "resume path missing",
-                                  "resume path incomplete", "model config mismatch", "existing run without resume"])
+                                  "resume path incomplete", "model config mismatch", "existing run without resume",
+                                  "ema decay of one"])
 def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path, capsys):
     run = str(finished_run)
     step4 = os.path.join(run, "checkpoints", "step_0000004")
@@ -321,6 +339,7 @@ def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path
     argv, words = {
         "unknown key": (cli_args(digits16, run, "train.colour=red"), ["train.colour", "unknown key"]),
         "wrong type": (cli_args(digits16, run, "train.max_steps=lots"), ["train.max_steps", "'lots'"]),
+        "ema decay of one": (cli_args(digits16, run, "train.ema_decay=1.0"), ["train.ema_decay", "[0, 1)"]),
         "missing data folder": (cli_args(str(tmp_path / "nowhere"), run), ["digits.yaml", "data.dir", "nowhere"]),
         "resume path missing": (cli_args(digits16, run) + ["--resume", str(tmp_path / "step_0000123")],
                                 ["step_0000123", "no such checkpoint"]),

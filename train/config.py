@@ -88,6 +88,9 @@ class TrainSection:
     mixed_precision: str = "no"  # no | bf16 | fp16
     deterministic: bool = False  # torch.use_deterministic_algorithms: N + resume N == 2N exactly
     max_bad_steps: int = 20  # stop after this many non-finite losses in a row
+    # Exponential moving average of the weights (0 = off): evaluation, sample grids and the export
+    # use the average; checkpoints keep both. 0.995 averages over the last ~200 steps.
+    ema_decay: float = 0.0
     cpu_threads: Optional[int] = None  # torch threads per rank when training on CPU; None: torch's default
 
 
@@ -294,6 +297,8 @@ def _check_consistency(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"{source}: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"{source}: train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

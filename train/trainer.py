@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from data_prep.grids import grid_tensor, save_png
 from train.checkpoint import (check_compatible, remove_stale_temporaries, resolve_resume,
@@ -279,6 +280,12 @@ def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume_path: Opti
     model, optimizer = accelerator.prepare(net, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    ema = None
+    if cfg.train.ema_decay > 0:
+        # torch's own averaging; registered before any load_state, so a resume restores it exactly
+        ema = AveragedModel(accelerator.unwrap_model(model), use_buffers=True,
+                            multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+        accelerator.register_for_checkpointing(ema)
 
     max_steps = resolve_max_steps(cfg, manifest, world)
     if resume_path is not None:
@@ -307,15 +314,19 @@ def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume_path: Opti
         with preserved_rng():
             save_checkpoint(accelerator, run_dir, state.step, meta, cfg.train.keep_checkpoints)
             if accelerator.is_main_process:
-                save_export(export_path, net_unwrapped, manifest.image_info(), state.step)
+                save_export(export_path, evaluated(), manifest.image_info(), state.step)
+
+    def evaluated() -> torch.nn.Module:
+        """The weights that are evaluated, drawn and exported: the EMA when it is on."""
+        return net_unwrapped if ema is None else ema.module
 
     def run_eval(with_samples: bool) -> float:
         with preserved_rng():
-            bits = evaluate(accelerator, net_unwrapped, cfg, model_config)
+            bits = evaluate(accelerator, evaluated(), cfg, model_config)
             if accelerator.is_main_process:
                 writer.add_scalar("eval/bits_per_dim", bits, state.step)
                 if with_samples and cfg.train.n_samples > 0:
-                    grid = sample_grid(net_unwrapped, model_config, manifest, cfg.train.n_samples,
+                    grid = sample_grid(evaluated(), model_config, manifest, cfg.train.n_samples,
                                        cfg.train.seed, device)
                     writer.add_image("samples", grid, state.step)  # CHW
                     save_png(grid, os.path.join(run_dir, "samples", f"step_{state.step:07d}.png"))
@@ -398,6 +409,8 @@ def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume_path: Opti
                     group["lr"] = lr
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update_parameters(net_unwrapped)
                 state.bad_in_a_row = 0
                 window_loss += mean_loss
                 window_steps += 1
@@ -443,7 +456,7 @@ def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume_path: Opti
         if last_checkpoint_step != state.step:
             checkpoint()
         elif accelerator.is_main_process and not os.path.exists(export_path):
-            save_export(export_path, net_unwrapped, manifest.image_info(), state.step)
+            save_export(export_path, evaluated(), manifest.image_info(), state.step)
 
     # Every rank reports its weights' digest; they must agree (DDP keeps replicas in lockstep).
     digest = parameter_digest(net_unwrapped)

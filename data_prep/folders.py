@@ -105,6 +105,14 @@ def _on_white(picture):
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+def _sixteen_bit_to_grey(picture):
+    """16-bit grey (PNG, TIFF) -> 8-bit "L" keeping the top byte; PIL's own convert clips at 255 (all white)."""
+    from PIL import Image
+
+    values = np.clip(np.asarray(picture, dtype=np.int64), 0, 65535) >> 8
+    return Image.fromarray(values.astype(np.uint8), "L")
+
+
 def load_image(path: str, height: int, width: int, channels: int, resize: str = "crop") -> np.ndarray:
     """One image file -> uint8 [height, width, channels]; DataError naming the file if PIL cannot read it."""
     from PIL import Image
@@ -115,6 +123,8 @@ def load_image(path: str, height: int, width: int, channels: int, resize: str = 
         with Image.open(path) as opened:
             opened.load()  # Image.open is lazy: a truncated or corrupt file fails here
             picture = opened
+            if picture.mode == "I" or picture.mode.startswith("I;16"):
+                picture = _sixteen_bit_to_grey(picture)
             if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
                 picture = _on_white(picture)
             picture = picture.convert("L" if channels == 1 else "RGB")

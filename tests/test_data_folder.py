@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_prep import folders as folders_module
 from data_prep.captions import captions_for_class
 from data_prep.manifest import load_manifest
 from data_prep.prepare import main
@@ -160,16 +161,31 @@ def test_flat_folder_is_one_class_and_test_fraction_is_seeded(tmp_path):
     assert runs["a"] == runs["b"] and runs["a"]["test"] != runs["c"]["test"]
 
 
-def test_same_arguments_give_byte_identical_folders(folders, tmp_path):
+def test_sixteen_bit_grey_keeps_its_top_byte(tmp_path):
+    root = tmp_path / "deep"
+    root.mkdir()
+    Image.fromarray(np.full((4, 4), 40000, np.uint16)).save(root / "a.png")  # PIL's convert("L") gives 255
+    Image.fromarray(np.full((4, 4), 1000, np.uint16)).save(root / "b.png")
+    assert prepare_cli("--dataset", "folder", "--root", root, "--test-fraction", "0.5", "--size", "4x4",
+                       "--channels", "1", "--out", tmp_path / "o") == 0
+    values = {int(seq[0]) for split in ("train", "test") for seq in read_split(tmp_path / "o", split)[0]}
+    assert values == {40000 >> 8, 1000 >> 8}
+
+
+def test_same_arguments_give_byte_identical_folders(folders, tmp_path, monkeypatch):
     train, _ = folders
     arguments = ["--dataset", "folder", "--root", train, "--test-fraction", "0.5", "--size", "8x8", "--channels", "3",
                  "--bins", "16", "--order", "patch:4", "--seed", "5"]
     assert prepare_cli(*arguments, "--out", tmp_path / "a") == 0
     assert prepare_cli(*arguments, "--out", tmp_path / "b") == 0
+    monkeypatch.setattr(folders_module, "PARALLEL_MIN_IMAGES", 1)  # decode in 2 processes this time
+    assert prepare_cli(*arguments, "--out", tmp_path / "c", "--workers", "2") == 0
     names = sorted(os.listdir(tmp_path / "a"))
-    assert names == sorted(os.listdir(tmp_path / "b")) and "manifest.json" in names
-    for name in names:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert "manifest.json" in names
+    for other in ("b", "c"):
+        assert names == sorted(os.listdir(tmp_path / other))
+        for name in names:
+            assert (tmp_path / "a" / name).read_bytes() == (tmp_path / other / name).read_bytes(), (other, name)
 
 
 def test_a_corrupt_file_stops_prepare_naming_it_unless_skip_bad(folders, tmp_path, capsys):

@@ -93,7 +93,8 @@ def load_imagenet(dataset: str, root: str, train_size: int | None = None, test_s
     missing = [name for names in located.values() for name, path in names if path is None]
     if missing:
         raise DataError(f"{dataset}: missing {', '.join(missing)} under --root {root} (the npz files of the "
-                        f"{side}x{side} release, e.g. from Imagenet{side}_train_npz.zip and Imagenet{side}_val_npz.zip)")
+                        f"{side}x{side} release, e.g. from Imagenet{side}_train_npz.zip and "
+                        f"Imagenet{side}_val_npz.zip)")
     splits = {}
     for split, files in located.items():
         limit = train_size if split == "train" else test_size

@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "mnist/cifar10: keep only the first N")
     parser.add_argument("--test-size", type=int, help="digits: test images to render (default 10000); "
                                                       "mnist/cifar10: keep only the first N")
-    parser.add_argument("--workers", type=int, help="processes rendering digits, decoding images and writing shards (default: all CPU "
-                                                    "cores; small sets use one)")
+    parser.add_argument("--workers", type=int, help="processes rendering digits, decoding images and writing "
+                                                    "shards (default: all CPU cores; small sets use one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     folder = parser.add_argument_group("--dataset folder")
     folder.add_argument("--size", help="image size HxW, e.g. 32x32 (required)")

@@ -54,11 +54,12 @@ def make_folder(root: Path) -> Path:
     for name in ("apple", "zebra_crossing"):
         (root / name).mkdir(parents=True)
     tricolour().save(root / "apple/tri.png")                                     # 16x8: crop the middle
-    Image.new("RGB", (12, 12), JPEG_COLOUR).save(root / "apple/solid.jpg", quality=95)  # shrink
+    Image.new("RGB", (12, 12), JPEG_COLOUR).save(root / "apple/solid.jpg", quality=95)   # shrink
     Image.new("L", (10, 14), 77).save(root / "apple/grey.png")                   # grey, shrink + crop
     half_transparent().save(root / "zebra_crossing/rgba.png")
     Image.new("RGB", (12, 24), BMP_COLOUR).save(root / "zebra_crossing/tall.bmp")  # tall: crop rows
-    Image.new("RGB", (5, 7), GIF_COLOUR).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "zebra_crossing/pal.gif")  # grow
+    palette = Image.new("RGB", (5, 7), GIF_COLOUR).convert("P", palette=Image.Palette.ADAPTIVE)  # exact colour
+    palette.save(root / "zebra_crossing/pal.gif")                               # grow
     (root / "README.txt").write_text("not an image: ignored")
     return root
 

@@ -14,7 +14,8 @@ def make_imagenet(root, side, per_batch=2, n_val=3, seed=0, folders=True):
     0-based labels, in file order."""
     rng = np.random.default_rng(seed)
     splits = {"train": ([], []), "test": ([], [])}
-    files = [(f"train_data_batch_{i}.npz", "train", per_batch) for i in range(1, 11)] + [("val_data.npz", "test", n_val)]
+    files = [(f"train_data_batch_{i}.npz", "train", per_batch) for i in range(1, 11)]
+    files.append(("val_data.npz", "test", n_val))
     for name, split, count in files:
         images = rng.integers(0, 256, size=(count, side, side, 3), dtype=np.uint8)  # (N, H, W, C)
         labels = rng.integers(1, 1001, size=count)  # 1-based, as distributed

@@ -1,7 +1,11 @@
-"""Captions from templates: a few dozen per dataset, filled with the class name and chosen by the seed."""
+"""Captions: from templates (a few dozen per dataset, filled with the class name and chosen by the seed),
+or from a captions file (JSONL or CSV: image path relative to the root, caption)."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import random
 
 import numpy as np
@@ -89,7 +93,11 @@ OBJECT_TEMPLATES = [
     "a photo of one {name}",
 ]
 
-TEMPLATES = {"mnist": DIGIT_TEMPLATES, "digits": DIGIT_TEMPLATES, "cifar10": OBJECT_TEMPLATES}
+# Photos of any size: the object templates less the one that names CIFAR's 32x32.
+PHOTO_TEMPLATES = [template for template in OBJECT_TEMPLATES if "32x32" not in template]
+
+TEMPLATES = {"mnist": DIGIT_TEMPLATES, "digits": DIGIT_TEMPLATES, "cifar10": OBJECT_TEMPLATES,
+             "imagenet32": OBJECT_TEMPLATES, "imagenet64": PHOTO_TEMPLATES, "folder": PHOTO_TEMPLATES}
 
 
 def _digit_of(class_name: str) -> int:
@@ -135,3 +143,71 @@ def captions_for_labels(dataset: str, class_names: list[str], labels: np.ndarray
     tables = [captions_for_class(dataset, name) for name in class_names]
     choices = rng.integers(0, len(tables[0]), size=len(labels))
     return [tables[label][choice] for label, choice in zip(labels.tolist(), choices.tolist())]
+
+
+def check_caption(caption: str, where: str) -> str:
+    """Return caption if it is 1..MAX_CAPTION_BYTES bytes of UTF-8, else DataError naming `where`."""
+    size = len(caption.encode("utf-8"))
+    if size == 0:
+        raise DataError(f"{where}: empty caption")
+    if size > MAX_CAPTION_BYTES:
+        raise DataError(f"{where}: caption is {size} bytes of UTF-8, longer than the limit of {MAX_CAPTION_BYTES} "
+                        f"(model.caption_len): {caption[:40]!r}...")
+    return caption
+
+
+def caption_key(relative_path: str) -> str:
+    """The form captions-file paths are matched in: normalised, forward slashes."""
+    return os.path.normpath(relative_path).replace(os.sep, "/")
+
+
+def read_captions_file(path: str) -> dict[str, tuple[str, str]]:
+    """A captions file -> {image path relative to the root: (caption, 'FILE line N')}.
+
+    JSONL (.jsonl/.json): one object a line, {"image": "cats/001.jpg", "caption": "a cat on a mat"}.
+    CSV (.csv): two columns, image and caption, with or without an `image,caption` header row.
+    """
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in (".jsonl", ".json", ".csv"):
+        raise DataError(f"--captions {path}: use a .jsonl or .csv file (image path relative to the root, caption)")
+    try:
+        with open(path, encoding="utf-8", newline="") as stream:
+            rows = list(_jsonl_rows(stream, path) if extension != ".csv" else _csv_rows(stream, path))
+    except UnicodeDecodeError as error:
+        raise DataError(f"--captions {path}: not UTF-8 text ({error.reason})") from None
+    found: dict[str, tuple[str, str]] = {}
+    for line, image, caption in rows:
+        where = f"{path} line {line}"
+        if not isinstance(image, str) or not isinstance(caption, str) or not image:
+            raise DataError(f"{where}: expected an image path and a caption, both text")
+        key = caption_key(image)
+        if key in found:
+            raise DataError(f"{where}: a second caption for {image} (the first is at {found[key][1]})")
+        found[key] = (caption, where)
+    return found
+
+
+def _jsonl_rows(stream, path: str):
+    for line, text in enumerate(stream, start=1):
+        if not text.strip():
+            continue
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} line {line}: not JSON ({error.msg})") from None
+        if not isinstance(entry, dict) or set(entry) != {"image", "caption"}:
+            raise DataError(f'{path} line {line}: expected {{"image": PATH, "caption": TEXT}}')
+        yield line, entry["image"], entry["caption"]
+
+
+def _csv_rows(stream, path: str):
+    reader = csv.reader(stream)
+    for row in reader:
+        line = reader.line_num  # the row's last line: a quoted caption may span several
+        if not row:
+            continue
+        if line == 1 and [cell.strip().lower() for cell in row] == ["image", "caption"]:
+            continue
+        if len(row) != 2:
+            raise DataError(f"{path} line {line}: expected 2 columns (image, caption), got {len(row)}")
+        yield line, row[0], row[1]

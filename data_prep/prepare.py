@@ -3,6 +3,8 @@
     python -m data_prep.prepare --dataset digits --out data/digits
     python -m data_prep.prepare --dataset mnist --root data/src --out data/mnist --download
     python -m data_prep.prepare --dataset cifar10 --root data/src --out data/cifar10 --bins 256 --order patch:4
+    python -m data_prep.prepare --dataset folder --root my_photos --size 32x32 --channels 3 --out data/photos
+    python -m data_prep.prepare --dataset imagenet32 --root data/src/imagenet32 --out data/imagenet32
 
 The folder gets train-000000.tar ..., test-000000.tar ..., preview.png and, last, manifest.json.
 Exit codes: 0 done, 1 failure (bad or missing source files), 2 bad arguments.
@@ -25,6 +27,7 @@ from data_prep.codec import check_bins, encode_images, parse_order
 from data_prep.errors import DataError
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, manifest_path, write_manifest
 from data_prep.preview import write_preview
+from data_prep.folders import RESIZE_MODES, FolderOptions, parse_size
 from data_prep.sources import DATASETS, SHAPES, load_source
 
 PREVIEW_NAME = "preview.png"
@@ -51,13 +54,70 @@ class PrepareConfig:
     test_size: int | None = None  # digits: 10,000 by default
     workers: int | None = None  # processes rendering digits and writing shards (default: all cores)
     progress: bool = True
+    # --dataset folder only:
+    size: str | None = None  # "HxW": resize the shorter side and centre-crop (or resize="exact")
+    channels: int | None = None  # 1 (grey) or 3 (RGB)
+    resize: str = "crop"
+    test_root: str | None = None  # a second folder in the same layout as the test split ...
+    test_fraction: float | None = None  # ... or this seeded fraction of each class (default 0.1)
+    captions: str | None = None  # JSONL or CSV: image path relative to the root, caption
+    skip_bad: bool = False  # leave out (and count) files PIL cannot read instead of stopping
+
+
+FOLDER_ONLY = ("size", "channels", "test_root", "test_fraction", "captions", "skip_bad")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _validate_folder(config: PrepareConfig) -> tuple[int, int, int]:
+    for name in ("size", "channels"):
+        if getattr(config, name) is None:
+            raise UsageError(f"{_flag(name)} is required for --dataset folder")
+    try:
+        height, width = parse_size(config.size)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    if config.channels not in (1, 3):
+        raise UsageError(f"--channels must be 1 (grey) or 3 (RGB), got {config.channels}")
+    if config.resize not in RESIZE_MODES:
+        raise UsageError(f"--resize {config.resize!r} unknown: choose one of {', '.join(RESIZE_MODES)}")
+    if config.test_root is not None and config.test_fraction is not None:
+        raise UsageError("pass either --test-root or --test-fraction, not both")
+    if config.test_fraction is not None and not 0 < config.test_fraction < 1:
+        raise UsageError(f"--test-fraction must lie strictly between 0 and 1, got {config.test_fraction}")
+    for name in ("root", "test_root", "captions"):
+        path = getattr(config, name)
+        if path is not None and not os.path.exists(path):
+            raise UsageError(f"{_flag(name)} {path}: not found")
+    return height, width, config.channels
+
+
+def folder_options(config: PrepareConfig) -> FolderOptions | None:
+    """The FolderOptions of a --dataset folder config (None for the other datasets)."""
+    if config.dataset != "folder":
+        return None
+    return FolderOptions(root=config.root, size=parse_size(config.size), channels=config.channels,
+                         resize=config.resize, test_root=config.test_root, test_fraction=config.test_fraction,
+                         captions=config.captions, skip_bad=config.skip_bad)
 
 
 def validate(config: PrepareConfig) -> tuple[int, int, int]:
     """Check the arguments before any work; UsageError naming the one at fault. Returns (H, W, C)."""
     if config.dataset not in DATASETS:
         raise UsageError(f"--dataset {config.dataset!r} unknown: choose one of {', '.join(DATASETS)}")
-    height, width, channels = SHAPES[config.dataset]
+    if config.dataset != "digits" and config.root is None:
+        raise UsageError(f"--root is required for --dataset {config.dataset} (the folder of source files)")
+    if config.dataset == "folder":
+        height, width, channels = _validate_folder(config)
+    else:
+        given = [name for name in FOLDER_ONLY if getattr(config, name) not in (None, False)]
+        if config.resize != "crop":
+            given.append("resize")
+        if given:
+            raise UsageError(f"{_flag(given[0])} is only for --dataset folder")
+        height, width, channels = SHAPES[config.dataset]
     try:
         check_bins(config.bins)
         parse_order(config.order, height, width)
@@ -67,8 +127,8 @@ def validate(config: PrepareConfig) -> tuple[int, int, int]:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if config.dataset != "digits" and config.root is None:
-        raise UsageError(f"--root is required for --dataset {config.dataset} (torchvision's data folder)")
+    if config.dataset == "folder" and (config.train_size or config.test_size):
+        raise UsageError("--train-size and --test-size are not for --dataset folder (use --test-fraction)")
     return height, width, channels
 
 
@@ -119,10 +179,13 @@ def prepare(config: PrepareConfig) -> Manifest:
     if config.dataset == "digits":
         total = (config.train_size or 60000) + (config.test_size or 10000)
         render_bar = tqdm(total=total, desc="rendering digits", unit="img", disable=disable)
+    elif config.dataset == "folder":
+        render_bar = tqdm(desc="decoding images", unit="img", disable=disable)
     try:
         source = load_source(
             config.dataset, config.root, config.download, train_size=config.train_size,
             test_size=config.test_size, seed=config.seed, workers=config.workers, progress=render_bar,
+            folder=folder_options(config),
         )
     finally:
         if render_bar is not None:
@@ -143,6 +206,9 @@ def prepare(config: PrepareConfig) -> Manifest:
             # One random stream per split for the caption templates, so either split can be re-made alone.
             rng = np.random.default_rng([config.seed, 1 + split_code])
             captions = captions_for_labels(config.dataset, source.class_names, part.labels, rng)
+            if part.captions is not None:  # a captions file; the templates fill in where it has none
+                captions = [given if given is not None else template
+                            for given, template in zip(part.captions, captions)]
             shard_size = config.shard_size or shard_io.default_shard_size(len(seqs))
             splits[split] = shard_io.write_split(config.out, split, seqs, part.labels, captions, shard_size, bar,
                                                  workers=config.workers)
@@ -160,8 +226,10 @@ def prepare(config: PrepareConfig) -> Manifest:
     write_manifest(config.out, manifest)
     elapsed = time.perf_counter() - start
     counts = ", ".join(f"{splits[s].total:,} {s}" for s in splits)
+    bad = info.get("skipped_bad", 0)
+    skipped = f", {bad:,} unreadable file{'s' if bad != 1 else ''} skipped" if bad else ""
     print(
-        f"prepared {config.dataset} in {config.out}: {total:,} images ({counts}) in {elapsed:.1f} s, "
+        f"prepared {config.dataset} in {config.out}: {total:,} images ({counts}{skipped}) in {elapsed:.1f} s, "
         f"{total / elapsed:,.0f} images/s",
         flush=True,
     )
@@ -172,12 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (its --help is the reference for the flags)."""
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.prepare",
-        description="Turn MNIST, CIFAR-10 or the built-in digits into quantized byte sequences in "
-                    "webdataset shards (DIR/train-000000.tar ..., DIR/manifest.json, DIR/preview.png).",
+        description="Turn MNIST, CIFAR-10, the built-in digits, a folder of your own images or downsampled "
+                    "ImageNet into quantized byte sequences in webdataset shards (DIR/train-000000.tar ..., "
+                    "DIR/manifest.json, DIR/preview.png).",
     )
     parser.add_argument("--dataset", required=True, choices=DATASETS, help="which dataset to prepare")
-    parser.add_argument("--root", help="torchvision's data folder for mnist/cifar10 (MNIST/raw/..., "
-                                       "cifar-10-batches-py/...); not used by digits")
+    parser.add_argument("--root", help="the source folder: torchvision's data folder for mnist/cifar10 "
+                                       "(MNIST/raw/..., cifar-10-batches-py/...); for folder, images in "
+                                       "ImageFolder's layout (ROOT/CLASS/IMAGE, or ROOT/IMAGE for one class); "
+                                       "for imagenet32/64, the npz batches (train_data_batch_1..10.npz, "
+                                       "val_data.npz); not used by digits")
     parser.add_argument("--out", required=True, help="folder to write the prepared dataset into")
     parser.add_argument("--bins", type=int, default=256, help="quantization levels, 2..256 (256 keeps every "
                                                               "pixel value; default %(default)s)")
@@ -191,9 +263,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "mnist/cifar10: keep only the first N")
     parser.add_argument("--test-size", type=int, help="digits: test images to render (default 10000); "
                                                       "mnist/cifar10: keep only the first N")
-    parser.add_argument("--workers", type=int, help="processes rendering digits and writing shards (default: all CPU "
-                                                    "cores; small sets use one)")
+    parser.add_argument("--workers", type=int, help="processes rendering digits, decoding images and writing "
+                                                    "shards (default: all CPU cores; small sets use one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    folder = parser.add_argument_group("--dataset folder")
+    folder.add_argument("--size", help="image size HxW, e.g. 32x32 (required)")
+    folder.add_argument("--channels", type=int, help="1 (grey) or 3 (RGB) (required)")
+    folder.add_argument("--resize", default="crop", help="crop: resize the shorter side to fit, then centre-crop "
+                                                         "(default); exact: resize to HxW, ignoring the aspect ratio")
+    folder.add_argument("--test-root", help="a second folder in the same layout: the test split")
+    folder.add_argument("--test-fraction", type=float, help="without --test-root: this fraction of each class, "
+                                                            "drawn with --seed, is the test split (default 0.1)")
+    folder.add_argument("--captions", help="JSONL ({\"image\": PATH, \"caption\": TEXT} a line) or CSV (image,caption) "
+                                           "with paths relative to --root (--test-root for its images); images "
+                                           "without one get class-name templates")
+    folder.add_argument("--skip-bad", action="store_true", help="leave out files PIL cannot read (counted in the "
+                                                                "manifest and the summary) instead of stopping")
     return parser
 
 
@@ -204,7 +289,8 @@ def main(argv=None) -> int:
         dataset=args.dataset, out=args.out, root=args.root, bins=args.bins, order=args.order, seed=args.seed,
         shard_size=args.shard_size, download=args.download, overwrite=args.overwrite,
         train_size=args.train_size, test_size=args.test_size, workers=args.workers,
-        progress=not args.no_progress,
+        progress=not args.no_progress, size=args.size, channels=args.channels, resize=args.resize,
+        test_root=args.test_root, test_fraction=args.test_fraction, captions=args.captions, skip_bad=args.skip_bad,
     )
     try:
         prepare(config)

@@ -9,9 +9,11 @@ import numpy as np
 
 from data_prep.errors import DataError
 
-DATASETS = ("mnist", "cifar10", "digits")
-# (height, width, channels) per dataset, known before anything is read so arguments fail fast.
-SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3), "digits": (28, 28, 1)}
+DATASETS = ("mnist", "cifar10", "digits", "folder", "imagenet32", "imagenet64")
+# (height, width, channels) per dataset, known before anything is read so arguments fail fast
+# (an image folder's come from --size and --channels).
+SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3), "digits": (28, 28, 1), "imagenet32": (32, 32, 3),
+          "imagenet64": (64, 64, 3)}
 DIGIT_CLASS_NAMES = [str(d) for d in range(10)]
 
 MNIST_FILES = {
@@ -24,10 +26,15 @@ CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test
 
 @dataclass
 class SourceSplit:
-    """One split of a source dataset: uint8 images [N, H, W, C] and int64 labels [N]."""
+    """One split of a source dataset: uint8 images [N, H, W, C] and int64 labels [N].
+
+    captions: one per image from a captions file, None where the class-name templates should fill in
+    (None for the whole split: templates for all).
+    """
 
     images: np.ndarray
     labels: np.ndarray
+    captions: list | None = None
 
 
 @dataclass
@@ -204,12 +211,23 @@ def load_digits(train_size: int, test_size: int, seed: int, workers: int | None 
 
 
 def load_source(dataset: str, root: str | None, download: bool = False, *, train_size=None, test_size=None,
-                seed: int = 0, workers: int | None = None, progress=None) -> Source:
-    """Load one of DATASETS; train_size/test_size cut MNIST/CIFAR-10 to their first N (digits: render N)."""
+                seed: int = 0, workers: int | None = None, progress=None, folder=None) -> Source:
+    """Load one of DATASETS; train_size/test_size keep the first N (digits: render N).
+
+    folder: the FolderOptions of --dataset folder (its root is folder.root).
+    """
     if dataset == "digits":
         return load_digits(train_size or 60000, test_size or 10000, seed, workers=workers, progress=progress)
+    if dataset == "folder":
+        from data_prep.folders import load_folder
+
+        return load_folder(folder, seed, workers=workers, progress=progress)
     if root is None:
         raise DataError(f"{dataset}: --root is required (the folder torchvision reads or downloads into)")
+    if dataset in ("imagenet32", "imagenet64"):
+        from data_prep.imagenet import load_imagenet
+
+        return load_imagenet(dataset, root, train_size, test_size)
     source = load_mnist(root, download) if dataset == "mnist" else load_cifar10(root, download)
     for split, size in (("train", train_size), ("test", test_size)):
         if size is not None:

@@ -1,0 +1,311 @@
+"""Your own images: a folder in torchvision's ImageFolder layout, decoded and resized by PIL/torchvision.
+
+    ROOT/cat/001.jpg, ROOT/cat/002.png, ROOT/dog/x.webp ...   one sub-folder per class (sorted names)
+    ROOT/001.jpg, ROOT/002.png ...                            no sub-folders: one class, named after ROOT
+
+Every file whose extension PIL knows is an image; other files are ignored (and counted). An image
+file PIL cannot read stops preparing with one line naming it, or is skipped (and counted) with
+skip_bad. Images are resized so that the shorter side fits and centre-cropped to HxW ("crop"), or
+resized to exactly HxW ("exact"); transparent pixels are composited onto white.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_prep.errors import DataError
+
+RESIZE_MODES = ("crop", "exact")
+# Below this many images a process pool costs more than it saves.
+PARALLEL_MIN_IMAGES = 2000
+
+
+@dataclass
+class FolderImages:
+    """The images found in one folder: paths (sorted by class, then path), labels, class names."""
+
+    root: str
+    paths: list[str]
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str]
+    flat: bool  # True: no class sub-folders, every image is class 0
+    ignored: int  # files that are not images by their extension
+
+
+def image_extensions() -> tuple[str, ...]:
+    """Lower-case extensions (with the dot) of every format PIL can open here."""
+    from PIL import Image
+
+    Image.init()  # registers the plugins, so registered_extensions() lists them all
+    return tuple(sorted(extension.lower() for extension in Image.registered_extensions()))
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def list_images(root: str) -> FolderImages:
+    """Find the images of a folder in ImageFolder's layout (or a flat folder as one class)."""
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise DataError(f"--root {root}: no such folder")
+    extensions = image_extensions()
+
+    def is_image(path: str) -> bool:
+        return _visible(os.path.basename(path)) and path.lower().endswith(extensions)
+
+    class Classes(ImageFolder):
+        """ImageFolder that ignores hidden sub-folders (.git, .ipynb_checkpoints) as classes."""
+
+        def find_classes(self, directory):
+            classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and _visible(entry.name))
+            return classes, {name: index for index, name in enumerate(classes)}
+
+    subfolders = [entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name)]
+    if subfolders:
+        # ImageFolder sorts classes and walks each class folder in sorted order: the order is stable.
+        listing = Classes(root, loader=lambda path: path, is_valid_file=is_image, allow_empty=True)
+        paths = [path for path, _ in listing.samples]
+        labels = np.asarray([label for _, label in listing.samples], dtype=np.int64)
+        class_names = list(listing.classes)
+        empty = [name for index, name in enumerate(class_names) if not np.any(labels == index)]
+        if empty:
+            raise DataError(f"{os.path.join(root, empty[0])}: class folder holds no image files")
+    else:
+        paths = sorted(os.path.join(root, name) for name in os.listdir(root)
+                       if os.path.isfile(os.path.join(root, name)) and is_image(name))
+        labels = np.zeros(len(paths), dtype=np.int64)
+        class_names = [os.path.basename(os.path.normpath(os.path.abspath(root)))]
+    if not paths:
+        raise DataError(f"--root {root}: no image files found (looked for {', '.join(extensions[:8])}, ...)")
+    every_file = sum(len([n for n in names if _visible(n)]) for _, _, names in os.walk(root))
+    return FolderImages(root, paths, labels, class_names, flat=not subfolders, ignored=every_file - len(paths))
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'32x48' -> (32, 48) as (height, width); '32' -> (32, 32); DataError otherwise."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise DataError(f"--size {text!r} not understood: use HxW, e.g. 32x32 (or one number for a square)")
+    height, width = int(parts[0]), int(parts[-1])
+    return height, width
+
+
+def _on_white(picture):
+    """Composite any transparency onto white (what a viewer shows), giving an RGB image."""
+    from PIL import Image
+
+    rgba = picture.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _sixteen_bit_to_grey(picture):
+    """16-bit grey (PNG, TIFF) -> 8-bit "L" keeping the top byte; PIL's own convert clips at 255 (all white)."""
+    from PIL import Image
+
+    values = np.clip(np.asarray(picture, dtype=np.int64), 0, 65535) >> 8
+    return Image.fromarray(values.astype(np.uint8), "L")
+
+
+def load_image(path: str, height: int, width: int, channels: int, resize: str = "crop") -> np.ndarray:
+    """One image file -> uint8 [height, width, channels]; DataError naming the file if PIL cannot read it."""
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # Image.open is lazy: a truncated or corrupt file fails here
+            picture = opened
+            if picture.mode == "I" or picture.mode.startswith("I;16"):
+                picture = _sixteen_bit_to_grey(picture)
+            if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
+                picture = _on_white(picture)
+            picture = picture.convert("L" if channels == 1 else "RGB")
+    except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        text = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"{path}: not an image PIL can read ({text[:120]})") from None
+    source_width, source_height = picture.size
+    if resize == "exact":
+        picture = F.resize(picture, [height, width], interpolation=InterpolationMode.BICUBIC)
+    else:
+        # The smallest scale at which the image covers HxW, then the centre HxW of it.
+        scale = max(height / source_height, width / source_width)
+        size = [max(height, round(source_height * scale)), max(width, round(source_width * scale))]
+        if size != [source_height, source_width]:
+            picture = F.resize(picture, size, interpolation=InterpolationMode.BICUBIC)
+        picture = F.center_crop(picture, [height, width])
+    pixels = np.asarray(picture, dtype=np.uint8)
+    return pixels.reshape(height, width, channels)
+
+
+def _load_or_none(job) -> np.ndarray | str:
+    """load_image for a pool: the pixels, or the one-line error for a bad file."""
+    path, height, width, channels, resize = job
+    try:
+        return load_image(path, height, width, channels, resize)
+    except DataError as error:
+        return str(error)
+
+
+def load_images(paths: list[str], height: int, width: int, channels: int, resize: str = "crop",
+                skip_bad: bool = False, workers: int | None = None,
+                progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode paths into uint8 [N, H, W, C]; returns (images, indices of the paths kept, bad paths skipped).
+
+    Without skip_bad the first unreadable file (in path order, whatever the workers) raises DataError.
+    """
+    jobs = [(path, height, width, channels, resize) for path in paths]
+    workers = 1 if len(jobs) < PARALLEL_MIN_IMAGES else min(workers or os.cpu_count() or 1, len(jobs))
+    images = np.empty((len(paths), height, width, channels), dtype=np.uint8)
+    kept, bad = [], []
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        results = pool.map(_load_or_none, jobs, chunksize=64) if pool else map(_load_or_none, jobs)
+        for index, result in enumerate(results):
+            if isinstance(result, str):
+                if not skip_bad:
+                    raise DataError(f"{result}; pass --skip-bad to leave such files out")
+                bad.append(paths[index])
+            else:
+                images[len(kept)] = result
+                kept.append(index)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return images[: len(kept)], np.asarray(kept, dtype=np.int64), bad
+
+
+def split_test_fraction(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split: (train indices, test indices), each sorted; every class keeps a train image."""
+    rng = np.random.default_rng([seed, 13])
+    test = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        count = min(int(round(fraction * len(members))), len(members) - 1)
+        if count > 0:
+            test.append(rng.permutation(members)[:count])
+    test = np.sort(np.concatenate(test)) if test else np.zeros(0, dtype=np.int64)
+    if len(test) == 0:
+        raise DataError(f"--test-fraction {fraction} of {len(labels)} images leaves no test images; "
+                        f"raise it or pass --test-root")
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return train, test
+
+
+def match_test_classes(train: FolderImages, test: FolderImages) -> np.ndarray:
+    """The test folder's labels in the training folder's class numbering; DataError if they do not match."""
+    if train.flat != test.flat:
+        layout = {True: "a flat folder (one class)", False: "class sub-folders"}
+        raise DataError(f"--test-root {test.root} has {layout[test.flat]} but --root {train.root} has "
+                        f"{layout[train.flat]}; use the same layout for both")
+    if train.flat:
+        return np.zeros(len(test.paths), dtype=np.int64)
+    unknown = [name for name in test.class_names if name not in train.class_names]
+    if unknown:
+        raise DataError(f"{os.path.join(test.root, unknown[0])}: class {unknown[0]!r} is not a class folder "
+                        f"of --root {train.root}")
+    mapping = np.asarray([train.class_names.index(name) for name in test.class_names], dtype=np.int64)
+    return mapping[test.labels]
+
+
+@dataclass
+class FolderOptions:
+    """How to read an image folder (the folder-only flags of prepare)."""
+
+    root: str
+    size: tuple[int, int]  # (height, width)
+    channels: int
+    resize: str = "crop"
+    test_root: str | None = None
+    test_fraction: float | None = None  # used when test_root is None; default DEFAULT_TEST_FRACTION
+    captions: str | None = None  # a JSONL or CSV captions file
+    skip_bad: bool = False
+
+
+DEFAULT_TEST_FRACTION = 0.1
+
+
+def _relative(path: str, root: str) -> str:
+    from data_prep.captions import caption_key
+
+    return caption_key(os.path.relpath(path, root))
+
+
+def load_folder(options: FolderOptions, seed: int, workers: int | None = None, progress=None):
+    """An image folder as a Source: train (shuffled by the seed) and test splits, class names, captions."""
+    from data_prep.captions import check_caption, read_captions_file
+    from data_prep.sources import Source, SourceSplit
+
+    height, width = options.size
+    found = list_images(options.root)
+    parts = {}  # split -> (paths, labels, root the paths are relative to)
+    if options.test_root is not None:
+        test = list_images(options.test_root)
+        parts["train"] = (found.paths, found.labels, options.root)
+        parts["test"] = (test.paths, match_test_classes(found, test), options.test_root)
+        ignored = found.ignored + test.ignored
+    else:
+        fraction = DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction
+        train_index, test_index = split_test_fraction(found.labels, fraction, seed)
+        for split, index in (("train", train_index), ("test", test_index)):
+            parts[split] = ([found.paths[i] for i in index], found.labels[index], options.root)
+        ignored = found.ignored
+    # Class folders come sorted, so unshuffled shards would each hold one class; the reader's shuffle
+    # buffer cannot mix that. The training split is written in a seeded random order.
+    paths, labels, root = parts["train"]
+    permutation = np.random.default_rng([seed, 14]).permutation(len(paths))
+    parts["train"] = ([paths[i] for i in permutation], labels[permutation], root)
+
+    table = read_captions_file(options.captions) if options.captions else {}
+    used: set[str] = set()
+    bad_keys: set[str] = set()  # captions of skipped images are not "unknown paths"
+    splits, skipped = {}, []
+    for split, (paths, labels, root) in parts.items():
+        images, kept, bad = load_images(paths, height, width, options.channels, options.resize,
+                                        skip_bad=options.skip_bad, workers=workers, progress=progress)
+        skipped += bad
+        bad_keys |= {_relative(path, root) for path in bad}
+        captions = None
+        if table:
+            captions = []
+            for index in kept.tolist():
+                key = _relative(paths[index], root)
+                entry = table.get(key)
+                if entry is not None:
+                    used.add(key)
+                    check_caption(entry[0], f"{paths[index]} (caption from {entry[1]})")
+                captions.append(None if entry is None else entry[0])
+        splits[split] = SourceSplit(images, labels[kept], captions)
+        if len(kept) == 0:
+            raise DataError(f"{root}: no readable images for the {split} split")
+    unknown = sorted(set(table) - used - bad_keys)
+    if unknown:
+        caption, where = table[unknown[0]]
+        raise DataError(f"{where}: no image {unknown[0]} under --root {options.root}"
+                        + (f" or --test-root {options.test_root}" if options.test_root else "")
+                        + " (paths are relative to the folder the image is in)")
+    from_file = sum(c is not None for s in splits.values() for c in (s.captions or []))
+    total = sum(len(s.labels) for s in splits.values())
+    info = {
+        "root": os.path.abspath(options.root),
+        "test_root": None if options.test_root is None else os.path.abspath(options.test_root),
+        "test_fraction": None if options.test_root is not None else
+        (DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction),
+        "resize": options.resize,
+        "captions": "templates" if not from_file else ("file" if from_file == total else "file+templates"),
+        "captions_file": None if options.captions is None else os.path.abspath(options.captions),
+        "captions_from_file": from_file,
+        "skipped_bad": len(skipped),
+        "skipped_bad_files": sorted(skipped)[:100],
+        "ignored_files": ignored,
+    }
+    return Source("folder", list(found.class_names), splits, info=info)

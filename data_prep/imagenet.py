@@ -37,28 +37,101 @@ def _find(root: str, name: str) -> str | None:
     return None
 
 
+def _bad_npz(path: str, error: BaseException) -> DataError:
+    return DataError(f"{path}: not a readable npz file ({' '.join(str(error).split())[:120]})")
+
+
+def _check_labels(path: str, labels: np.ndarray, count: int) -> np.ndarray:
+    if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: {labels.shape} labels of {labels.dtype} for {count} images")
+    if labels.size and (labels.min() < 1 or labels.max() > N_CLASSES):
+        raise DataError(f"{path}: labels must be 1..{N_CLASSES} (1-based), found {labels.min()}..{labels.max()}")
+    return labels.astype(np.int64) - 1
+
+
+def _check_data(path: str, dtype, shape, side: int) -> int:
+    row = 3 * side * side
+    if dtype != np.uint8 or len(shape) != 2 or shape[1] != row:
+        raise DataError(f"{path}: data is {dtype} {tuple(shape)}; expected uint8 rows of "
+                        f"{row} = 3x{side}x{side} (is this the {side}x{side} release?)")
+    return shape[0]
+
+
+def _planes_to_images(rows: np.ndarray, side: int) -> np.ndarray:
+    """CIFAR plane-layout rows [N, 3*S*S] -> images [N, S, S, 3]."""
+    return np.ascontiguousarray(rows.reshape(len(rows), 3, side, side).transpose(0, 2, 3, 1))
+
+
 def read_batch(path: str, side: int) -> tuple[np.ndarray, np.ndarray]:
     """One npz batch -> (images uint8 [N, side, side, 3], labels int64 [N] 0-based); DataError naming the file."""
+    count, labels = check_batch(path, side)
+    images = [chunk for chunk, _ in iter_batch(path, side, max(1, count))]
+    return (np.concatenate(images) if images else np.zeros((0, side, side, 3), np.uint8)), labels
+
+
+class _DataMember:
+    """The `data` array of an npz file, read a block of rows at a time (stored or deflated members alike)."""
+
+    def __init__(self, path: str):
+        self.archive = zipfile.ZipFile(path)
+        try:
+            self.stream = self.archive.open("data.npy")
+            version = np.lib.format.read_magic(self.stream)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, self.fortran, self.dtype = header(self.stream)
+        except BaseException:
+            self.archive.close()
+            raise
+
+    def rows(self, count: int) -> np.ndarray:
+        """The next `count` rows."""
+        size = count * self.shape[1] * self.dtype.itemsize
+        data = self.stream.read(size)
+        if len(data) != size:
+            raise EOFError(f"data ends {size - len(data)} bytes early")
+        return np.frombuffer(data, dtype=self.dtype).reshape(count, self.shape[1])
+
+    def close(self) -> None:
+        self.stream.close()
+        self.archive.close()
+
+
+def check_batch(path: str, side: int) -> tuple[int, np.ndarray]:
+    """Read one npz batch's header and labels (not its images): (image count, labels int64 0-based)."""
     try:
         with np.load(path, allow_pickle=False) as batch:
             if "data" not in batch or "labels" not in batch:
                 raise DataError(f"{path}: not a downsampled-ImageNet batch (needs data and labels, has "
                                 f"{', '.join(batch.files) or 'nothing'})")
-            data, labels = batch["data"], np.asarray(batch["labels"])
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-        if isinstance(error, DataError):
-            raise
-        raise DataError(f"{path}: not a readable npz file ({' '.join(str(error).split())[:120]})") from None
-    row = 3 * side * side
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != row:
-        raise DataError(f"{path}: data is {data.dtype} {tuple(data.shape)}; expected uint8 rows of "
-                        f"{row} = 3x{side}x{side} (is this the {side}x{side} release?)")
-    if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: {labels.shape} labels of {labels.dtype} for {len(data)} images")
-    if labels.size and (labels.min() < 1 or labels.max() > N_CLASSES):
-        raise DataError(f"{path}: labels must be 1..{N_CLASSES} (1-based), found {labels.min()}..{labels.max()}")
-    images = data.reshape(len(data), 3, side, side).transpose(0, 2, 3, 1)  # planes -> (N, H, W, C)
-    return np.ascontiguousarray(images), labels.astype(np.int64) - 1
+            labels = np.asarray(batch["labels"])
+        member = _DataMember(path)
+        member.close()
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        raise _bad_npz(path, error) from None
+    count = _check_data(path, member.dtype, member.shape, side)
+    if member.fortran:
+        raise DataError(f"{path}: data is stored in Fortran order; expected C order (rows of images)")
+    return count, _check_labels(path, labels, count)
+
+
+def iter_batch(path: str, side: int, chunk_size: int, limit: int | None = None):
+    """(images [n, side, side, 3], row offset) for the rows of one checked npz batch, chunk_size rows at a time."""
+    try:
+        member = _DataMember(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise _bad_npz(path, error) from None
+    try:
+        count = member.shape[0] if limit is None else min(limit, member.shape[0])
+        for start in range(0, count, chunk_size):
+            try:
+                rows = member.rows(min(chunk_size, count - start))
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+                raise _bad_npz(path, error) from None
+            yield _planes_to_images(rows, side), start
+    finally:
+        member.close()
 
 
 def class_names(root: str) -> list[str]:
@@ -82,7 +155,11 @@ def class_names(root: str) -> list[str]:
 
 
 def load_imagenet(dataset: str, root: str, train_size: int | None = None, test_size: int | None = None):
-    """The train batches 1..10 and the validation file as a Source (images in memory)."""
+    """The train batches 1..10 and the validation file as a Source whose splits stream from the files.
+
+    Every file's header and labels are checked here, before anything is written; the images are read
+    later, a chunk at a time.
+    """
     from data_prep.sources import Source, SourceSplit
 
     side = IMAGENET_SIZES[dataset]
@@ -98,17 +175,23 @@ def load_imagenet(dataset: str, root: str, train_size: int | None = None, test_s
     splits = {}
     for split, files in located.items():
         limit = train_size if split == "train" else test_size
-        images, labels, held = [], [], 0
+        parts, held = [], 0  # (path, labels of the rows used)
         for _, path in files:
             if limit is not None and held >= limit:
                 break
-            batch_images, batch_labels = read_batch(path, side)
-            images.append(batch_images)
-            labels.append(batch_labels)
-            held += len(batch_labels)
-        images, labels = np.concatenate(images), np.concatenate(labels)
-        if limit is not None:
-            images, labels = images[:limit], labels[:limit]
-        splits[split] = SourceSplit(images, labels)
+            _, labels = check_batch(path, side)
+            if limit is not None:
+                labels = labels[: limit - held]
+            parts.append((path, labels))
+            held += len(labels)
+        splits[split] = SourceSplit(None, None, size=held, stream=_split_stream(parts, side))
     info = {"files": {split: [os.path.relpath(path, root) for _, path in files] for split, files in located.items()}}
     return Source(dataset, class_names(root), splits, info=info)
+
+
+def _split_stream(parts: list, side: int):
+    def stream(chunk_size: int):
+        for path, labels in parts:
+            for images, start in iter_batch(path, side, chunk_size, limit=len(labels)):
+                yield images, labels[start:start + len(images)], None
+    return stream

@@ -26,11 +26,14 @@ from data_prep.captions import captions_for_labels
 from data_prep.codec import check_bins, encode_images, parse_order
 from data_prep.errors import DataError
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, manifest_path, write_manifest
-from data_prep.preview import write_preview
+from data_prep.preview import PreviewSamples
 from data_prep.folders import RESIZE_MODES, FolderOptions, parse_size
 from data_prep.sources import DATASETS, SHAPES, load_source
 
 PREVIEW_NAME = "preview.png"
+# Images read, quantized and handed to the shard writers at a time (default --chunk-size: this many
+# bytes of images): with a few shards in flight, what bounds memory whatever the dataset size.
+CHUNK_BYTES = 16 << 20
 
 
 class UsageError(DataError):
@@ -54,6 +57,7 @@ class PrepareConfig:
     test_size: int | None = None  # digits: 10,000 by default
     workers: int | None = None  # processes rendering digits and writing shards (default: all cores)
     progress: bool = True
+    chunk_size: int | None = None  # images read and quantized at a time (default: CHUNK_BYTES of images)
     # --dataset folder only:
     size: str | None = None  # "HxW": resize the shorter side and centre-crop (or resize="exact")
     channels: int | None = None  # 1 (grey) or 3 (RGB)
@@ -123,7 +127,7 @@ def validate(config: PrepareConfig) -> tuple[int, int, int]:
         parse_order(config.order, height, width)
     except DataError as error:
         raise UsageError(str(error)) from None
-    for name in ("shard_size", "train_size", "test_size", "workers"):
+    for name in ("shard_size", "train_size", "test_size", "workers", "chunk_size"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -197,24 +201,26 @@ def prepare(config: PrepareConfig) -> Manifest:
         os.remove(path)
 
     splits = {}
-    total = sum(len(part.labels) for part in source.splits.values())
+    total = sum(len(part) for part in source.splits.values())
+    chunk_size = config.chunk_size or max(1, CHUNK_BYTES // (height * width * channels))
     with tqdm(total=total, desc="writing shards", unit="img", disable=disable) as bar:
         for split_code, (split, part) in enumerate(sorted(source.splits.items(), key=lambda kv: kv[0] != "train")):
-            if len(part.labels) == 0:
+            if len(part) == 0:
                 raise DataError(f"{config.dataset}: the {split} split is empty")
-            seqs = encode_images(part.images, config.bins, config.order)  # (N, H*W*C) uint8
             # One random stream per split for the caption templates, so either split can be re-made alone.
+            # Its draws go one per sample in order, so they do not depend on the chunk size.
             rng = np.random.default_rng([config.seed, 1 + split_code])
-            captions = captions_for_labels(config.dataset, source.class_names, part.labels, rng)
-            if part.captions is not None:  # a captions file; the templates fill in where it has none
-                captions = [given if given is not None else template
-                            for given, template in zip(part.captions, captions)]
-            shard_size = config.shard_size or shard_io.default_shard_size(len(seqs))
-            splits[split] = shard_io.write_split(config.out, split, seqs, part.labels, captions, shard_size, bar,
-                                                 workers=config.workers)
-            if split == "train":
-                write_preview(os.path.join(config.out, PREVIEW_NAME), seqs, part.labels, len(source.class_names),
-                              height, width, channels, config.bins, config.order)
+            preview = PreviewSamples(len(source.class_names)) if split == "train" else None
+            encoded = _encoded_chunks(config, source, part, chunk_size, rng, preview)
+            shard_size = config.shard_size or shard_io.default_shard_size(len(part), sample_bytes=height * width * channels)
+            splits[split] = shard_io.write_split_stream(config.out, split, encoded, shard_size, bar,
+                                                        workers=config.workers, expected=len(part))
+            if splits[split].total == 0:
+                raise DataError(f"{config.dataset}: the {split} split is empty")
+            if preview is not None:
+                preview.write(os.path.join(config.out, PREVIEW_NAME), height, width, channels, config.bins,
+                              config.order)
+        total = sum(info.total for info in splits.values())
 
     info = dict(source.info)
     info.update({f"{split}_size": splits[split].total for split in splits})
@@ -234,6 +240,18 @@ def prepare(config: PrepareConfig) -> Manifest:
         flush=True,
     )
     return manifest
+
+
+def _encoded_chunks(config: PrepareConfig, source, part, chunk_size: int, rng, preview):
+    """The split as (byte sequences, labels, captions) chunks: quantized, ordered and captioned a chunk at a time."""
+    for images, labels, given in part.chunks(chunk_size):
+        seqs = encode_images(images, config.bins, config.order)  # (n, H*W*C) uint8
+        captions = captions_for_labels(config.dataset, source.class_names, labels, rng)
+        if given is not None:  # a captions file; the templates fill in where it has none
+            captions = [caption if caption is not None else template for caption, template in zip(given, captions)]
+        if preview is not None:
+            preview.add(seqs, labels)
+        yield seqs, labels, captions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "mnist/cifar10: keep only the first N")
     parser.add_argument("--workers", type=int, help="processes rendering digits, decoding images and writing "
                                                     "shards (default: all CPU cores; small sets use one)")
+    parser.add_argument("--chunk-size", type=int, help="images read, quantized and written at a time (default: "
+                                                       f"{CHUNK_BYTES >> 20} MiB of images); memory stays bounded "
+                                                       "by a chunk and a few shards whatever the dataset size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     folder = parser.add_argument_group("--dataset folder")
     folder.add_argument("--size", help="image size HxW, e.g. 32x32 (required)")
@@ -289,7 +310,7 @@ def main(argv=None) -> int:
         dataset=args.dataset, out=args.out, root=args.root, bins=args.bins, order=args.order, seed=args.seed,
         shard_size=args.shard_size, download=args.download, overwrite=args.overwrite,
         train_size=args.train_size, test_size=args.test_size, workers=args.workers,
-        progress=not args.no_progress, size=args.size, channels=args.channels, resize=args.resize,
+        progress=not args.no_progress, chunk_size=args.chunk_size, size=args.size, channels=args.channels, resize=args.resize,
         test_root=args.test_root, test_fraction=args.test_fraction, captions=args.captions, skip_bad=args.skip_bad,
     )
     try:

@@ -17,6 +17,36 @@ def pick_preview(labels: np.ndarray, n_classes: int, per_class: int = 10, total:
     return np.arange(min(total, len(labels)))
 
 
+class PreviewSamples:
+    """Keeps, from a split streamed in chunks, the few samples pick_preview can choose: the first `total`
+    and the first `per_class` of each class (all that it looks at), in stream order."""
+
+    def __init__(self, n_classes: int, per_class: int = 10, total: int = 100):
+        self.n_classes, self.per_class, self.total = n_classes, per_class, total
+        self.per_class_seen = np.zeros(n_classes, dtype=np.int64)
+        self.seen = 0
+        self.seqs: list[np.ndarray] = []
+        self.labels: list[int] = []
+
+    def add(self, seqs: np.ndarray, labels: np.ndarray) -> None:
+        """Look at the next chunk of the split."""
+        by_class = self.n_classes * self.per_class == self.total
+        for index, label in enumerate(labels.tolist()):
+            keep = self.seen < self.total
+            if by_class and 0 <= label < self.n_classes:
+                keep = keep or self.per_class_seen[label] < self.per_class
+                self.per_class_seen[label] += 1
+            if keep:
+                self.seqs.append(np.array(seqs[index]))  # a copy: the chunk itself is let go
+                self.labels.append(label)
+            self.seen += 1
+
+    def write(self, path: str, height: int, width: int, channels: int, bins: int, order: str) -> str:
+        """The same preview.png as write_preview on the whole split."""
+        return write_preview(path, np.stack(self.seqs), np.asarray(self.labels, dtype=np.int64), self.n_classes,
+                             height, width, channels, bins, order)
+
+
 def write_preview(path: str, seqs: np.ndarray, labels: np.ndarray, n_classes: int, height: int, width: int,
                   channels: int, bins: int, order: str) -> str:
     """Decode 100 sequences (what the model will see, after quantization) into preview.png."""

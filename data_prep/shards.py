@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import tarfile
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
@@ -31,9 +32,17 @@ def sample_key(split: str, index: int) -> str:
     return f"{split}_{index:07d}"
 
 
-def default_shard_size(count: int, min_shards: int = MIN_SHARDS) -> int:
-    """Samples per shard that give at least min_shards shards (fewer only if there are fewer samples)."""
-    return max(1, math.ceil(count / min_shards)) if count >= min_shards else 1
+# The default shard size keeps shards under this (shards of ImageNet 64 would otherwise be 1 GB each).
+MAX_DEFAULT_SHARD_BYTES = 64 << 20
+
+
+def default_shard_size(count: int, min_shards: int = MIN_SHARDS, sample_bytes: int | None = None) -> int:
+    """Samples per shard that give at least min_shards shards (fewer only if there are fewer samples),
+    and shards of at most MAX_DEFAULT_SHARD_BYTES of sequences when sample_bytes is given."""
+    size = max(1, math.ceil(count / min_shards)) if count >= min_shards else 1
+    if sample_bytes:
+        size = min(size, max(1, MAX_DEFAULT_SHARD_BYTES // sample_bytes))
+    return size
 
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
@@ -45,70 +54,143 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _write_shard(job) -> tuple[str, int, str]:
-    """Write one shard with webdataset's ShardWriter; return (file name, sample count, sha256).
+class OpenShard:
+    """One shard being written with webdataset's ShardWriter, fed samples in as many pieces as come.
 
     The shard appears under its final name only once complete: ShardWriter writes NAME.partial and
     its `post` hook renames the closed file.
     """
-    out_dir, split, shard, first_sample, seqs, labels, captions = job
-    written: list[str] = []
 
-    def finished(partial_path: str) -> None:
+    def __init__(self, out_dir: str, split: str, shard: int):
+        self.split, self.count, self.written = split, 0, []
+        pattern = os.path.join(out_dir, f"{split}-%06d.tar{PARTIAL_SUFFIX}")
+        # maxcount: never roll over to a second file; the caller closes the shard.
+        self.writer = wds.ShardWriter(pattern, maxcount=1 << 62, maxsize=float("inf"), post=self._finished,
+                                      verbose=0, start_shard=shard, encoder=False, mtime=TAR_MTIME)
+        # webdataset 1.0.2's TarWriter takes format= but never hands it to tarfile.open, which then writes
+        # PAX headers. GNU headers (names here are short) are the same for every reader and build about
+        # 40% faster in python's tarfile, the bottleneck of preparing.
+        self.writer.tarstream.tarstream.format = tarfile.GNU_FORMAT
+
+    def _finished(self, partial_path: str) -> None:
         final = partial_path[: -len(PARTIAL_SUFFIX)]
         os.replace(partial_path, final)
-        written.append(final)
+        self.written.append(final)
 
-    pattern = os.path.join(out_dir, f"{split}-%06d.tar{PARTIAL_SUFFIX}")
-    writer = wds.ShardWriter(pattern, maxcount=len(seqs), maxsize=float("inf"), post=finished, verbose=0,
-                             start_shard=shard, encoder=False, mtime=TAR_MTIME)
-    # webdataset 1.0.2's TarWriter takes format= but never hands it to tarfile.open, which then writes
-    # PAX headers. GNU headers (names here are short) are the same for every reader and build about
-    # 40% faster in python's tarfile, the bottleneck of preparing.
-    writer.tarstream.tarstream.format = tarfile.GNU_FORMAT
-    try:
-        for index, (seq, label, caption) in enumerate(zip(seqs, labels.tolist(), captions)):
-            # Raw bytes (encoder=False): no per-sample encoding, and the reader needs no decoder.
-            writer.write({
-                "__key__": sample_key(split, first_sample + index),
-                SEQ_KEY: seq.tobytes(),
-                LABEL_KEY: str(label).encode("ascii"),
-                CAPTION_KEY: caption.encode("utf-8"),
-            })
-        writer.close()
-    except BaseException:
-        writer.post = None  # close the broken shard under its .partial name: it never looks complete
-        writer.close()
-        raise
-    (path,) = written
-    return os.path.basename(path), len(seqs), file_sha256(path)
+    def write(self, first_sample: int, seqs: np.ndarray, labels: np.ndarray, captions: list[str]) -> None:
+        """Append samples first_sample, first_sample + 1, ... (seq.bin, cls, txt)."""
+        try:
+            for index, (seq, label, caption) in enumerate(zip(seqs, labels.tolist(), captions)):
+                # Raw bytes (encoder=False): no per-sample encoding, and the reader needs no decoder.
+                self.writer.write({
+                    "__key__": sample_key(self.split, first_sample + index),
+                    SEQ_KEY: seq.tobytes(),
+                    LABEL_KEY: str(label).encode("ascii"),
+                    CAPTION_KEY: caption.encode("utf-8"),
+                })
+                self.count += 1
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Close a broken shard under its .partial name: it never looks complete (a second call does nothing)."""
+        if self.writer is not None:
+            self.writer.post = None
+            self.writer.close()
+            self.writer = None
+
+    def close(self) -> tuple[str, int, str]:
+        """Finish the shard; return (file name, sample count, sha256)."""
+        self.writer.close()
+        (path,) = self.written
+        return os.path.basename(path), self.count, file_sha256(path)
+
+
+def _write_shard(job) -> tuple[str, int, str]:
+    """Write one whole shard (a pool job); return (file name, sample count, sha256)."""
+    out_dir, split, shard, first_sample, seqs, labels, captions = job
+    opened = OpenShard(out_dir, split, shard)
+    opened.write(first_sample, seqs, labels, captions)
+    return opened.close()
 
 
 # Below this many samples a process pool costs more than it saves.
 PARALLEL_MIN_SAMPLES = 20000
+# A shard handed to a writer process is gathered in memory first (up to `workers` of them in flight);
+# larger shards are written in the main process as their samples arrive, so memory stays bounded.
+MAX_GATHERED_SHARD_BYTES = 64 << 20
 
 
 def write_split(out_dir: str, split: str, seqs: np.ndarray, labels: np.ndarray, captions: list[str],
                 shard_size: int, progress=None, workers: int | None = None) -> SplitInfo:
-    """Write samples (seq.bin, cls, txt) into split-%06d.tar shards of shard_size samples each.
+    """Write samples held in memory (seq.bin, cls, txt) into split-%06d.tar shards of shard_size samples."""
+    return write_split_stream(out_dir, split, [(seqs, labels, captions)], shard_size, progress, workers,
+                              expected=len(seqs))
 
-    Shards are independent, so blocks of them are written by several processes at once (python's
-    tarfile header code is the bottleneck); the bytes do not depend on how many.
+
+def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progress=None,
+                       workers: int | None = None, expected: int | None = None) -> SplitInfo:
+    """Write a stream of (seqs [n, L] uint8, labels [n], captions) chunks into shards of shard_size samples.
+
+    The bytes depend only on the samples and shard_size, not on how the stream is cut into chunks
+    nor on the number of workers. Whole shards go to writer processes (python's tarfile header code
+    is the bottleneck), at most `workers` in flight, so memory holds a chunk plus a few shards;
+    shards over MAX_GATHERED_SHARD_BYTES, or a single worker, stream into an open shard instead.
+    expected: how many samples are coming (for the choice of a pool; None: unknown, use one).
     """
-    jobs = []
-    for shard, start in enumerate(range(0, len(seqs), shard_size)):
-        stop = start + shard_size
-        jobs.append((out_dir, split, shard, start, seqs[start:stop], labels[start:stop], captions[start:stop]))
-    if len(seqs) < PARALLEL_MIN_SAMPLES:
+    workers = workers or os.cpu_count() or 1
+    if expected is not None and expected < PARALLEL_MIN_SAMPLES:
         workers = 1
-    workers = min(len(jobs), workers or os.cpu_count() or 1)
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
-    results = []
-    try:
-        for job, result in zip(jobs, pool.map(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+    if expected is not None:
+        workers = min(workers, max(1, math.ceil(expected / shard_size)))
+    results: list[tuple[str, int, str]] = []
+    pool = None
+    in_flight: deque = deque()
+    opened: OpenShard | None = None  # the shard being streamed (no pool)
+    gathered: list = []  # pieces of the shard being gathered for the pool
+    filled, shard, first = 0, 0, 0  # samples in the current shard, its number, its first sample
+
+    def done(count: int) -> None:
+        if progress is not None:
+            progress.update(count)
+
+    def collect(wait_all: bool) -> None:
+        while in_flight and (wait_all or len(in_flight) >= workers or in_flight[0].done()):
+            result = in_flight.popleft().result()
             results.append(result)
-            if progress is not None:
-                progress.update(len(job[4]))
+            done(result[1])
+
+    try:
+        for seqs, labels, captions in chunks:
+            start = 0
+            while start < len(seqs):
+                take = min(shard_size - filled, len(seqs) - start)
+                piece = (seqs[start:start + take], labels[start:start + take], captions[start:start + take])
+                if pool is None and workers > 1 and shard_size * seqs.shape[1] <= MAX_GATHERED_SHARD_BYTES:
+                    pool = ProcessPoolExecutor(max_workers=workers)
+                if pool is not None:
+                    gathered.append(piece)
+                else:
+                    if opened is None:
+                        opened = OpenShard(out_dir, split, shard)
+                    opened.write(first + filled, *piece)
+                    done(take)
+                filled += take
+                start += take
+                if filled == shard_size:
+                    _finish_shard(out_dir, split, shard, first, pool, gathered, opened, in_flight, results)
+                    collect(wait_all=False)
+                    opened, gathered = None, []
+                    shard, first, filled = shard + 1, first + filled, 0
+        if filled:
+            _finish_shard(out_dir, split, shard, first, pool, gathered, opened, in_flight, results)
+            opened = None
+        collect(wait_all=True)
+    except BaseException:
+        if opened is not None:
+            opened.abort()
+        raise
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -117,3 +199,14 @@ def write_split(out_dir: str, split: str, seqs: np.ndarray, labels: np.ndarray, 
         counts=[count for _, count, _ in results],
         sha256=[digest for _, _, digest in results],
     )
+
+
+def _finish_shard(out_dir, split, shard, first, pool, gathered, opened, in_flight, results) -> None:
+    """Close a streamed shard, or hand a gathered one to the pool."""
+    if pool is None:
+        results.append(opened.close())
+        return
+    seqs = np.concatenate([piece[0] for piece in gathered])
+    labels = np.concatenate([piece[1] for piece in gathered])
+    captions = [caption for piece in gathered for caption in piece[2]]
+    in_flight.append(pool.submit(_write_shard, (out_dir, split, shard, first, seqs, labels, captions)))

@@ -154,34 +154,46 @@ def _load_or_none(job) -> np.ndarray | str:
         return str(error)
 
 
-def load_images(paths: list[str], height: int, width: int, channels: int, resize: str = "crop",
-                skip_bad: bool = False, workers: int | None = None,
-                progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode paths into uint8 [N, H, W, C]; returns (images, indices of the paths kept, bad paths skipped).
+def decode_chunks(paths: list[str], height: int, width: int, channels: int, resize: str = "crop",
+                  skip_bad: bool = False, workers: int | None = None, chunk_size: int | None = None, progress=None):
+    """Decode paths chunk_size at a time: yields (images uint8 [n, H, W, C], indices of the paths kept, bad paths).
 
-    Without skip_bad the first unreadable file (in path order, whatever the workers) raises DataError.
+    One process pool for all chunks; without skip_bad the first unreadable file (in path order, whatever
+    the workers) raises DataError.
     """
     jobs = [(path, height, width, channels, resize) for path in paths]
+    chunk_size = chunk_size or max(1, len(jobs))
     workers = 1 if len(jobs) < PARALLEL_MIN_IMAGES else min(workers or os.cpu_count() or 1, len(jobs))
-    images = np.empty((len(paths), height, width, channels), dtype=np.uint8)
-    kept, bad = [], []
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
-        results = pool.map(_load_or_none, jobs, chunksize=64) if pool else map(_load_or_none, jobs)
-        for index, result in enumerate(results):
-            if isinstance(result, str):
-                if not skip_bad:
-                    raise DataError(f"{result}; pass --skip-bad to leave such files out")
-                bad.append(paths[index])
-            else:
-                images[len(kept)] = result
-                kept.append(index)
+        for start in range(0, len(jobs), chunk_size):
+            part = jobs[start:start + chunk_size]
+            results = list(pool.map(_load_or_none, part, chunksize=max(1, min(64, len(part) // (4 * workers))))
+                           if pool else map(_load_or_none, part))
+            kept = [index for index, result in enumerate(results) if not isinstance(result, str)]
+            bad = []
+            for index, result in enumerate(results):
+                if isinstance(result, str):
+                    if not skip_bad:
+                        raise DataError(f"{result}; pass --skip-bad to leave such files out")
+                    bad.append(paths[start + index])
+            images = (np.stack([results[index] for index in kept]) if kept
+                      else np.zeros((0, height, width, channels), np.uint8))
             if progress is not None:
-                progress.update(1)
+                progress.update(len(part))
+            yield images, start + np.asarray(kept, dtype=np.int64), bad
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    return images[: len(kept)], np.asarray(kept, dtype=np.int64), bad
+
+
+def load_images(paths: list[str], height: int, width: int, channels: int, resize: str = "crop",
+                skip_bad: bool = False, workers: int | None = None,
+                progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Decode paths into uint8 [N, H, W, C]; returns (images, indices of the paths kept, bad paths skipped)."""
+    (images, kept, bad), = decode_chunks(paths, height, width, channels, resize, skip_bad, workers,
+                                         chunk_size=max(1, len(paths)), progress=progress)
+    return images, kept, bad
 
 
 def split_test_fraction(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +253,11 @@ def _relative(path: str, root: str) -> str:
 
 
 def load_folder(options: FolderOptions, seed: int, workers: int | None = None, progress=None):
-    """An image folder as a Source: train (shuffled by the seed) and test splits, class names, captions."""
+    """An image folder as a Source: train (shuffled by the seed) and test splits, class names, captions.
+
+    The splits stream: images are decoded a chunk at a time as the shards are written, and `info`
+    (files skipped, captions used) is complete once both streams have run.
+    """
     from data_prep.captions import check_caption, read_captions_file
     from data_prep.sources import Source, SourceSplit
 
@@ -266,46 +282,67 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
     parts["train"] = ([paths[i] for i in permutation], labels[permutation], root)
 
     table = read_captions_file(options.captions) if options.captions else {}
-    used: set[str] = set()
-    bad_keys: set[str] = set()  # captions of skipped images are not "unknown paths"
-    splits, skipped = {}, []
+    # Captions are matched and checked now, before any image is decoded or anything written.
+    split_captions = {}
+    matched: set[str] = set()
     for split, (paths, labels, root) in parts.items():
-        images, kept, bad = load_images(paths, height, width, options.channels, options.resize,
-                                        skip_bad=options.skip_bad, workers=workers, progress=progress)
-        skipped += bad
-        bad_keys |= {_relative(path, root) for path in bad}
-        captions = None
-        if table:
-            captions = []
-            for index in kept.tolist():
-                key = _relative(paths[index], root)
-                entry = table.get(key)
-                if entry is not None:
-                    used.add(key)
-                    check_caption(entry[0], f"{paths[index]} (caption from {entry[1]})")
-                captions.append(None if entry is None else entry[0])
-        splits[split] = SourceSplit(images, labels[kept], captions)
-        if len(kept) == 0:
-            raise DataError(f"{root}: no readable images for the {split} split")
-    unknown = sorted(set(table) - used - bad_keys)
+        if not table:
+            split_captions[split] = None
+            continue
+        captions = []
+        for path in paths:
+            key = _relative(path, root)
+            entry = table.get(key)
+            if entry is not None:
+                matched.add(key)
+                check_caption(entry[0], f"{path} (caption from {entry[1]})")
+            captions.append(None if entry is None else entry[0])
+        split_captions[split] = captions
+    unknown = sorted(set(table) - matched)
     if unknown:
         caption, where = table[unknown[0]]
         raise DataError(f"{where}: no image {unknown[0]} under --root {options.root}"
                         + (f" or --test-root {options.test_root}" if options.test_root else "")
                         + " (paths are relative to the folder the image is in)")
-    from_file = sum(c is not None for s in splits.values() for c in (s.captions or []))
-    total = sum(len(s.labels) for s in splits.values())
     info = {
         "root": os.path.abspath(options.root),
         "test_root": None if options.test_root is None else os.path.abspath(options.test_root),
         "test_fraction": None if options.test_root is not None else
         (DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction),
         "resize": options.resize,
-        "captions": "templates" if not from_file else ("file" if from_file == total else "file+templates"),
+        "captions": "templates",
         "captions_file": None if options.captions is None else os.path.abspath(options.captions),
-        "captions_from_file": from_file,
-        "skipped_bad": len(skipped),
-        "skipped_bad_files": sorted(skipped)[:100],
+        "captions_from_file": 0,
+        "skipped_bad": 0,
+        "skipped_bad_files": [],
         "ignored_files": ignored,
     }
+    counts = {"kept": 0, "skipped": []}  # over both splits, as the streams run
+
+    def split_stream(split, paths, labels, root, captions):
+        def stream(chunk_size: int):
+            kept_here = 0
+            for images, kept, bad in decode_chunks(paths, height, width, options.channels, options.resize,
+                                                   skip_bad=options.skip_bad, workers=workers,
+                                                   chunk_size=chunk_size, progress=progress):
+                counts["skipped"] += bad
+                counts["kept"] += len(kept)
+                kept_here += len(kept)
+                given = None if captions is None else [captions[index] for index in kept.tolist()]
+                info["captions_from_file"] += 0 if given is None else sum(c is not None for c in given)
+                info["skipped_bad"] = len(counts["skipped"])
+                info["skipped_bad_files"] = sorted(counts["skipped"])[:100]
+                from_file = info["captions_from_file"]
+                info["captions"] = ("templates" if not from_file
+                                    else "file" if from_file == counts["kept"] else "file+templates")
+                if len(kept):
+                    yield images, labels[kept], given
+            if kept_here == 0:
+                raise DataError(f"{root}: no readable images for the {split} split")
+        return stream
+
+    splits = {}
+    for split, (paths, labels, root) in parts.items():
+        splits[split] = SourceSplit(None, None, size=len(paths),
+                                    stream=split_stream(split, paths, labels, root, split_captions[split]))
     return Source("folder", list(found.class_names), splits, info=info)

@@ -183,8 +183,6 @@ def prepare(config: PrepareConfig) -> Manifest:
     if config.dataset == "digits":
         total = (config.train_size or 60000) + (config.test_size or 10000)
         render_bar = tqdm(total=total, desc="rendering digits", unit="img", disable=disable)
-    elif config.dataset == "folder":
-        render_bar = tqdm(desc="decoding images", unit="img", disable=disable)
     try:
         source = load_source(
             config.dataset, config.root, config.download, train_size=config.train_size,

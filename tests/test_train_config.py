@@ -189,3 +189,12 @@ def test_no_weight_decay_on_norms_embeddings_and_biases():
     assert embeddings and norms
     assert not ({id(p) for p in decay["params"]} & (embeddings | norms))
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+def test_imagenet_configs_load_for_one_node_of_eight():
+    for name, side in (("imagenet32", 32), ("imagenet64", 64)):
+        cfg = load_config(os.path.join(REPO, "configs", f"{name}.yaml"))
+        assert cfg.data.dir == f"data/{name}" and cfg.train.mixed_precision == "bf16"
+        assert cfg.train.epochs > 0 and cfg.model.head == "logistic-mixture"
+        text = open(os.path.join(REPO, "configs", f"{name}.yaml")).read()
+        assert "bits/dim" in text and f"{side}x{side}" in text

@@ -117,7 +117,7 @@ def _write_shard(job) -> tuple[str, int, str]:
 
 # Below this many samples a process pool costs more than it saves.
 PARALLEL_MIN_SAMPLES = 20000
-# A shard handed to a writer process is gathered in memory first (up to `workers` of them in flight);
+# A shard handed to a writer process is gathered in memory first (up to 2 x `workers` of them in flight);
 # larger shards are written in the main process as their samples arrive, so memory stays bounded.
 MAX_GATHERED_SHARD_BYTES = 64 << 20
 
@@ -135,7 +135,7 @@ def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progre
 
     The bytes depend only on the samples and shard_size, not on how the stream is cut into chunks
     nor on the number of workers. Whole shards go to writer processes (python's tarfile header code
-    is the bottleneck), at most `workers` in flight, so memory holds a chunk plus a few shards;
+    is the bottleneck), at most 2 x `workers` in flight, so memory holds a chunk plus a few shards;
     shards over MAX_GATHERED_SHARD_BYTES, or a single worker, stream into an open shard instead.
     expected: how many samples are coming (for the choice of a pool; None: unknown, use one).
     """
@@ -156,7 +156,9 @@ def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progre
             progress.update(count)
 
     def collect(wait_all: bool) -> None:
-        while in_flight and (wait_all or len(in_flight) >= workers or in_flight[0].done()):
+        # two shards per writer in flight: one being written, the next already gathered, so the
+        # writers never wait for the main process to gather (memory: 2 x workers shards)
+        while in_flight and (wait_all or len(in_flight) >= 2 * workers or in_flight[0].done()):
             result = in_flight.popleft().result()
             results.append(result)
             done(result[1])

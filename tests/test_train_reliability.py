@@ -46,7 +46,8 @@ def copy_data(data_dir: str, tmp_path) -> str:
 def test_resume_with_another_grad_accum_keeps_learning(digits16, tmp_path, fresh_accelerate, capsys, monkeypatch):
     run = tmp_path / "run"
     extra = ["train.eval_at_start=false", "optim.warmup_steps=1"]
-    first = train_in_process(digits16, run, *extra, "train.max_steps=6")
+    # 7 steps: accelerate's saved micro-step count (7) is not a multiple of the new grad_accum.
+    first = train_in_process(digits16, run, *extra, "train.max_steps=7")
     # Resuming must not unpickle anything with weights_only=False (our counters live in meta.json).
     unsafe_loads = []
     real_load = torch.load
@@ -57,17 +58,17 @@ def test_resume_with_another_grad_accum_keeps_learning(digits16, tmp_path, fresh
         return real_load(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    second = train_in_process(digits16, run, *extra, "train.max_steps=12", "train.grad_accum=3", resume="auto")
+    second = train_in_process(digits16, run, *extra, "train.max_steps=13", "train.grad_accum=3", resume="auto")
     out = capsys.readouterr().out
-    assert (first.step, second.step) == (6, 12)
+    assert (first.step, second.step) == (7, 13)
     assert second.param_digest != first.param_digest, "the weights did not move after the resume"
     assert second.bad_total == 0
     assert unsafe_loads == []
     assert "grad_accum 1 -> 3: global batch 8 -> 24" in out, out
-    meta = json.loads((run / "checkpoints" / "step_0000012" / "meta.json").read_text())
-    # 6 steps of 1 micro-batch, then 6 of 3: the data stream goes on from where it stopped.
-    assert meta["train_state"]["micro_batches"] == 6 + 6 * 3
-    assert meta["train_state"]["samples_seen"] == 6 * 8 + 6 * 24
+    meta = json.loads((run / "checkpoints" / "step_0000013" / "meta.json").read_text())
+    # 7 steps of 1 micro-batch, then 6 of 3: the data stream goes on from where it stopped.
+    assert meta["train_state"]["micro_batches"] == 7 + 6 * 3
+    assert meta["train_state"]["samples_seen"] == 7 * 8 + 6 * 24
     assert meta["run"]["grad_accum"] == 3 and meta["run"]["global_batch"] == 24
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
-from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, read_meta,
-                              remove_stale_temporaries, resolve_resume, run_changes, save_checkpoint)
+from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, remove_stale_temporaries,
+                              resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, write_config, config_to_dict
 from train.run_lock import RunLock, RunLockError
 from train.schedule import learning_rate
@@ -253,9 +253,10 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
         manifest = load_data_manifest(cfg, config_source)
         model_config = build_model_config(cfg, manifest, config_source)
         run_dir = cfg.train.run_dir
-        # Cheap checks before anything starts (the run lock and the file digests come later).
+        # Cheap checks before anything starts (the run lock and the file digests come later; with
+        # --resume auto the newest checkpoint may turn out damaged, so its turn comes after them).
         resume_path = resolve_resume(run_dir, resume)
-        if resume_path is not None:
+        if resume_path is not None and resume != "auto":
             check_compatible(resume_path, dataclasses.asdict(model_config), manifest.image_info())
 
         previous_deterministic = _configure_determinism(cfg.train.deterministic)
@@ -432,11 +433,14 @@ def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Op
                                      shuffle_buffer=cfg.data.shuffle_buffer))
 
     def next_batch() -> Any:
+        failure = None
         with preserved_rng():  # reading never draws from the training RNGs
             try:
                 batch = next(batches)
             except DataError as err:  # a short or unreadable shard: one line naming it, exit 1
-                raise TrainingError(str(err)) from None
+                failure = str(err)
+        if failure is not None:
+            raise TrainingError(failure)
         state.micro_batches += 1
         return batch
 

@@ -49,7 +49,7 @@ def _split_urls(data_dir, split: str) -> tuple[Manifest, list[str]]:
         raise DataError(f"{data_dir}: no split {split!r} (has {', '.join(manifest.splits)})")
     urls = _shard_urls(data_dir, manifest, split)
     for url in urls:
-        if not os.path.isfile(url):
+        if not os.path.exists(url):  # exists, not isfile: a pipe or device is read like a file
             raise DataError(f"{url}: shard listed in the manifest is missing")
     return manifest, urls
 
@@ -197,7 +197,7 @@ class TrainBatches:
 
     def __init__(self, data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000, split: str = "train",
-                 epoch_batches: int = EPOCH_BATCHES):
+                 epoch_batches: int = EPOCH_BATCHES, read_timeout: float = 0.0):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -209,6 +209,8 @@ class TrainBatches:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.start_batch = num_workers, seed, start_batch
         self.shuffle_buffer, self.epoch_batches = shuffle_buffer, epoch_batches
+        # Seconds the workers may take for one batch (0: no limit; in-process reading has none).
+        self.read_timeout = read_timeout if num_workers > 0 else 0.0
 
     def _loader(self, epoch: int):
         epoch_seed = _seed(self.seed, epoch)
@@ -223,7 +225,7 @@ class TrainBatches:
             wds.batched(min(WORKER_BATCH, self.batch_size), collation_fn=_collate_numpy, partial=False),
         )
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                               persistent_workers=False,
+                               persistent_workers=False, timeout=self.read_timeout,
                                worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         # Mix the workers' samples (a seed per rank), then cut this rank's batches.
         return (
@@ -241,17 +243,24 @@ class TrainBatches:
                 yield from islice(batches, skip, None)
             except DataError as error:
                 raise DataError(_worker_message(error)) from None
+            except RuntimeError as error:
+                if "timed out" not in str(error):
+                    raise
+                # A hung read (a stuck network file system) would otherwise block the run, and any
+                # stop request, until the job's time limit.
+                raise DataError(f"{os.path.dirname(self.urls[0])}: rank {self.rank}: no batch from the reader "
+                                f"workers in {self.read_timeout:g} s; a shard read hangs") from None
             skip = 0
             epoch += 1
 
 
 def train_batches(data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                   seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000,
-                  epoch_batches: int = EPOCH_BATCHES) -> TrainBatches:
+                  epoch_batches: int = EPOCH_BATCHES, read_timeout: float = 0.0) -> TrainBatches:
     """Endless, deterministic training batches for one rank (start_batch=N continues from batch N)."""
     return TrainBatches(data_dir, batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
                         seed=seed, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
-                        epoch_batches=epoch_batches)
+                        epoch_batches=epoch_batches, read_timeout=read_timeout)
 
 
 class EvalBatches:

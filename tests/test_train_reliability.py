@@ -303,3 +303,21 @@ def test_a_failing_rank_ends_every_rank_with_its_message_once(digits16, tmp_path
     lines = [line for line in output.splitlines() if line.startswith("error: ") and "test-000001.tar" in line]
     assert len(lines) == 1, output[-4000:]
     assert complete_steps(tmp_path / "run") == []
+
+
+# A hung read --------------------------------------------------------------------------------------
+
+def test_a_hung_shard_read_ends_the_run_after_data_read_timeout(digits16, tmp_path):
+    data = copy_data(digits16, tmp_path)
+    for name in os.listdir(data):
+        if name.startswith("train-"):
+            os.remove(os.path.join(data, name))
+            os.mkfifo(os.path.join(data, name))  # opening it for reading blocks: a stuck file system
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, RUN_PY, *cli_args(data, tmp_path / "run", "train.max_steps=5",
+                                                             "train.eval_at_start=false", "data.read_timeout=3")],
+                          env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no batch from the reader workers in 3 s" in errors[0], done.stderr[-3000:]
+    assert time.monotonic() - began < 60

@@ -430,7 +430,7 @@ def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Op
         batches = iter(train_batches(cfg.data.dir, cfg.train.batch_size, rank=rank, world_size=world,
                                      num_workers=cfg.data.num_workers, seed=cfg.train.seed,
                                      start_batch=state.micro_batches,
-                                     shuffle_buffer=cfg.data.shuffle_buffer))
+                                     shuffle_buffer=cfg.data.shuffle_buffer, read_timeout=cfg.data.read_timeout))
 
     def next_batch() -> Any:
         failure = None

@@ -321,3 +321,23 @@ def test_a_hung_shard_read_ends_the_run_after_data_read_timeout(digits16, tmp_pa
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "no batch from the reader workers in 3 s" in errors[0], done.stderr[-3000:]
     assert time.monotonic() - began < 60
+
+
+@pytest.mark.slow
+def test_resume_on_two_ranks_from_a_one_rank_checkpoint(digits16, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.run([sys.executable, RUN_PY, *cli_args(digits16, run, "train.max_steps=5",
+                                                              "train.eval_at_start=false")],
+                           env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               RUN_PY, *cli_args(digits16, run, "train.max_steps=10"), "--resume", "auto"]
+    done = subprocess.run(command, env={**env(), "ACCELERATE_USE_CPU": "1"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "world_size 1 -> 2: global batch 8 -> 16" in output, output[-3000:]
+    assert "parameters identical on all 2 rank(s)" in output
+    meta = json.loads((run / "checkpoints" / "step_0000010" / "meta.json").read_text())
+    assert meta["train_state"]["samples_seen"] == 5 * 8 + 5 * 16 and meta["run"]["world_size"] == 2

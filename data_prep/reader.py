@@ -15,8 +15,11 @@ at epoch N // epoch_batches and reads and drops only the N % epoch_batches batch
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import signal
+import tarfile
 from itertools import islice
 from typing import NamedTuple
 
@@ -44,11 +47,16 @@ def _split_urls(data_dir, split: str) -> tuple[Manifest, list[str]]:
     manifest = load_manifest(data_dir)
     if split not in manifest.splits:
         raise DataError(f"{data_dir}: no split {split!r} (has {', '.join(manifest.splits)})")
-    urls = [os.path.join(os.fspath(data_dir), name) for name in manifest.splits[split].shards]
+    urls = _shard_urls(data_dir, manifest, split)
     for url in urls:
-        if not os.path.isfile(url):
+        if not os.path.exists(url):  # exists, not isfile: a pipe or device is read like a file
             raise DataError(f"{url}: shard listed in the manifest is missing")
     return manifest, urls
+
+
+def _shard_urls(data_dir, manifest: Manifest, split: str) -> list[str]:
+    """Paths of a split's shards, in manifest order."""
+    return [os.path.join(os.fspath(data_dir), name) for name in manifest.splits[split].shards]
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -61,6 +69,25 @@ def _ignore_stop_signals(worker_id: int) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, kill daemonic children (reader workers) that are still alive.
+
+    The workers ignore SIGTERM, and a loader that stopped on an error leaves them waiting: measured,
+    a run that ended on a short shard then hung at exit, because multiprocessing's own exit handler
+    sends SIGTERM to daemonic children and waits for them. Daemonic children die with their parent
+    anyway; this makes it so. Registered after multiprocessing's handler, so it runs before it.
+    """
+    leftover = [process for process in multiprocessing.active_children() if process.daemon]
+    if leftover:
+        # torch's SIGCHLD handler would report each killed worker as an error; we are exiting.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for process in leftover:
+        process.kill()
+
+
+atexit.register(_kill_leftover_workers)
 
 
 def _worker() -> tuple[int, int]:
@@ -82,6 +109,38 @@ class _Decode:
                 f"expected {self.seq_len}"
             )
         return seq, int(sample[LABEL_KEY]), sample[CAPTION_KEY].decode("utf-8")
+
+
+class _CheckedShardSamples:
+    """Pipeline stage: shard urls -> samples (webdataset's tar reading), each shard checked as it ends.
+
+    A shard read to its end must hold exactly the manifest's count of samples, and a tar error names
+    the shard: a truncated or damaged shard stops the run instead of reading as a shorter one. Only
+    counting, so it costs nothing; `python -m data_prep.verify` does the full sha256 check.
+    """
+
+    def __init__(self, counts: dict[str, int]):
+        self.counts = counts  # url -> samples, from the manifest
+
+    def __call__(self, src):
+        for shard in src:
+            url = shard["url"]
+            seen = 0
+            try:
+                for sample in wds.tariterators.tarfile_samples([shard]):
+                    seen += 1
+                    yield sample
+            except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+                raise DataError(f"{url}: unreadable after {seen} samples ({type(err).__name__}: {err}); "
+                                "run python -m data_prep.verify on the folder") from None
+            if seen != self.counts[url]:
+                raise DataError(f"{url}: {seen} samples, the manifest says {self.counts[url]} "
+                                "(truncated or replaced); run python -m data_prep.verify on the folder")
+
+
+def _worker_message(error: DataError) -> str:
+    """The DataError raised in a DataLoader worker, without the traceback torch puts around it."""
+    return str(error).rsplit("DataError: ", 1)[-1]
 
 
 def _collate_numpy(samples: list) -> tuple[np.ndarray, np.ndarray, list]:
@@ -138,7 +197,7 @@ class TrainBatches:
 
     def __init__(self, data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000, split: str = "train",
-                 epoch_batches: int = EPOCH_BATCHES):
+                 epoch_batches: int = EPOCH_BATCHES, read_timeout: float = 0.0):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -146,9 +205,12 @@ class TrainBatches:
         if start_batch < 0 or num_workers < 0 or shuffle_buffer < 0 or epoch_batches < 1:
             raise DataError("start_batch, num_workers and shuffle_buffer must not be negative, epoch_batches >= 1")
         self.manifest, self.urls = _split_urls(data_dir, split)
+        self.split = split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed, self.start_batch = num_workers, seed, start_batch
         self.shuffle_buffer, self.epoch_batches = shuffle_buffer, epoch_batches
+        # Seconds the workers may take for one batch (0: no limit; in-process reading has none).
+        self.read_timeout = read_timeout if num_workers > 0 else 0.0
 
     def _loader(self, epoch: int):
         epoch_seed = _seed(self.seed, epoch)
@@ -157,13 +219,13 @@ class TrainBatches:
             wds.ResampledShards(self.urls, seed=epoch_seed, worker_seed=_shard_stream_seed, deterministic=True),
             stages.split_by_node,
             stages.split_by_worker,
-            wds.tarfile_to_samples(),
+            _CheckedShardSamples(dict(zip(self.urls, self.manifest.splits[self.split].counts))),
             stages.shuffle_in_worker,
             wds.map(_Decode(self.manifest.seq_len)),
             wds.batched(min(WORKER_BATCH, self.batch_size), collation_fn=_collate_numpy, partial=False),
         )
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                               persistent_workers=False,
+                               persistent_workers=False, timeout=self.read_timeout,
                                worker_init_fn=_ignore_stop_signals if self.num_workers else None)
         # Mix the workers' samples (a seed per rank), then cut this rank's batches.
         return (
@@ -177,18 +239,28 @@ class TrainBatches:
         while True:
             batches = islice(iter(self._loader(epoch)), self.epoch_batches)
             # Exact resume: the epoch's stream is deterministic, so dropping `skip` batches lands on start_batch.
-            yield from islice(batches, skip, None)
+            try:
+                yield from islice(batches, skip, None)
+            except DataError as error:
+                raise DataError(_worker_message(error)) from None
+            except RuntimeError as error:
+                if "timed out" not in str(error):
+                    raise
+                # A hung read (a stuck network file system) would otherwise block the run, and any
+                # stop request, until the job's time limit.
+                raise DataError(f"{os.path.dirname(self.urls[0])}: rank {self.rank}: no batch from the reader "
+                                f"workers in {self.read_timeout:g} s; a shard read hangs") from None
             skip = 0
             epoch += 1
 
 
 def train_batches(data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                   seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000,
-                  epoch_batches: int = EPOCH_BATCHES) -> TrainBatches:
+                  epoch_batches: int = EPOCH_BATCHES, read_timeout: float = 0.0) -> TrainBatches:
     """Endless, deterministic training batches for one rank (start_batch=N continues from batch N)."""
     return TrainBatches(data_dir, batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
                         seed=seed, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
-                        epoch_batches=epoch_batches)
+                        epoch_batches=epoch_batches, read_timeout=read_timeout)
 
 
 class EvalBatches:
@@ -217,15 +289,23 @@ class EvalBatches:
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             wds.split_by_worker,
-            wds.tarfile_to_samples(),
+            _CheckedShardSamples(dict(zip(self.urls, self.counts))),
             wds.map(_Decode(self.manifest.seq_len)),
             wds.batched(self.batch_size, collation_fn=_collate_numpy, partial=True),
             wds.map(_to_batch),
         )
         if workers == 0:
             return iter(pipeline)
-        return iter(wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                                  worker_init_fn=_ignore_stop_signals))
+        return _unwrapped_errors(wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                                               worker_init_fn=_ignore_stop_signals))
+
+
+def _unwrapped_errors(loader):
+    """Iterate a worker loader, re-raising a worker's DataError as its own one line."""
+    try:
+        yield from loader
+    except DataError as error:
+        raise DataError(_worker_message(error)) from None
 
 
 def eval_batches(data_dir, batch_size: int, *, split: str = "test", rank: int = 0, world_size: int = 1,

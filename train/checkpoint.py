@@ -1,11 +1,15 @@
 """Checkpoints: complete or absent.
 
 Layout: RUN/checkpoints/step_0000500/ holds accelerate's `save_state` output plus meta.json
-({"step", "model_config", "image"}). Every rank writes into RUN/checkpoints/step_0000500.tmp-XXXX/
+({"step", "model_config", "image", "train_state", "run", "data", "files"}): `files` lists every other
+file of the folder with its size and sha256, and resuming checks them before loading anything. Every rank writes into RUN/checkpoints/step_0000500.tmp-XXXX/
 (save_state must run on every rank: it saves each rank's RNG state and waits on collectives); the
 main process writes meta.json last and renames the folder to its final name once all ranks are done.
 A crash at any point leaves either the previous checkpoints untouched or a `.tmp-` folder, which is
-never taken for a checkpoint and is cleared by the next run.
+never taken for a checkpoint and is cleared by the next run. A complete folder whose files no longer
+match meta.json (a flipped bit, a truncated copy) is "damaged": `--resume auto` moves it aside to
+`step_N.damaged-XXXX` (kept for inspection, never pruned, never resumed) and falls back to the
+previous complete one; `--resume PATH` refuses it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import os
 import re
 import secrets
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from data_prep.shards import file_sha256
 
 CHECKPOINT_DIR = "checkpoints"
 META_NAME = "meta.json"
@@ -93,6 +99,73 @@ def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
     return resume
 
 
+def file_record(path: str) -> dict:
+    """{"size", "sha256"} of one file, as meta.json lists it."""
+    return {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+
+
+def checkpoint_damage(path: str) -> Optional[str]:
+    """None when every file meta.json lists has its recorded size and sha256, else one line naming the file.
+
+    Sizes are compared first (a truncated copy is found without reading anything); a checkpoint
+    written before meta.json listed its files has nothing to compare and counts as intact.
+    """
+    try:
+        meta = read_meta(path)
+    except CheckpointError as err:
+        return str(err)
+    files = meta.get("files") or {}
+    for name, record in sorted(files.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{file}: missing (meta.json lists it)"
+        size = os.path.getsize(file)
+        if size != record["size"]:
+            return f"{file}: {size} bytes, meta.json says {record['size']} (truncated or damaged)"
+    for name, record in sorted(files.items()):
+        if file_sha256(os.path.join(path, name)) != record["sha256"]:
+            return f"{os.path.join(path, name)}: sha256 differs from meta.json (damaged)"
+    return None
+
+
+def damaged_folders(run_dir: str) -> list[str]:
+    """Checkpoint folders moved aside as damaged (step_N.damaged-XXXX)."""
+    folder = os.path.join(run_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(folder):
+        return []
+    return sorted(name for name in os.listdir(folder) if re.match(r"^step_\d+\.damaged-", name))
+
+
+def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str], None]) -> Optional[str]:
+    """The checkpoint to load, after checking its files against meta.json (main process, lock held).
+
+    `--resume PATH`: a damaged PATH is a CheckpointError. `--resume auto`: a damaged checkpoint is
+    moved aside to step_N.damaged-XXXX with a warning and the next older complete one is tried; when
+    damaged ones exist and none is intact, CheckpointError rather than a silent fresh start.
+    """
+    if resume is None:
+        return None
+    if resume != "auto":
+        damage = checkpoint_damage(resume)
+        if damage:
+            raise CheckpointError(f"--resume {resume}: damaged checkpoint: {damage}")
+        return resume
+    for _, path in reversed(complete_checkpoints(run_dir)):
+        damage = checkpoint_damage(path)
+        if damage is None:
+            return path
+        aside = f"{path}.damaged-{secrets.token_hex(4)}"
+        os.replace(path, aside)
+        warn(f"warning: skipping damaged checkpoint {path}: {damage}; moved to {os.path.basename(aside)}, "
+             "trying the previous one")
+    left = damaged_folders(run_dir)
+    if left:
+        raise CheckpointError(
+            f"{run_dir}/{CHECKPOINT_DIR}: no intact checkpoint, only damaged ones ({', '.join(left)}); "
+            "move them away to start afresh, or choose another train.run_dir")
+    return None
+
+
 def model_config_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose values differ between two model config dicts (runtime-only keys ignored)."""
     keys = sorted(set(saved) | set(current))
@@ -106,13 +179,48 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_compatible(path: str, model_config: dict) -> dict:
-    """meta.json of path, after refusing a checkpoint whose model config differs from model_config."""
+def check_compatible(path: str, model_config: dict, image: Optional[dict] = None) -> dict:
+    """meta.json of path, after refusing a checkpoint whose model config or image format differs.
+
+    The image format (dataset, shape, bins, order, classes) decides what the bytes mean: weights
+    trained on one cannot continue on another, even where the shapes happen to fit.
+    """
     meta = read_meta(path)
     differences = model_config_differences(meta["model_config"], model_config)
+    if image is not None and isinstance(meta.get("image"), dict):
+        differences += [f"data {key}: checkpoint {meta['image'].get(key)!r} != data.dir {value!r}"
+                        for key, value in image.items()
+                        if key in meta["image"] and _normalise(meta["image"][key]) != _normalise(value)]
     if differences:
         raise CheckpointError(f"{path}: model config differs from the run's: {'; '.join(differences)}")
     return meta
+
+
+def run_changes(meta: dict, run: dict, data: dict) -> list[str]:
+    """Warnings for a resume with another allocation, batch, seed or data set than the checkpoint's.
+
+    None of these is refused: changing grad_accum or the number of ranks on a requeue is normal.
+    The step (optimizer updates) and the learning-rate schedule go on; what changes is said.
+    """
+    saved_run, saved_data, lines = meta.get("run") or {}, meta.get("data") or {}, []
+    changed = [key for key in ("world_size", "batch_size", "grad_accum") if key in saved_run
+               and saved_run[key] != run[key]]
+    if changed:
+        lines.append(", ".join(f"{key} {saved_run[key]} -> {run[key]}" for key in changed)
+                     + f": global batch {saved_run.get('global_batch')} -> {run['global_batch']} images per step; "
+                     "steps go on counting optimizer updates (the schedule continues from the checkpoint's step)"
+                     + ("; the data stream is a new random one" if "grad_accum" not in changed or len(changed) > 1
+                        else ""))
+    if "seed" in saved_run and saved_run["seed"] != run["seed"]:
+        lines.append(f"train.seed {saved_run['seed']} -> {run['seed']}: the data order and dropout differ "
+                     "from an uninterrupted run")
+    before = (saved_data.get("dataset"), saved_data.get("seed"), saved_data.get("splits"))
+    after = (data.get("dataset"), data.get("seed"), data.get("splits"))
+    if saved_data and before != after:
+        lines.append(f"trained on {saved_data.get('dir')} ({saved_data.get('dataset')}, prep seed "
+                     f"{saved_data.get('seed')}, {saved_data.get('splits')}), now {data.get('dir')} "
+                     f"({data.get('dataset')}, prep seed {data.get('seed')}, {data.get('splits')})")
+    return lines
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
@@ -139,10 +247,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int) -> str:
+def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int,
+                    extra_files: Optional[Callable[[str], None]] = None) -> str:
     """Save the full training state at `step` on every rank; returns the final folder.
 
     Must be called by every rank (save_state writes per-rank RNG states and meets collectives).
+    extra_files(folder) writes further files into the checkpoint on the main process (the EMA),
+    before their sizes and digests go into meta.json.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -157,15 +268,22 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    if extra_files is not None and accelerator.is_main_process:
+        extra_files(tmp)
     accelerator.wait_for_everyone()  # every rank's files are in tmp
     if accelerator.is_main_process:
         # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a
-        # folder must not look complete while its weights are still only in the page cache.
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as stream:
+        # folder must not look complete while its weights are still only in the page cache. The same
+        # pass records each file's size and sha256, which resuming checks.
+        files = {}
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                file = os.path.join(root, name)
+                with open(file, "rb") as stream:
                     os.fsync(stream.fileno())
-        _write_json_atomic(os.path.join(tmp, META_NAME), {**meta, "step": step})  # last: marks it complete
+                files[os.path.relpath(file, tmp)] = file_record(file)
+        payload = {**meta, "step": step, "files": dict(sorted(files.items()))}
+        _write_json_atomic(os.path.join(tmp, META_NAME), payload)  # last: marks it complete
         _fsync_dir(tmp)
         if os.path.exists(final):
             # Saving the same step again (e.g. a stop right after resuming): swap, then drop the old one,
@@ -183,7 +301,11 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
 
 
 def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` complete checkpoints; returns the removed folders."""
+    """Delete all but the newest `keep` complete checkpoints; returns the removed folders.
+
+    Damaged folders moved aside (step_N.damaged-XXXX) are not checkpoints here: they are neither
+    counted nor deleted.
+    """
     existing = complete_checkpoints(run_dir)
     removed = []
     for _, path in existing[:-keep] if keep > 0 else []:

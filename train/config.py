@@ -31,6 +31,7 @@ class DataConfig:
     dir: str = "data/digits"  # a folder written by `python -m data_prep.prepare`
     num_workers: int = 2  # reader worker processes per rank
     shuffle_buffer: int = 1000  # samples held for shuffling in each worker
+    read_timeout: float = 600.0  # seconds the reader workers may take for one batch (0: no limit)
 
 
 @dataclass

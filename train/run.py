@@ -24,9 +24,11 @@ Overrides: `--set section.key=value` (repeatable), e.g. `--set optim.lr=1e-4 --s
 so, if there is none); `--resume RUN/checkpoints/step_0000500` from that one. Without --resume a run
 folder that already holds checkpoints is refused rather than overwritten.
 
-Exit codes: 0 done; 1 training failed; 2 bad usage or configuration; 75 stopped by SIGUSR1/SIGTERM
-after saving a checkpoint (requeue the job and pass --resume auto). Under `accelerate launch` the
-launcher itself reports a non-zero worker exit as 1; the ranks' own message names the cause.
+Exit codes: 0 done; 1 training failed (a short or damaged shard included); 2 bad usage or
+configuration, a damaged --resume PATH, or a run folder locked by another trainer (RUN/lock names
+it); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (requeue the job and pass --resume
+auto). Under `accelerate launch` the launcher itself reports a non-zero worker exit as 1; the ranks'
+own message names the cause.
 """
 
 from __future__ import annotations
@@ -63,12 +65,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     from data_prep.errors import DataError
     from train.checkpoint import CheckpointError
     from train.config import ConfigError, load_config
+    from train.run_lock import RunLockError
     from train.trainer import TrainingError, train
 
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume, config_source=args.config)
-    except (ConfigError, CheckpointError, DataError) as err:
+    except (ConfigError, CheckpointError, DataError, RunLockError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except TrainingError as err:

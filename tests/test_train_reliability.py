@@ -1,0 +1,343 @@
+"""A run never silently goes wrong: resume with another allocation, short shards, two trainers on one
+run folder, damaged checkpoints, stop signals outside the loop, fp16 without a scaler, rank failures.
+
+Tiny 1-layer models on the digits16 set of test_train_run; each test runs a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+import torch
+
+from test_train_run import (RUN_PY, cli_args, complete_steps, digits16, env, free_port,  # noqa: F401
+                            fresh_accelerate, start, train_in_process, wait_for)
+from train.run import main as run_main
+
+
+def truncate_before_last_sample(shard: str) -> None:
+    """Cut a tar shard at the start of its last sample (a clean member boundary, no end-of-archive)."""
+    with tarfile.open(shard) as archive:
+        members = archive.getmembers()
+    last_key = members[-1].name.split(".")[0]
+    first_of_last = min(m.offset for m in members if m.name.split(".")[0] == last_key)
+    with open(shard, "r+b") as stream:
+        stream.truncate(first_of_last)
+
+
+def copy_data(data_dir: str, tmp_path) -> str:
+    """A private copy of a prepared folder, to damage."""
+    copy = str(tmp_path / "data")
+    shutil.copytree(data_dir, copy)
+    return copy
+
+
+# 1. grad_accum changed on resume --------------------------------------------------------------
+
+def test_resume_with_another_grad_accum_keeps_learning(digits16, tmp_path, fresh_accelerate, capsys, monkeypatch):
+    run = tmp_path / "run"
+    extra = ["train.eval_at_start=false", "optim.warmup_steps=1"]
+    # 7 steps: accelerate's saved micro-step count (7) is not a multiple of the new grad_accum.
+    first = train_in_process(digits16, run, *extra, "train.max_steps=7")
+    # Resuming must not unpickle anything with weights_only=False (our counters live in meta.json).
+    unsafe_loads = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        if kwargs.get("weights_only") is False:
+            unsafe_loads.append(args[0])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    second = train_in_process(digits16, run, *extra, "train.max_steps=13", "train.grad_accum=3", resume="auto")
+    out = capsys.readouterr().out
+    assert (first.step, second.step) == (7, 13)
+    assert second.param_digest != first.param_digest, "the weights did not move after the resume"
+    assert second.bad_total == 0
+    assert unsafe_loads == []
+    assert "grad_accum 1 -> 3: global batch 8 -> 24" in out, out
+    meta = json.loads((run / "checkpoints" / "step_0000013" / "meta.json").read_text())
+    # 7 steps of 1 micro-batch, then 6 of 3: the data stream goes on from where it stopped.
+    assert meta["train_state"]["micro_batches"] == 7 + 6 * 3
+    assert meta["train_state"]["samples_seen"] == 7 * 8 + 6 * 24
+    assert meta["run"]["grad_accum"] == 3 and meta["run"]["global_batch"] == 24
+
+
+# 2. short shards -------------------------------------------------------------------------------
+
+def test_reader_names_a_shard_with_fewer_samples_than_the_manifest(digits16, tmp_path):
+    from data_prep.errors import DataError
+    from data_prep.reader import eval_batches, train_batches
+
+    data = copy_data(digits16, tmp_path)
+    truncate_before_last_sample(os.path.join(data, "test-000003.tar"))
+    with pytest.raises(DataError, match=r"test-000003.tar: \d+ samples, the manifest says \d+"):
+        list(eval_batches(data, 16))
+    with pytest.raises(DataError, match=r"test-000003.tar: \d+ samples") as caught:
+        list(eval_batches(data, 16, num_workers=2))
+    assert "Traceback" not in str(caught.value)  # the worker's message, not torch's wrapper
+    for name in os.listdir(data):
+        if name.startswith("train-"):
+            truncate_before_last_sample(os.path.join(data, name))
+    with pytest.raises(DataError, match=r"train-\d+.tar: \d+ samples, the manifest says") as caught:
+        for _ in train_batches(data, 8, num_workers=1, shuffle_buffer=10):
+            pass
+    assert "Traceback" not in str(caught.value)
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_truncated_shard_stops_the_run_with_one_line(split, digits16, tmp_path):
+    data = copy_data(digits16, tmp_path)
+    shards = sorted(name for name in os.listdir(data) if name.startswith(f"{split}-"))
+    for name in shards if split == "train" else shards[:1]:
+        truncate_before_last_sample(os.path.join(data, name))
+    # The command line in a process of its own: it must also exit (reader workers left waiting once
+    # made a run that had printed its error hang at exit).
+    done = subprocess.run([sys.executable, RUN_PY, *cli_args(data, tmp_path / "run", "train.max_steps=30",
+                                                             f"train.eval_at_start={split == 'test'}")],
+                          env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert len(errors) == 1 and f"{split}-0000" in errors[0] and "the manifest says" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert complete_steps(tmp_path / "run") == []
+
+
+# 3. two trainers on one run folder -------------------------------------------------------------
+
+def test_second_trainer_exits_2_naming_the_holder_and_a_dead_holder_never_blocks(digits16, tmp_path,
+                                                                                fresh_accelerate, capsys):
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, RUN_PY, *cli_args(digits16, run, "train.max_steps=100000",
+                                                                "train.eval_at_start=false")],
+                             env={**env(), "SLURM_JOB_ID": "4242"}, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("training from step 0"):
+                break
+        code = run_main(cli_args(digits16, run, "train.max_steps=3") + ["--resume", "auto"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert len(err.splitlines()) == 1, err
+        for word in (str(run / "lock"), f"pid {first.pid}", socket.gethostname(), "Slurm job 4242"):
+            assert word in err, err
+        assert first.poll() is None  # the holder was not disturbed
+    finally:
+        first.kill()
+        first.communicate(timeout=30)
+    # kill -9 leaves the lock file but not the lock: a restart goes ahead at once.
+    assert (run / "lock").exists()
+    code = run_main(cli_args(digits16, run, "train.max_steps=3", "train.eval_at_start=false") + ["--resume", "auto"])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((run / "lock").read_text())["pid"] == os.getpid()
+
+
+# 4. damaged checkpoints ------------------------------------------------------------------------
+
+def flip_one_bit(path) -> None:
+    """Invert one bit in the middle of a file."""
+    with open(path, "r+b") as stream:
+        stream.seek(os.path.getsize(path) // 2)
+        byte = stream.read(1)
+        stream.seek(-1, os.SEEK_CUR)
+        stream.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_damaged_checkpoint_is_refused_by_path_and_skipped_by_auto(digits16, tmp_path, fresh_accelerate, capsys):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    args = ["train.checkpoint_every=4", "train.eval_at_start=false"]
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=8")) == 0
+    assert complete_steps(run) == [4, 8]
+    flip_one_bit(ckpt / "step_0000008" / "model.safetensors")
+    capsys.readouterr()
+    # --resume PATH: one line naming the file, exit 2.
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=10") + ["--resume", str(ckpt / "step_0000008")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step_0000008/model.safetensors" in err and "damaged" in err, err
+    # --resume auto: a warning naming the file, then the previous complete checkpoint.
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=10") + ["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipping damaged checkpoint" in out and "step_0000008/model.safetensors" in out, out
+    assert f"resumed from {ckpt}/step_0000004 at step 4" in out, out
+    assert complete_steps(run) == [8, 10]
+    assert len([name for name in os.listdir(ckpt) if name.startswith("step_0000008.damaged-")]) == 1
+    # A truncated file: found by its size, the older checkpoint is tried instead of a traceback.
+    optimizer_file = ckpt / "step_0000010" / "optimizer.bin"
+    with open(optimizer_file, "r+b") as stream:
+        stream.truncate(os.path.getsize(optimizer_file) // 2)
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=11") + ["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "step_0000010/optimizer.bin" in out and "truncated" in out, out
+    assert f"resumed from {ckpt}/step_0000008 at step 8" in out, out
+    # An unreadable meta.json is damage too, not a reason to stop.
+    (ckpt / "step_0000011" / "meta.json").write_text('{"step": 11, "model_con')
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=12") + ["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "step_0000011/meta.json: unreadable" in out and f"resumed from {ckpt}/step_0000008" in out, out
+
+
+def test_every_checkpoint_damaged_is_refused_not_a_fresh_start(digits16, tmp_path, fresh_accelerate, capsys):
+    run = tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=2", "train.eval_at_start=false")) == 0
+    flip_one_bit(run / "checkpoints" / "step_0000002" / "model.safetensors")
+    capsys.readouterr()
+    for _ in range(2):  # and again after the damaged one was moved aside
+        assert run_main(cli_args(digits16, run, "train.max_steps=4") + ["--resume", "auto"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "no intact checkpoint" in err and "step_0000002.damaged-" in err, err
+
+
+# Resume on other data ---------------------------------------------------------------------------
+
+def test_resume_on_data_of_another_order_is_refused(digits16, tmp_path, fresh_accelerate, capsys):
+    from data_prep.prepare import PrepareConfig, prepare
+
+    run = tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=2", "train.eval_at_start=false")) == 0
+    other = tmp_path / "patches"
+    prepare(PrepareConfig(dataset="digits", out=str(other), bins=16, order="patch:4", train_size=200,
+                          test_size=20, workers=1, progress=False))
+    capsys.readouterr()
+    assert run_main(cli_args(str(other), run, "train.max_steps=4") + ["--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "order: checkpoint 'raster' != data.dir 'patch:4'" in err, err
+
+
+# Stop signals outside the loop -----------------------------------------------------------------
+
+# Runs train.run.main with the evaluation at one step announcing itself and taking a second, so
+# that the test can signal the process while that evaluation runs.
+SLOW_EVAL = """
+import os, sys, time
+import train.trainer as trainer
+from train.run import main
+real = trainer.evaluate
+calls = []
+def slow(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(os.environ["SIGNAL_AT_EVAL"]):
+        open(os.environ["EVAL_SENTINEL"], "w").close()
+        time.sleep(1.0)
+    return real(*args, **kwargs)
+trainer.evaluate = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("when", ["first evaluation", "final evaluation"])
+def test_stop_signal_outside_the_loop_is_honoured(when, digits16, tmp_path):
+    run = tmp_path / "run"
+    sentinel = tmp_path / "evaluating"
+    os.environ.update(SIGNAL_AT_EVAL="1" if when == "first evaluation" else "2", EVAL_SENTINEL=str(sentinel))
+    try:
+        process = start(cli_args(digits16, run, "train.max_steps=4", "train.eval_at_start=true"), tmp_path,
+                        wrapper=SLOW_EVAL)
+    finally:
+        del os.environ["SIGNAL_AT_EVAL"], os.environ["EVAL_SENTINEL"]
+    wait_for(sentinel.exists, process, what=f"the {when}")
+    process.send_signal(signal.SIGUSR1)
+    out, _ = process.communicate(timeout=120)
+    if when == "first evaluation":
+        # One step is trained, saved, and the run stops for a requeue.
+        assert process.returncode == 75, out[-3000:]
+        assert complete_steps(run) == [1]
+    else:
+        # Too late to matter: the run finishes its last evaluation, checkpoint and export.
+        assert process.returncode == 0, out[-3000:]
+        assert complete_steps(run) == [4] and os.path.isfile(run / "export" / "model.pt")
+
+
+# fp16 without a GradScaler -------------------------------------------------------------------------
+
+def test_fp16_without_a_scaler_never_applies_a_non_finite_gradient(digits16, tmp_path, fresh_accelerate,
+                                                                   monkeypatch, capsys):
+    from model import ImageTransformer
+    from model.export import load_export
+
+    forward = ImageTransformer.forward
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        logits = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1 and torch.is_grad_enabled():  # the first training step: finite loss, inf gradient
+            logits.register_hook(lambda grad: grad * float("inf"))
+        return logits
+
+    monkeypatch.setattr(ImageTransformer, "forward", poisoned)
+    result = train_in_process(digits16, tmp_path / "run", "train.mixed_precision=fp16", "train.max_steps=6",
+                              "train.max_bad_steps=3", "train.eval_at_start=false")
+    assert "step 0: non-finite loss or gradient" in capsys.readouterr().out
+    assert result.exit_code == 0 and result.bad_total == 1
+    net, _, _ = load_export(str(tmp_path / "run" / "export" / "model.pt"))
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# One rank fails ---------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_every_rank_with_its_message_once(digits16, tmp_path):
+    data = copy_data(digits16, tmp_path)
+    truncate_before_last_sample(os.path.join(data, "test-000001.tar"))  # read by rank 1 of 2 only
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               RUN_PY, *cli_args(data, tmp_path / "run", "train.max_steps=20", "train.eval_at_start=true")]
+    began = time.monotonic()
+    done = subprocess.run(command, env={**env(), "ACCELERATE_USE_CPU": "1"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - began
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output[-3000:]
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    lines = [line for line in output.splitlines() if line.startswith("error: ") and "test-000001.tar" in line]
+    assert len(lines) == 1, output[-4000:]
+    assert complete_steps(tmp_path / "run") == []
+
+
+# A hung read --------------------------------------------------------------------------------------
+
+def test_a_hung_shard_read_ends_the_run_after_data_read_timeout(digits16, tmp_path):
+    data = copy_data(digits16, tmp_path)
+    for name in os.listdir(data):
+        if name.startswith("train-"):
+            os.remove(os.path.join(data, name))
+            os.mkfifo(os.path.join(data, name))  # opening it for reading blocks: a stuck file system
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, RUN_PY, *cli_args(data, tmp_path / "run", "train.max_steps=5",
+                                                             "train.eval_at_start=false", "data.read_timeout=3")],
+                          env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "no batch from the reader workers in 3 s" in errors[0], done.stderr[-3000:]
+    assert time.monotonic() - began < 60
+
+
+@pytest.mark.slow
+def test_resume_on_two_ranks_from_a_one_rank_checkpoint(digits16, tmp_path):
+    run = tmp_path / "run"
+    first = subprocess.run([sys.executable, RUN_PY, *cli_args(digits16, run, "train.max_steps=5",
+                                                              "train.eval_at_start=false")],
+                           env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               RUN_PY, *cli_args(digits16, run, "train.max_steps=10"), "--resume", "auto"]
+    done = subprocess.run(command, env={**env(), "ACCELERATE_USE_CPU": "1"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "world_size 1 -> 2: global batch 8 -> 16" in output, output[-3000:]
+    assert "parameters identical on all 2 rank(s)" in output
+    meta = json.loads((run / "checkpoints" / "step_0000010" / "meta.json").read_text())
+    assert meta["train_state"]["samples_seen"] == 5 * 8 + 5 * 16 and meta["run"]["world_size"] == 2

@@ -330,7 +330,7 @@ def finished_run(digits16, tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing data folder", "resume path missing",
                                   "resume path incomplete", "model config mismatch", "existing run without resume",
-                                  "ema decay of one"])
+                                  "ema decay of one", "negative read timeout"])
 def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path, capsys):
     run = str(finished_run)
     step4 = os.path.join(run, "checkpoints", "step_0000004")
@@ -340,6 +340,7 @@ def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path
         "unknown key": (cli_args(digits16, run, "train.colour=red"), ["train.colour", "unknown key"]),
         "wrong type": (cli_args(digits16, run, "train.max_steps=lots"), ["train.max_steps", "'lots'"]),
         "ema decay of one": (cli_args(digits16, run, "train.ema_decay=1.0"), ["train.ema_decay", "[0, 1)"]),
+        "negative read timeout": (cli_args(digits16, run, "data.read_timeout=-5"), ["data.read_timeout", "-5"]),
         "missing data folder": (cli_args(str(tmp_path / "nowhere"), run), ["digits.yaml", "data.dir", "nowhere"]),
         "resume path missing": (cli_args(digits16, run) + ["--resume", str(tmp_path / "step_0000123")],
                                 ["step_0000123", "no such checkpoint"]),

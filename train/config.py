@@ -298,6 +298,8 @@ def _check_consistency(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.optim.warmup_steps < 0:
         raise ConfigError(f"{source}: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
+    if cfg.data.read_timeout < 0:
+        raise ConfigError(f"{source}: data.read_timeout must be >= 0 (0 = no limit), got {cfg.data.read_timeout}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"{source}: train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
 

@@ -55,8 +55,10 @@ def submit_training(slurm: SlurmCluster, run_dir: Path, data: Path, log: Path, s
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the complete checkpoints of a run (a complete one holds meta.json)."""
-    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoints/step_*/meta.json"))
+    """Steps of the complete checkpoints of a run: step_N folders holding meta.json (a folder still being
+    written, step_N.tmp-XXXX, gets its meta.json just before it is renamed)."""
+    return sorted(int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoints/step_*/meta.json")
+                  if p.parent.name.split("_")[1].isdigit())
 
 
 def read_log(log: Path) -> str:

@@ -28,9 +28,18 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
 from tqdm import tqdm
 
+from data_prep.errors import DataError
+from data_prep.manifest import load_manifest
+from data_prep.reader import eval_batches
+from model.generation import SamplingOptions, generate_images
+from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
 from sample.errors import SampleFailure, SampleUsageError
+from sample.loading import load_for_sampling
+from sample.request import conditional_request
 
 LN2 = math.log(2.0)
 _IMAGE_KEYS = ("height", "width", "channels", "bins", "order")
@@ -111,7 +120,6 @@ def _condition_inputs(condition: str, batch, device) -> dict:
 def bits_per_dim(net, data_dir, split: str, batch_size: int, device, progress: bool = True,
                  rank: int = 0, world_size: int = 1) -> tuple[float, torch.Tensor]:
     """(bits/dim, totals [nats, bytes, images] float64 of this rank) over this rank's share of split."""
-    from data_prep.reader import eval_batches
 
     batches = eval_batches(data_dir, batch_size, split=split, rank=rank, world_size=world_size)
     condition = net.config.condition
@@ -135,9 +143,6 @@ def _bits(totals: torch.Tensor) -> float:
 
 def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement:
     """Sample n_per_class images of every class and measure how many the classifier names correctly."""
-    from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
-    from model.generation import SamplingOptions, generate_images
-    from sample.request import conditional_request
 
     n_classes = len(manifest.class_names)
     settings = ClassifierSettings(steps=job.classifier_steps)
@@ -159,12 +164,7 @@ def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement
 
 def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     """Run the evaluation; the result on the main process, None on the others."""
-    from accelerate import PartialState
-    from accelerate.utils import reduce
 
-    from data_prep.errors import DataError
-    from data_prep.manifest import load_manifest
-    from sample.loading import load_for_sampling
 
     if job.n_per_class < 0:
         raise SampleUsageError(f"--n-per-class {job.n_per_class}: must be >= 0")

@@ -18,10 +18,21 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
 
+from data_prep.captions import caption_for
+from data_prep.codec import decode_sequences
+from data_prep.errors import DataError
 from data_prep.grids import grid_tensor, save_png
+from data_prep.manifest import load_manifest
+from data_prep.reader import eval_batches, train_batches
+from model import ImageTransformer, ModelConfig
+from model.export import save_export
 from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, write_config, config_to_dict
@@ -90,8 +101,6 @@ def preserved_rng() -> Iterator[None]:
 
 def build_model_config(cfg: TrainConfig, manifest: Any, source: str) -> Any:
     """ModelConfig from the model section plus bins/seq_len/n_classes of the data manifest."""
-    from model import ModelConfig
-
     values = dataclasses.asdict(cfg.model)
     values.update(bins=manifest.bins, seq_len=manifest.seq_len, n_classes=max(1, len(manifest.class_names)))
     try:
@@ -102,9 +111,6 @@ def build_model_config(cfg: TrainConfig, manifest: Any, source: str) -> Any:
 
 def load_data_manifest(cfg: TrainConfig, source: str) -> Any:
     """The manifest of data.dir; ConfigError naming the key and the file when the folder is not usable."""
-    from data_prep.errors import DataError
-    from data_prep.manifest import load_manifest
-
     if not os.path.isdir(cfg.data.dir):
         raise ConfigError(f"{source}: data.dir {cfg.data.dir!r} does not exist "
                           "(prepare it with python -m data_prep.prepare)")
@@ -174,8 +180,6 @@ def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig, model_con
     Runs the unwrapped model so that no DDP collective happens inside the loop (ranks may hold
     different numbers of test batches).
     """
-    from data_prep.reader import eval_batches
-
     was_training = net.training
     net.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (nats, bytes)
@@ -196,9 +200,6 @@ def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig, model_con
 def sample_grid(net: torch.nn.Module, model_config: Any, manifest: Any, n: int, seed: int,
                 device: torch.device) -> torch.Tensor:
     """A float grid (3, H', W') of n recurrent samples, one class per column when class-conditional."""
-    from data_prep.captions import caption_for
-    from data_prep.codec import decode_sequences
-
     kwargs: dict = {}
     n_classes = len(manifest.class_names)
     classes = [i % n_classes for i in range(n)] if n_classes else []
@@ -281,8 +282,6 @@ def _on_main_then_share(accelerator: Any, work: Any) -> Any:
 
     Raises on every rank what work() raised on the main one (CheckpointError, RunLockError).
     """
-    from accelerate.utils import broadcast_object_list
-
     box: list = [None]
     if accelerator.is_main_process:
         try:
@@ -307,8 +306,6 @@ def _data_record(cfg: TrainConfig, manifest: Any) -> dict:
 def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Optional[str],
            stop: StopRequest) -> TrainResult:
     """The body of train(), after the configuration has been checked."""
-    from accelerate import Accelerator
-
     run_dir = cfg.train.run_dir
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum,
@@ -331,13 +328,7 @@ def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Optional[
 def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Optional[str],
                   stop: StopRequest, accelerator: Any) -> TrainResult:
     """Everything after the run lock: resume, the loop, the final evaluation, checkpoint and export."""
-    from accelerate.utils import gather_object, set_seed
-    from tqdm.auto import tqdm
 
-    from data_prep.errors import DataError
-    from data_prep.reader import train_batches
-    from model import ImageTransformer
-    from model.export import save_export
 
     run_dir = cfg.train.run_dir
     device = accelerator.device
@@ -395,7 +386,6 @@ def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Op
     accelerator.init_trackers("logs")
     writer = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
     if writer is not None and state.step == 0:
-        import yaml
         writer.add_text("config", "```\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + "```", 0)
 
     def meta() -> dict:

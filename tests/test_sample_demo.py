@@ -23,6 +23,9 @@ def test_fresh_folder_runs_prepare_train_and_sample(tmp_path):
     sample = stages["sample"]
     assert sample[sample.index("--classes") + 1] == "0-9"
     assert sample[sample.index("--checkpoint") + 1] == str(tmp_path / "run")
+    assert sample[sample.index("--guidance") + 1] == "2.0"  # the measured sweet spot (bench/RESULTS.md)
+    unguided = plan(tmp_path, "--guidance", "1")["sample"]
+    assert unguided[unguided.index("--guidance") + 1] == "1.0"
 
 
 def test_rerun_skips_what_is_done(tmp_path, prepared_digits):

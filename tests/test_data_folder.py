@@ -296,3 +296,31 @@ def test_bad_captions_are_named_at_prepare_time(folders, tmp_path, capsys, rows,
     assert message in line
     if "49" in str(rows):
         assert "49 bytes" in line and "limit of 48" in line
+
+
+def test_trainer_and_sampler_need_no_change_for_a_prepared_folder(folders, tmp_path):
+    # the manifest carries shape, bins, order and class names: train a few steps on a folder of mixed
+    # sizes and formats through the real command lines, then draw a grid from the run
+    train, test = folders
+    out = tmp_path / "prepared"
+    assert prepare_cli("--dataset", "folder", "--root", train, "--test-root", test, "--out", out,
+                       "--size", "8x8", "--channels", "3") == 0
+    repo = Path(__file__).resolve().parent.parent
+    run = tmp_path / "run"
+    sets = ["data.dir=" + str(out), "train.run_dir=" + str(run), "train.max_steps=3", "train.eval_every=3",
+            "train.checkpoint_every=3", "train.n_samples=2", "train.batch_size=4", "train.eval_batch_size=4",
+            "model.n_layers=1", "model.n_heads=2", "model.d_query=4", "model.d_ff=16", "log.progress_bar=false",
+            "data.num_workers=0", "data.shuffle_buffer=10", "train.eval_at_start=false"]
+    command = [sys.executable, str(repo / "train" / "run.py"), "--config", str(repo / "configs" / "digits.yaml")]
+    for value in sets:
+        command += ["--set", value]
+    trained = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "eval" in trained.stdout
+    grid = tmp_path / "grid.png"
+    sampled = subprocess.run([sys.executable, str(repo / "sample" / "run.py"), "--checkpoint", str(run),
+                              "--out", str(grid), "--classes", "0-1", "--n", "2", "--no-progress", "--device", "cpu"],
+                             capture_output=True, text=True, timeout=300, cwd=repo)
+    assert sampled.returncode == 0, sampled.stderr[-2000:]
+    with Image.open(grid) as picture:
+        assert picture.size == (2 * (8 + 2) + 2, 2 * (8 + 2) + 2)  # two classes x two images of 8x8

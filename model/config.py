@@ -66,6 +66,8 @@ class ModelConfig:
         if not isinstance(values, dict):
             raise ValueError(f"model config must be a mapping, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
+        # exports and checkpoints written before condition_inject existed hold prefix-only models
+        values = {"condition_inject": "prefix", **values}
         for key in values:
             if key not in known:
                 raise ValueError(f"model config: unknown key {key!r} (known: {', '.join(sorted(known))})")

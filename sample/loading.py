@@ -18,6 +18,7 @@ EXPORT_PATH = Path("export") / "model.pt"
 CHECKPOINTS = "checkpoints"
 META_NAME = "meta.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # accelerate's names, safe first
+EMA_FILE = "ema.safetensors"  # the trainer's weight average (train.ema_decay > 0)
 _STEP_FOLDER = re.compile(r"^step_(\d+)$")  # temporaries (step_N.tmp-XXXX) never match
 # wrappers whose prefixes may end up in a saved state dict (DDP, torch.compile)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -70,15 +71,18 @@ def _read_meta(folder: Path) -> dict:
 
 
 def _read_weights(folder: Path) -> tuple[dict, Path]:
-    """The model's state dict from accelerate's save_state output in folder."""
-    for name in WEIGHT_FILES:
+    """The model's state dict in folder: the weight average (ema.safetensors, what the trainer
+    evaluates and exports) when the run kept one, else accelerate's save_state output."""
+    for name in (EMA_FILE,) + WEIGHT_FILES:
         path = folder / name
         if not path.is_file():
             continue
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
-                return load_file(str(path), device="cpu"), path
+                state = load_file(str(path), device="cpu")
+                state.pop("n_averaged", None)  # the average's update count, not a weight
+                return state, path
             return torch.load(path, map_location="cpu", weights_only=True), path
         except Exception as err:  # safetensors and torch raise several types for a damaged file
             raise SampleFailure(f"{path}: unreadable weights ({type(err).__name__}: "

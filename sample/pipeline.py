@@ -126,12 +126,12 @@ def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         raise SampleUsageError(f"--n {job.n}: must be >= 1")
     if job.offset is not None and job.index is None:
         raise SampleUsageError("--offset applies to completion: give --index too")
-    if job.index is not None:
-        return _completion(job, loaded)
-    check_conditioning(config.condition, job.classes is not None, job.captions is not None)
     if job.options.guidance != 1 and config.condition == "none":
         raise SampleUsageError(f"--guidance {job.options.guidance:g}: the model is unconditional "
                                "(guidance needs model.condition class, caption or both)")
+    if job.index is not None:
+        return _completion(job, loaded)
+    check_conditioning(config.condition, job.classes is not None, job.captions is not None)
     for caption in job.captions or []:
         check_caption(caption, config.caption_len)
     if job.classes is None and job.captions is None:

@@ -85,3 +85,16 @@ def test_backend_not_installed_here_falls_back_to_auto(tmp_path, monkeypatch):
     assert net.config.backend == "auto"
     net, _, _ = load_export(tmp_path / "gpu.pt", backend="torch")
     assert net.config.backend == "torch"
+
+
+def test_export_written_before_condition_inject_existed_loads_as_prefix_only(tmp_path):
+    torch.manual_seed(0)
+    net = ImageTransformer(ModelConfig(bins=8, seq_len=12, n_layers=1, n_heads=2, d_query=4, d_ff=8,
+                                       condition="class", n_classes=3, condition_inject="prefix"))
+    payload = export_payload(net, {"height": 3, "width": 4, "channels": 1, "bins": 8, "order": "raster"}, 5)
+    del payload["model_config"]["condition_inject"]  # as main wrote it before the key existed
+    torch.save(payload, tmp_path / "old.pt")
+    loaded, _, _ = load_export(tmp_path / "old.pt")
+    assert loaded.config.condition_inject == "prefix"
+    seq = torch.randint(0, 8, (2, 12))
+    assert torch.equal(loaded(seq, torch.tensor([0, 2])), net.eval()(seq, torch.tensor([0, 2])))

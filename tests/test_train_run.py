@@ -167,6 +167,26 @@ def test_ema_is_evaluated_exported_and_resumes_exactly(digits16, tmp_path, fresh
     assert second.eval_bits_per_dim == whole.eval_bits_per_dim
 
 
+def test_ema_turned_on_at_resume_starts_from_the_resumed_weights_and_checkpoints_sample_it(
+        digits16, tmp_path, fresh_accelerate):
+    from model.export import load_export
+    from sample.loading import load_for_sampling
+    from train.trainer import parameter_digest
+
+    extra = ["train.eval_at_start=false", "train.checkpoint_every=4"]
+    first = train_in_process(digits16, tmp_path / "run", *extra, "train.max_steps=4")
+    # resumed at max_steps: no step is taken, so the average must be the resumed weights themselves
+    again = train_in_process(digits16, tmp_path / "run", *extra, "train.max_steps=4", "train.ema_decay=0.9",
+                             resume="auto")
+    assert again.param_digest == first.param_digest
+    assert again.eval_bits_per_dim[-1] == first.eval_bits_per_dim[-1]  # the final eval used the average
+    # a run that keeps an average: its checkpoint folders sample the average, as its export does
+    train_in_process(digits16, tmp_path / "ema", *extra, "train.max_steps=8", "train.ema_decay=0.9")
+    exported = parameter_digest(load_export(tmp_path / "ema" / "export" / "model.pt")[0])
+    folder = load_for_sampling(str(tmp_path / "ema" / "checkpoints" / "step_0000008")).net
+    assert parameter_digest(folder) == exported
+
+
 def test_bf16_on_cpu_trains_with_finite_loss(digits16, tmp_path, fresh_accelerate):
     result = train_in_process(digits16, tmp_path / "run", "train.mixed_precision=bf16", "train.max_steps=20",
                               "optim.lr=3e-3")

@@ -168,6 +168,7 @@ def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str],
 
 def model_config_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose values differ between two model config dicts (runtime-only keys ignored)."""
+    saved = {"condition_inject": "prefix", **saved}  # written before the key existed: prefix-only
     keys = sorted(set(saved) | set(current))
     return [f"{key}: checkpoint {saved.get(key, '<absent>')!r} != config {current.get(key, '<absent>')!r}"
             for key in keys

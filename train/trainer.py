@@ -229,13 +229,14 @@ def save_ema(ema: AveragedModel, folder: str) -> None:
               os.path.join(folder, EMA_NAME))
 
 
-def load_ema(ema: AveragedModel, folder: str, warn) -> None:
-    """Restore the weight average from a checkpoint; one saved without it starts the average anew."""
+def load_ema(ema: AveragedModel, folder: str, net: torch.nn.Module, warn) -> None:
+    """Restore the weight average from a checkpoint; one saved without it starts from net's weights."""
     path = os.path.join(folder, EMA_NAME)
     if not os.path.exists(path):
         warn(f"warning: {folder} holds no {EMA_NAME} (saved with train.ema_decay=0): the average starts "
              "from the resumed weights")
-        ema.n_averaged.zero_()  # the next update copies the weights instead of averaging
+        ema.n_averaged.zero_()
+        ema.update_parameters(net)  # with nothing averaged yet, this copies the resumed weights
         return
     ema.load_state_dict(load_file(path, device=str(ema.n_averaged.device)))
 
@@ -376,7 +377,7 @@ def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Op
         # runs a whole window, so the count starts again at 0.
         accelerator.step = 0
         if ema is not None:
-            load_ema(ema, resume_path, warn=accelerator.print)
+            load_ema(ema, resume_path, accelerator.unwrap_model(model), warn=accelerator.print)
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
         for line in run_changes(saved, run_record, data_record):
             accelerator.print(f"warning: {resume_path}: {line}")

@@ -168,7 +168,8 @@ def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str],
 
 def model_config_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose values differ between two model config dicts (runtime-only keys ignored)."""
-    saved = {"condition_inject": "prefix", **saved}  # written before the key existed: prefix-only
+    if "condition_inject" in current:  # a checkpoint written before the key existed is prefix-only
+        saved = {"condition_inject": "prefix", **saved}
     keys = sorted(set(saved) | set(current))
     return [f"{key}: checkpoint {saved.get(key, '<absent>')!r} != config {current.get(key, '<absent>')!r}"
             for key in keys

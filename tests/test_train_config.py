@@ -198,3 +198,10 @@ def test_imagenet_configs_load_for_one_node_of_eight():
         assert cfg.train.epochs > 0 and cfg.model.head == "logistic-mixture"
         text = open(os.path.join(REPO, "configs", f"{name}.yaml")).read()
         assert "bits/dim" in text and f"{side}x{side}" in text
+
+
+def test_checkpoint_from_before_condition_inject_counts_as_prefix_only():
+    old = {"n_layers": 2, "condition": "class"}  # meta.json written before the key existed
+    assert model_config_differences(old, {**old, "condition_inject": "prefix"}) == []
+    assert model_config_differences(old, {**old, "condition_inject": "blocks"}) == [
+        "condition_inject: checkpoint 'prefix' != config 'blocks'"]

@@ -29,12 +29,18 @@ def grid_tensor(images: np.ndarray, columns: int, padding: int = 2, scale: int =
     return make_grid(batch, nrow=columns, padding=padding, pad_value=1.0)
 
 
-def save_png(tensor: torch.Tensor, path) -> None:
-    """Write a float image [C, H, W] in [0, 1] as PNG through a temporary file and os.replace."""
-    path = Path(path)
+def atomic_target(path: Path) -> tuple[int, str]:
+    """A temporary file beside path (same folder, so os.replace is atomic) with path's suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
     os.chmod(temporary, 0o644)  # mkstemp makes 0600; outputs are meant to be shared and viewed
+    return handle, temporary
+
+
+def save_png(tensor: torch.Tensor, path) -> None:
+    """Write a float image [C, H, W] in [0, 1] as PNG through a temporary file and os.replace."""
+    path = Path(path)
+    handle, temporary = atomic_target(path)
     try:
         with os.fdopen(handle, "wb") as stream:
             save_image(tensor, stream, format="PNG")

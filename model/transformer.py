@@ -141,11 +141,18 @@ class ImageTransformer(nn.Module):
         positions = torch.arange(x.shape[1], device=x.device)
         return self.dropout(x + self.position_embedding(positions)), condition
 
-    def _trunk(self, x: torch.Tensor, condition: Optional[torch.Tensor], states: Optional[list] = None):
+    def _condition_biases(self, condition: Optional[torch.Tensor]) -> Optional[list]:
+        """What each block adds at every position for condition vector (B, d_model): a (B, d_model)
+        per block, or None where the condition does not enter the blocks."""
+        biases = [block.condition_bias(condition) for block in self.blocks]
+        return None if biases[0] is None else biases
+
+    def _trunk(self, x: torch.Tensor, biases: Optional[list], states: Optional[list] = None):
         """Run the blocks and the final norm over (B, T, d_model); fill states when given."""
         new_states = []
         for index, block in enumerate(self.blocks):
-            x, layer_state = block(x, None if states is None else states[index], block.condition_bias(condition))
+            x, layer_state = block(x, None if states is None else states[index],
+                                   None if biases is None else biases[index])
             new_states.append(layer_state)
         return self.final_norm(x), new_states
 
@@ -157,7 +164,8 @@ class ImageTransformer(nn.Module):
         seq = self._check_bytes(seq, "seq")
         if seq.shape[1] > self.config.seq_len:
             raise ValueError(f"seq has {seq.shape[1]} bytes, more than seq_len={self.config.seq_len}")
-        hidden, _ = self._trunk(*self._embed(seq[:, :-1], labels, captions, drop_condition))
+        x, condition = self._embed(seq[:, :-1], labels, captions, drop_condition)
+        hidden, _ = self._trunk(x, self._condition_biases(condition))
         return self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -200,12 +208,12 @@ class ImageTransformer(nn.Module):
             raise ValueError(f"prefix has {prefix.shape[1]} bytes; at most seq_len-1="
                              f"{self.config.seq_len - 1} leave a byte to predict")
         x, condition = self._embed(prefix, labels, captions, drop_condition)
-        hidden, state.layers = self._trunk(x, condition, state.layers)
+        biases = self._condition_biases(condition)  # once: the prefix pass and every later step use them
+        hidden, state.layers = self._trunk(x, biases, state.layers)
         state.position = hidden.shape[1]
-        if condition is not None:
-            state.condition_input = condition if self.config.condition_inject == "input" else None
-            biases = [block.condition_bias(condition) for block in self.blocks]
-            state.condition_biases = None if biases[0] is None else biases
+        state.condition_biases = biases
+        if condition is not None and self.config.condition_inject == "input":
+            state.condition_input = condition
         return self.head(hidden[:, -1]), state
 
     def step(self, byte: torch.Tensor, state: RecurrentState):

@@ -37,7 +37,7 @@ from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches
 from model.generation import SamplingOptions, generate_images
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
-from sample.errors import SampleFailure, SampleUsageError
+from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
 from sample.loading import load_for_sampling
 from sample.request import conditional_request
 
@@ -291,16 +291,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   batch_size=args.batch_size, seed=args.seed, guidance=args.guidance, device=args.device,
                   classifier_steps=args.classifier_steps, classifier_dir=args.classifier_dir,
                   retrain_classifier=args.retrain_classifier, progress=not args.no_progress)
-    try:
-        result = evaluate(job)
-    except SampleUsageError as err:
-        print(f"lit-eval: error: {err}", file=sys.stderr)
-        return 2
-    except SampleFailure as err:
-        print(f"lit-eval: failed: {err}", file=sys.stderr)
-        return 1
-    if result is None:  # not the main process
-        return 0
+    result, code = run_reporting_errors("lit-eval", lambda: evaluate(job))
+    if result is None:  # an error (code 1 or 2), or not the main process (0)
+        return code
     print(format_table(result))
     if args.json:
         try:

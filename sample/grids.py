@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,21 +12,13 @@ import numpy as np
 import torch
 
 from data_prep.codec import decode_sequences
-from data_prep.grids import save_png, to_chw
+from data_prep.grids import atomic_target, save_png, to_chw
 
 
 def decode(seqs: torch.Tensor, image: dict) -> np.ndarray:
     """Byte sequences [N, L] -> uint8 images [N, H, W, C] (dequantized, patch order undone)."""
     return decode_sequences(seqs.cpu().numpy(), image["height"], image["width"], image["channels"],
                             image["bins"], image["order"])
-
-
-def _atomic_target(path: Path) -> tuple[int, str]:
-    """A temporary file beside path (same folder, so os.replace is atomic) with path's suffix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
-    os.chmod(temp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared and viewed
-    return handle, temp
 
 
 def save_per_image(images: np.ndarray, folder: Path, names: Sequence[str]) -> None:
@@ -48,7 +39,7 @@ def save_npz(path: Path, seqs: torch.Tensor, image: dict, labels: Optional[torch
         "names": np.array(list(names), dtype=str),
         "image_info": np.array(json.dumps(image)),  # what decode_sequences needs, self-describing
     }
-    handle, temp = _atomic_target(path)
+    handle, temp = atomic_target(path)
     try:
         with os.fdopen(handle, "wb") as stream:
             np.savez(stream, **arrays)

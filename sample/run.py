@@ -22,7 +22,7 @@ if __package__ in (None, ""):
     # `python sample/run.py` puts sample/ first on sys.path; the packages live one level up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sample.errors import SampleFailure, SampleUsageError  # noqa: E402
+from sample.errors import run_reporting_errors  # noqa: E402
 from model.generation import MODES, SamplingOptions  # noqa: E402
 
 
@@ -130,14 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
-    try:
-        result = run_job(job_from_args(args))
-    except SampleUsageError as err:
-        print(f"lit-sample: error: {err}", file=sys.stderr)
-        return 2
-    except SampleFailure as err:
-        print(f"lit-sample: failed: {err}", file=sys.stderr)
-        return 1
+    result, code = run_reporting_errors("lit-sample", lambda: run_job(job_from_args(args)))
+    if code:
+        return code
     stats, loaded = result.stats, result.loaded
     print(f"model: {loaded.source} (step {loaded.step})")
     height, width = result.grid_size

@@ -157,16 +157,19 @@ class ImageTransformer(nn.Module):
         return self.final_norm(x), new_states
 
     def forward(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                captions: Optional[Sequence[str]] = None, drop_condition: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+                captions: Optional[Sequence[str]] = None, drop_condition: Optional[torch.Tensor] = None,
+                return_nll: bool = False) -> torch.Tensor:
         """Logits [B, L, head_dim]; logits[:, t] predicts seq[:, t] from seq[:, :t] and the condition
-        (the null condition in rows where drop_condition (B,) bool is true)."""
+        (the null condition in rows where drop_condition (B,) bool is true). With return_nll, nll()'s
+        [B, L] instead: a DDP-wrapped model computes its loss through its own forward this way."""
         seq = self._check_bytes(seq, "seq")
         if seq.shape[1] > self.config.seq_len:
             raise ValueError(f"seq has {seq.shape[1]} bytes, more than seq_len={self.config.seq_len}")
         x, condition = self._embed(seq[:, :-1], labels, captions, drop_condition)
         hidden, _ = self._trunk(x, self._condition_biases(condition))
-        return self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
+        logits = self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
+        # the head's nll evaluates only the target level (the mixture never builds (B, L, bins, K))
+        return self.head.nll(logits, seq) if return_nll else logits
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Normalized log-probabilities [..., bins] (fp32) from logits of either head."""
@@ -175,7 +178,7 @@ class ImageTransformer(nn.Module):
     def nll(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
             captions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Negative log-likelihood [B, L] in nats per byte, fp32 (divide the mean by ln 2 for bits/dim)."""
-        return self.head.nll(self(seq, labels, captions), seq.long())
+        return self(seq, labels, captions, return_nll=True)
 
     # ---------------------------------------------------------------- recurrent (sampling) path
     @property

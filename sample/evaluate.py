@@ -106,29 +106,19 @@ def _check_data_fits(manifest, image: dict, data: str, source) -> None:
                                f"({describe(theirs)}, from {source})")
 
 
-def _condition_inputs(condition: str, batch, device) -> dict:
-    """labels / captions of a data batch, as the model's condition uses them."""
-    kwargs = {}
-    if condition in ("class", "both"):
-        kwargs["labels"] = batch.labels.to(device)
-    if condition in ("caption", "both"):
-        kwargs["captions"] = list(batch.captions)
-    return kwargs
-
-
 @torch.no_grad()
 def bits_per_dim(net, data_dir, split: str, batch_size: int, device, progress: bool = True,
                  rank: int = 0, world_size: int = 1) -> tuple[float, torch.Tensor]:
     """(bits/dim, totals [nats, bytes, images] float64 of this rank) over this rank's share of split."""
 
     batches = eval_batches(data_dir, batch_size, split=split, rank=rank, world_size=world_size)
-    condition = net.config.condition
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # (nats, bytes, images)
     bar = tqdm(total=batches.num_samples, desc=f"bits/dim ({split})", unit="img", disable=not progress,
                leave=False)
     for batch in batches:
         seqs = batch.seqs.to(device).long()  # (B, L)
-        nll = net.nll(seqs, **_condition_inputs(condition, batch, device))  # (B, L) nats per byte
+        # the model takes the labels and captions its condition uses and ignores the others
+        nll = net.nll(seqs, batch.labels.to(device), batch.captions)  # (B, L) nats per byte
         totals += torch.tensor([nll.double().sum().item(), seqs.numel(), seqs.shape[0]],
                                dtype=torch.float64, device=device)
         bar.update(seqs.shape[0])

@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prepared data folder for --index (an export records the image format, "
                            "not where the data is)")
     cond.add_argument("--split", default="test", choices=("test", "train"), help="split for --index (default %(default)s)")
-    how = parser.add_argument_group("sampling")
+    _add_sampling_flags(parser.add_argument_group("sampling"))
+    return parser
+
+
+def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
+    """How the bytes are drawn and on which device."""
     how.add_argument("--temperature", type=float, default=1.0,
                      help="divide log-probabilities by this; lower is more conservative, 0 is greedy (default %(default)s)")
     how.add_argument("--top-k", type=int, default=None, help="keep only the K most likely byte values")
@@ -100,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "several threads stall each other badly when the cores are shared, e.g. with "
                           "a data loader; on a busy 2-core machine 2 threads ran 10-50x slower)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def job_from_args(args: argparse.Namespace):

@@ -161,6 +161,7 @@ def test_nll_is_per_byte_nats_and_matches_log_probs():
         seq, labels, _ = batch_inputs()
         nll = net.nll(seq, labels)
         assert nll.shape == (3, LENGTH) and nll.dtype == torch.float32
+        assert torch.equal(net(seq, labels, return_nll=True), nll)  # the trainer's loss, through forward
         gathered = -net.log_probs(net(seq, labels)).gather(-1, seq.unsqueeze(-1)).squeeze(-1)
         assert (nll - gathered).abs().max() < 1e-5
         # an untrained model is close to uniform: roughly log(bins) nats

@@ -212,6 +212,44 @@ def test_non_finite_losses_are_skipped_then_stop(digits16, tmp_path, fresh_accel
     assert complete_steps(tmp_path / "run") == []
 
 
+def test_tensorboard_gets_scalars_hyperparameters_and_images_in_one_event_file(digits16, tmp_path,
+                                                                               fresh_accelerate):
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    # model.bins set to the data's own value is accepted; the others come from the manifest
+    result = train_in_process(digits16, tmp_path / "run", "train.max_steps=5", "model.bins=16")
+    assert result.exit_code == 0
+    files, accumulator = read_scalars(str(tmp_path / "run"))
+    assert len(files) == 1, files
+    tags = accumulator.Tags()
+    assert {"train/loss", "train/lr", "eval/bits_per_dim"} <= set(tags["scalars"]) and tags["images"] == ["samples"]
+    assert [event.step for event in accumulator.Scalars("eval/bits_per_dim")] == [0, 5]
+    metadata = accumulator.SummaryMetadata("_hparams_/session_start_info")
+    hparams = HParamsPluginData.FromString(metadata.plugin_data.content).session_start_info.hparams
+    assert hparams["train.max_steps"].number_value == 5 and hparams["optim.warmup_steps"].number_value == 10
+    assert (hparams["model.bins"].number_value, hparams["model.seq_len"].number_value) == (16, 28 * 28)
+    assert hparams["log.with"].string_value == "['tensorboard']"
+
+
+def test_wandb_offline_next_to_tensorboard(digits16, tmp_path, fresh_accelerate, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb): log.with=wandb is untested")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    result = train_in_process(digits16, run, "train.max_steps=2", "log.every=1", "log.with=[tensorboard,wandb]")
+    assert result.exit_code == 0
+    offline = glob.glob(str(run / "logs" / "wandb" / "offline-run-*"))
+    assert len(offline) == 1, os.listdir(run / "logs")
+    records = glob.glob(os.path.join(offline[0], "run-*.wandb"))
+    assert len(records) == 1
+    data = open(records[0], "rb").read()  # protobuf records: keys and strings are stored as they are
+    for key in (b"train/loss", b"eval/bits_per_dim", b"optim.lr", b"model.bins"):
+        assert key in data, key
+    assert glob.glob(os.path.join(offline[0], "files", "media", "images", "samples_*.png"))
+    files, _ = read_scalars(str(run))
+    assert len(files) == 1, files
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
@@ -354,7 +392,8 @@ def finished_run(digits16, tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing data folder", "resume path missing",
                                   "resume path incomplete", "model config mismatch", "existing run without resume",
-                                  "ema decay of one", "negative read timeout"])
+                                  "ema decay of one", "negative read timeout", "bad model value",
+                                  "bins not the data's"])
 def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path, capsys):
     run = str(finished_run)
     step4 = os.path.join(run, "checkpoints", "step_0000004")
@@ -365,6 +404,9 @@ def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path
         "wrong type": (cli_args(digits16, run, "train.max_steps=lots"), ["train.max_steps", "'lots'"]),
         "ema decay of one": (cli_args(digits16, run, "train.ema_decay=1.0"), ["train.ema_decay", "[0, 1)"]),
         "negative read timeout": (cli_args(digits16, run, "data.read_timeout=-5"), ["data.read_timeout", "-5"]),
+        "bad model value": (cli_args(digits16, run, "model.n_layers=0"), ["--set model.n_layers=0: model.n_layers=0 must be >= 1"]),
+        "bins not the data's": (cli_args(digits16, run, "model.bins=256"),
+                                ["model.bins=256", "has 16", "leave model.bins out"]),
         "missing data folder": (cli_args(str(tmp_path / "nowhere"), run), ["digits.yaml", "data.dir", "nowhere"]),
         "resume path missing": (cli_args(digits16, run) + ["--resume", str(tmp_path / "step_0000123")],
                                 ["step_0000123", "no such checkpoint"]),

@@ -31,12 +31,15 @@ class RecurrentState:
     # (B, d_model), and before each block (one (B, d_model) per block); None where not used
     condition_input: Optional[torch.Tensor] = None
     condition_biases: Optional[list] = None
+    # the last conv_kernel byte-token embeddings (B, conv_kernel, d_model), oldest first; None without
+    # the byte convolution
+    recent_embeddings: Optional[torch.Tensor] = None
 
     def tensors(self) -> list:
         """All tensors held by the state."""
         held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
                 if isinstance(getattr(layer, f.name), torch.Tensor)]
-        held += [] if self.condition_input is None else [self.condition_input]
+        held += [t for t in (self.condition_input, self.recent_embeddings) if t is not None]
         return held + list(self.condition_biases or [])
 
     def nbytes(self) -> int:
@@ -96,6 +99,9 @@ class ImageTransformer(nn.Module):
         self.prefix_len = self.condition.length
         self.byte_embedding = nn.Embedding(cfg.bins + 1, d_model)  # index `bins` is the begin token
         self.position_embedding = nn.Embedding(self.prefix_len + cfg.seq_len, d_model)
+        # depthwise: each embedding channel learns its own weights over the last conv_kernel bytes
+        self.byte_conv = (nn.Conv1d(d_model, d_model, cfg.conv_kernel, groups=d_model, bias=False)
+                          if cfg.conv_kernel else None)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d_model)
@@ -105,8 +111,8 @@ class ImageTransformer(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith("out_projection.weight") or name.endswith("feed_forward.2.weight"):
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * cfg.n_layers))
-            if "condition_projection" in name:
-                nn.init.zeros_(parameter)
+            if "condition_projection" in name or name == "byte_conv.weight":
+                nn.init.zeros_(parameter)  # added paths start closed: a fresh model is the plain one
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -133,6 +139,9 @@ class ImageTransformer(nn.Module):
         batch = tokens.shape[0]
         begin = torch.full((batch, 1), self.config.bins, dtype=torch.long, device=tokens.device)
         x = self.byte_embedding(torch.cat([begin, tokens], dim=1))  # (B, 1 + K, d)
+        if self.byte_conv is not None:  # causal: position t sees tokens t - conv_kernel + 1 .. t
+            padded = nn.functional.pad(x.transpose(1, 2), (self.config.conv_kernel - 1, 0))
+            x = x + self.byte_conv(padded).transpose(1, 2)
         prefix, condition = self.condition(batch, labels, captions, tokens.device, drop_condition)
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)  # (B, P + 1 + K, d)
@@ -212,6 +221,10 @@ class ImageTransformer(nn.Module):
         hidden, state.layers = self._trunk(x, biases, state.layers)
         state.position = hidden.shape[1]
         state.condition_biases = biases
+        if self.byte_conv is not None:
+            tokens = torch.cat([torch.full((batch, 1), self.config.bins, device=device), prefix], dim=1)
+            recent = self.byte_embedding(tokens[:, -self.config.conv_kernel:])  # (B, <= k, d)
+            state.recent_embeddings = nn.functional.pad(recent, (0, 0, self.config.conv_kernel - recent.shape[1], 0))
         if condition is not None and self.config.condition_inject == "input":
             state.condition_input = condition
         return self.head(hidden[:, -1]), state
@@ -234,7 +247,12 @@ class ImageTransformer(nn.Module):
         return self._step_logits(byte, self.position_embedding(position), state)
 
     def _step_logits(self, byte: torch.Tensor, position_vector: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        x = self.byte_embedding(byte) + position_vector  # (B, d)
+        x = self.byte_embedding(byte)  # (B, d)
+        if self.byte_conv is not None:
+            recent = torch.cat([state.recent_embeddings[:, 1:], x.unsqueeze(1)], dim=1)  # (B, k, d)
+            state.recent_embeddings.copy_(recent)  # in place: a CUDA graph replays on this buffer
+            x = x + (recent * self.byte_conv.weight.squeeze(1).t()).sum(1)
+        x = x + position_vector
         if state.condition_input is not None:
             x = x + state.condition_input
         layers, biases = state.layers, state.condition_biases

@@ -53,6 +53,7 @@ class ModelSection:
     caption_len: int = 48
     condition_dropout: float = 0.1
     condition_inject: str = "blocks"  # prefix | input | blocks: how the condition reaches every position
+    conv_kernel: int = 0  # causal depthwise convolution over the last N byte embeddings (0: none)
 
 
 @dataclass

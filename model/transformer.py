@@ -18,6 +18,7 @@ from model.attention_layer import AttentionLayer, attention_params
 from model.conditioning import ConditionEmbedding
 from model.config import ModelConfig
 from model.heads import build_head
+from model.pretrained import load_weights, read_config, read_model_config, write_pretrained
 
 
 @dataclass
@@ -93,6 +94,9 @@ class ImageTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        # kept with the weights by save_pretrained: the data's image format, optimizer steps trained
+        self.image_info: Optional[dict] = None
+        self.trained_steps = 0
         d_model = cfg.d_model
         self.condition = ConditionEmbedding(cfg.condition, d_model, cfg.n_classes, cfg.caption_len,
                                             cfg.condition_dropout)
@@ -121,6 +125,26 @@ class ImageTransformer(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+
+    def save_pretrained(self, path, image: Optional[dict] = None, step: Optional[int] = None) -> None:
+        """Write the folder `path` (model.safetensors + config.json) atomically; image and step
+        default to this model's image_info and trained_steps."""
+        write_pretrained(self, path, self.image_info if image is None else image,
+                         self.trained_steps if step is None else step)
+
+    @classmethod
+    def from_pretrained(cls, path, backend: Optional[str] = None, map_location="cpu") -> "ImageTransformer":
+        """The model save_pretrained wrote into folder `path`, in eval mode, with its image_info and
+        trained_steps; ValueError (one line naming the file) for anything else.
+
+        backend overrides the stored causal-linear backend; by default the stored one is kept where it
+        is installed here, else 'auto' (a RuntimeWarning says so).
+        """
+        values = read_config(path)
+        net = cls(read_model_config(path, values, backend))
+        load_weights(net, path)
+        net.image_info, net.trained_steps = values["image"], values["step"]
+        return net.to(map_location).eval()
 
     # ---------------------------------------------------------------- parallel (training) path
     def _check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:

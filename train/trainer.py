@@ -32,7 +32,7 @@ from data_prep.grids import grid_tensor, save_png
 from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
 from model import ImageTransformer, ModelConfig
-from model.export import save_export
+from model.run_layout import export_folder, is_complete
 from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, write_config, config_to_dict
@@ -393,7 +393,7 @@ def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Op
         return {"model_config": dataclasses.asdict(model_config), "image": manifest.image_info(),
                 "train_state": dataclasses.asdict(state), "run": run_record, "data": data_record}
 
-    export_path = os.path.join(run_dir, "export", "model.pt")
+    export_path = export_folder(run_dir)
     result = TrainResult(exit_code=0, step=state.step, max_steps=max_steps, run_dir=run_dir)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
     params = [p for p in model.parameters() if p.requires_grad]
@@ -404,10 +404,10 @@ def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Op
 
     def checkpoint() -> None:
         with preserved_rng():
-            save_checkpoint(accelerator, run_dir, state.step, meta(), cfg.train.keep_checkpoints,
+            save_checkpoint(accelerator, run_dir, state.step, meta(), cfg.train.keep_checkpoints, evaluated(),
                             extra_files=None if ema is None else lambda folder: save_ema(ema, folder))
             if accelerator.is_main_process:
-                save_export(export_path, evaluated(), manifest.image_info(), state.step)
+                evaluated().save_pretrained(export_path, manifest.image_info(), state.step)
 
     def evaluated() -> torch.nn.Module:
         """The weights that are evaluated, drawn and exported: the EMA when it is on."""
@@ -583,8 +583,8 @@ def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Op
             run_eval(with_samples=True)
         if last_checkpoint_step != state.step:
             checkpoint()
-        elif accelerator.is_main_process and not os.path.exists(export_path):
-            save_export(export_path, evaluated(), manifest.image_info(), state.step)
+        elif accelerator.is_main_process and not is_complete(export_path):
+            evaluated().save_pretrained(export_path, manifest.image_info(), state.step)
 
     # Every rank reports its weights' digest; they must agree (DDP keeps replicas in lockstep).
     digest = parameter_digest(net_unwrapped)

@@ -39,6 +39,10 @@ class ModelConfig:
     caption_len: int = 48
     condition_dropout: float = 0.1
     condition_inject: str = "blocks"
+    # Width in bytes of a causal depthwise convolution over the byte embeddings (0: none): every
+    # position then sees its last conv_kernel bytes directly, e.g. the byte above it when the kernel
+    # spans an image row, which positive-feature linear attention cannot single out.
+    conv_kernel: int = 0
 
     def __post_init__(self) -> None:
         if self.d_value is None:
@@ -80,7 +84,7 @@ class ModelConfig:
 
         int_minimums = {"bins": 2, "seq_len": 1, "n_layers": 1, "n_heads": 1, "d_query": 1,
                         "d_value": 1, "d_ff": 1, "chunk_size": 1, "mixtures": 1, "n_classes": 1,
-                        "caption_len": 1}
+                        "caption_len": 1, "conv_kernel": 0}
         for name, minimum in int_minimums.items():
             value = getattr(self, name)
             # bool is an int subclass; True as a layer count is a typo, not a number

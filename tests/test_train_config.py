@@ -7,10 +7,11 @@ import os
 
 import pytest
 
-from train.checkpoint import (CheckpointError, check_compatible, complete_checkpoints, model_config_differences,
-                              prune_checkpoints, remove_stale_temporaries, resolve_resume)
 import train.config as config
 from model import ModelConfig
+from model.run_layout import complete_checkpoints
+from train.checkpoint import (CheckpointError, check_compatible, model_config_differences, prune_checkpoints,
+                              remove_stale_temporaries, resolve_resume)
 from train.config import ConfigError, load_config, parse_yaml, write_config
 from train.schedule import learning_rate
 

@@ -97,7 +97,7 @@ def read_scalars(run_dir: str):
 
 def complete_steps(run_dir) -> list[int]:
     """Steps of the complete checkpoints of a run folder."""
-    from train.checkpoint import complete_checkpoints
+    from model.run_layout import complete_checkpoints
 
     return [step for step, _ in complete_checkpoints(str(run_dir))]
 
@@ -128,11 +128,11 @@ def test_one_process_learns(digits16, tmp_path, fresh_accelerate):
     assert end < start - 1.0, result.eval_bits_per_dim
     run = tmp_path / "run"
     assert complete_steps(run) == [200]
-    assert os.path.isfile(run / "export" / "model.pt") and os.path.isfile(run / "config.yaml")
+    assert os.path.isfile(run / "export" / "config.json") and os.path.isfile(run / "config.yaml")
     assert os.path.isfile(run / "samples" / "step_0000200.png")
-    from model.export import load_export
-    net, image_info, step = load_export(str(run / "export" / "model.pt"))
-    assert step == 200 and image_info["bins"] == 16 and net.config.condition == "class"
+    from model import ImageTransformer
+    net = ImageTransformer.from_pretrained(run / "export")
+    assert net.trained_steps == 200 and net.image_info["bins"] == 16 and net.config.condition == "class"
     meta = json.loads((run / "checkpoints" / "step_0000200" / "meta.json").read_text())
     assert meta["step"] == 200 and meta["model_config"]["n_layers"] == 1 and meta["image"]["height"] == 28
 
@@ -152,14 +152,14 @@ def test_resume_equals_uninterrupted(digits16, tmp_path, fresh_accelerate):
 
 
 def test_ema_is_evaluated_exported_and_resumes_exactly(digits16, tmp_path, fresh_accelerate):
-    from model.export import load_export
+    from model import ImageTransformer
     from train.trainer import parameter_digest
 
     extra = ["train.deterministic=true", "train.ema_decay=0.9", "optim.min_lr_ratio=1.0", "train.eval_at_start=false"]
     whole = train_in_process(digits16, tmp_path / "whole", *extra, "train.max_steps=24")
     train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=12")
     second = train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=24", resume="auto")
-    exported = {name: load_export(tmp_path / name / "export" / "model.pt")[0] for name in ("whole", "split")}
+    exported = {name: ImageTransformer.from_pretrained(tmp_path / name / "export") for name in ("whole", "split")}
     # the export holds the average, not the raw weights the run ended with
     assert parameter_digest(exported["whole"]) != whole.param_digest
     # the average is part of the checkpoint: resuming gives the same average and the same eval
@@ -170,7 +170,7 @@ def test_ema_is_evaluated_exported_and_resumes_exactly(digits16, tmp_path, fresh
 
 def test_ema_turned_on_at_resume_starts_from_the_resumed_weights_and_checkpoints_sample_it(
         digits16, tmp_path, fresh_accelerate):
-    from model.export import load_export
+    from model import ImageTransformer
     from sample.loading import load_for_sampling
     from train.trainer import parameter_digest
 
@@ -181,11 +181,20 @@ def test_ema_turned_on_at_resume_starts_from_the_resumed_weights_and_checkpoints
                              resume="auto")
     assert again.param_digest == first.param_digest
     assert again.eval_bits_per_dim[-1] == first.eval_bits_per_dim[-1]  # the final eval used the average
-    # a run that keeps an average: its checkpoint folders sample the average, as its export does
-    train_in_process(digits16, tmp_path / "ema", *extra, "train.max_steps=8", "train.ema_decay=0.9")
-    exported = parameter_digest(load_export(tmp_path / "ema" / "export" / "model.pt")[0])
-    folder = load_for_sampling(str(tmp_path / "ema" / "checkpoints" / "step_0000008")).net
-    assert parameter_digest(folder) == exported
+    # a run that keeps an average: its checkpoint folders sample the average, as its export does,
+    # from their model/ alone (accelerate's files, there to resume exactly, are never read)
+    raw = train_in_process(digits16, tmp_path / "ema", *extra, "train.max_steps=8", "train.ema_decay=0.9")
+    exported = parameter_digest(ImageTransformer.from_pretrained(tmp_path / "ema" / "export"))
+    folder = tmp_path / "ema" / "checkpoints" / "step_0000008"
+    assert {"model.safetensors", "optimizer.bin", "ema.safetensors"} <= {p.name for p in folder.iterdir()}
+    for file in folder.iterdir():
+        if file.is_file() and file.name != "meta.json":
+            file.unlink()
+    sampled = load_for_sampling(str(folder)).net
+    assert parameter_digest(sampled) == exported != raw.param_digest
+    from sample.run import main as sample_main
+    assert sample_main(["--checkpoint", str(folder), "--out", str(tmp_path / "ema.png"), "--n", "2",
+                        "--no-progress", "--device", "cpu"]) == 0
 
 
 def test_bf16_on_cpu_trains_with_finite_loss(digits16, tmp_path, fresh_accelerate):
@@ -277,8 +286,9 @@ def test_two_cpu_ranks_train_in_lockstep(digits16, tmp_path):
     assert "parameters identical on all 2 rank(s)" in output
     assert complete_steps(run) == [10, 20]
     assert sorted(os.listdir(run / "checkpoints" / "step_0000020")) == [
-        "meta.json", "model.safetensors", "optimizer.bin",
+        "meta.json", "model", "model.safetensors", "optimizer.bin",
         "random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(os.listdir(run / "checkpoints" / "step_0000020" / "model")) == ["config.json", "model.safetensors"]
     files, accumulator = read_scalars(str(run))
     assert len(files) == 1, files
     tags = accumulator.Tags()
@@ -314,7 +324,7 @@ def test_sigusr1_saves_a_checkpoint_and_exits_75(digits16, tmp_path):
     assert "stopped by SIGUSR1" in output
     steps = complete_steps(run)
     assert len(steps) == 1 and 0 < steps[0] < 100000
-    assert os.path.isfile(run / "export" / "model.pt")
+    assert os.path.isfile(run / "export" / "config.json")
     # The checkpoint continues: a resumed run starts where the stop left off.
     resumed = subprocess.run([sys.executable, RUN_PY, *cli_args(digits16, run, f"train.max_steps={steps[0] + 5}"),
                               "--resume", "auto"], env=env(), cwd=tmp_path, capture_output=True, text=True,

@@ -35,7 +35,7 @@ from data_prep.grids import grid_tensor, save_png
 from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
 from model import ImageTransformer
-from model.export import save_export
+from model.run_layout import export_folder, is_complete
 from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
@@ -531,15 +531,15 @@ class Trainer:
     def checkpoint(self, export_only: bool = False) -> None:
         """A checkpoint folder of this step (every rank) and the export (main process); with
         export_only, the export alone and only where it is missing."""
-        export_path = os.path.join(self.run_dir, "export", "model.pt")
+        export_path = export_folder(self.run_dir)
         with preserved_rng():
             if not export_only:
                 save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.meta(),
-                                self.cfg.train.keep_checkpoints,
+                                self.cfg.train.keep_checkpoints, self.evaluated,
                                 extra_files=None if self.ema is None else lambda folder: save_ema(self.ema, folder))
                 self.last_checkpoint_step = self.state.step
-            if self.accelerator.is_main_process and not (export_only and os.path.exists(export_path)):
-                save_export(export_path, self.evaluated, self.manifest.image_info(), self.state.step)
+            if self.accelerator.is_main_process and not (export_only and is_complete(export_path)):
+                self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
 
     def loop(self) -> Optional[str]:
         """Steps until max_steps or a stop request, evaluating and checkpointing when due; returns

@@ -98,7 +98,8 @@ def _recurrent_step(net, state, byte: torch.Tensor, t: torch.Tensor, token_offse
     logits = net.step_at(byte, t + token_offset, state)  # (B, head_dim)
     drawn = next_byte(net, logits, uniforms.index_select(1, t).squeeze(1), options)  # (B,)
     out.index_copy_(1, t, drawn.unsqueeze(1))
-    byte.copy_(drawn.repeat(byte.shape[0] // drawn.shape[0]))  # both halves read it under guidance
+    copies = byte.shape[0] // drawn.shape[0]
+    byte.copy_(drawn if copies == 1 else drawn.repeat(copies))  # both halves read it under guidance
     t.add_(1)
 
 

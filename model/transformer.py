@@ -80,8 +80,9 @@ class Block(nn.Module):
         if bias is not None:
             x = x + bias
         attended, state = self.attention.step(self.attention_norm(x), state)
-        x = x + self.dropout(attended)
-        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x))), state
+        x = x + (self.dropout(attended) if self.training else attended)  # eval: spare two module calls
+        out = self.feed_forward(self.feed_forward_norm(x))
+        return x + (self.dropout(out) if self.training else out), state
 
 
 class ImageTransformer(nn.Module):

@@ -6,9 +6,11 @@ sampler, so every grid in the project looks alike: white padding, one image per 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -29,25 +31,27 @@ def grid_tensor(images: np.ndarray, columns: int, padding: int = 2, scale: int =
     return make_grid(batch, nrow=columns, padding=padding, pad_value=1.0)
 
 
-def atomic_target(path: Path) -> tuple[int, str]:
-    """A temporary file beside path (same folder, so os.replace is atomic) with path's suffix."""
+@contextlib.contextmanager
+def atomic_file(path) -> Iterator[BinaryIO]:
+    """A binary stream to a temporary file beside path (same folder, so os.replace is atomic): it
+    becomes path when the block ends without an error and is removed otherwise."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
     os.chmod(temporary, 0o644)  # mkstemp makes 0600; outputs are meant to be shared and viewed
-    return handle, temporary
-
-
-def save_png(tensor: torch.Tensor, path) -> None:
-    """Write a float image [C, H, W] in [0, 1] as PNG through a temporary file and os.replace."""
-    path = Path(path)
-    handle, temporary = atomic_target(path)
     try:
         with os.fdopen(handle, "wb") as stream:
-            save_image(tensor, stream, format="PNG")
+            yield stream
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def save_png(tensor: torch.Tensor, path) -> None:
+    """Write a float image [C, H, W] in [0, 1] as PNG, atomically."""
+    with atomic_file(path) as stream:
+        save_image(tensor, stream, format="PNG")
 
 
 def save_grid(images: np.ndarray, path, columns: int, padding: int = 2, scale: int = 1) -> tuple[int, int]:

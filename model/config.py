@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-ATTENTIONS = ("causal-linear", "softmax")
-BACKENDS = ("auto", "torch", "fast-transformers", "fla")
+from model.attention_layer import ATTENTION_KINDS  # importing the layer registers every attention kind
+from model.linear_backends import BACKEND_NAMES
+
 HEADS = ("categorical", "logistic-mixture")
 CONDITIONS = ("none", "class", "caption", "both")
 # How the condition reaches the image beyond its prefix tokens: "prefix" not at all; "input" added
@@ -38,6 +39,10 @@ class ModelConfig:
     caption_len: int = 48
     condition_dropout: float = 0.1
     condition_inject: str = "blocks"
+    # Width in bytes of a causal depthwise convolution over the byte embeddings (0: none): every
+    # position then sees its last conv_kernel bytes directly, e.g. the byte above it when the kernel
+    # spans an image row, which positive-feature linear attention cannot single out.
+    conv_kernel: int = 0
 
     def __post_init__(self) -> None:
         if self.d_value is None:
@@ -75,11 +80,11 @@ class ModelConfig:
 
     def _validate(self) -> None:
         def fail(name: str, why: str) -> None:
-            raise ValueError(f"model config: {name}={getattr(self, name)!r} {why}")
+            raise ValueError(f"model.{name}={getattr(self, name)!r} {why}")
 
         int_minimums = {"bins": 2, "seq_len": 1, "n_layers": 1, "n_heads": 1, "d_query": 1,
                         "d_value": 1, "d_ff": 1, "chunk_size": 1, "mixtures": 1, "n_classes": 1,
-                        "caption_len": 1}
+                        "caption_len": 1, "conv_kernel": 0}
         for name, minimum in int_minimums.items():
             value = getattr(self, name)
             # bool is an int subclass; True as a layer count is a typo, not a number
@@ -94,7 +99,7 @@ class ModelConfig:
             if not 0.0 <= value <= 1.0:
                 fail(name, "must be in [0, 1]")
             setattr(self, name, float(value))
-        for name, choices in (("attention", ATTENTIONS), ("backend", BACKENDS), ("head", HEADS),
+        for name, choices in (("attention", tuple(ATTENTION_KINDS)), ("backend", BACKEND_NAMES), ("head", HEADS),
                               ("condition", CONDITIONS), ("condition_inject", CONDITION_INJECTIONS)):
             if getattr(self, name) not in choices:
                 fail(name, f"must be one of {', '.join(choices)}")

@@ -18,6 +18,7 @@ from model.attention_layer import AttentionLayer, attention_params
 from model.conditioning import ConditionEmbedding
 from model.config import ModelConfig
 from model.heads import build_head
+from model.pretrained import load_weights, read_config, read_model_config, write_pretrained
 
 
 @dataclass
@@ -31,12 +32,15 @@ class RecurrentState:
     # (B, d_model), and before each block (one (B, d_model) per block); None where not used
     condition_input: Optional[torch.Tensor] = None
     condition_biases: Optional[list] = None
+    # the last conv_kernel byte-token embeddings (B, conv_kernel, d_model), oldest first; None without
+    # the byte convolution
+    recent_embeddings: Optional[torch.Tensor] = None
 
     def tensors(self) -> list:
         """All tensors held by the state."""
         held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
                 if isinstance(getattr(layer, f.name), torch.Tensor)]
-        held += [] if self.condition_input is None else [self.condition_input]
+        held += [t for t in (self.condition_input, self.recent_embeddings) if t is not None]
         return held + list(self.condition_biases or [])
 
     def nbytes(self) -> int:
@@ -91,12 +95,18 @@ class ImageTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        # kept with the weights by save_pretrained: the data's image format, optimizer steps trained
+        self.image_info: Optional[dict] = None
+        self.trained_steps = 0
         d_model = cfg.d_model
         self.condition = ConditionEmbedding(cfg.condition, d_model, cfg.n_classes, cfg.caption_len,
                                             cfg.condition_dropout)
         self.prefix_len = self.condition.length
         self.byte_embedding = nn.Embedding(cfg.bins + 1, d_model)  # index `bins` is the begin token
         self.position_embedding = nn.Embedding(self.prefix_len + cfg.seq_len, d_model)
+        # depthwise: each embedding channel learns its own weights over the last conv_kernel bytes
+        self.byte_conv = (nn.Conv1d(d_model, d_model, cfg.conv_kernel, groups=d_model, bias=False)
+                          if cfg.conv_kernel else None)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d_model)
@@ -106,8 +116,8 @@ class ImageTransformer(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith("out_projection.weight") or name.endswith("feed_forward.2.weight"):
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * cfg.n_layers))
-            if "condition_projection" in name:
-                nn.init.zeros_(parameter)
+            if "condition_projection" in name or name == "byte_conv.weight":
+                nn.init.zeros_(parameter)  # added paths start closed: a fresh model is the plain one
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -116,6 +126,26 @@ class ImageTransformer(nn.Module):
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
+
+    def save_pretrained(self, path, image: Optional[dict] = None, step: Optional[int] = None) -> None:
+        """Write the folder `path` (model.safetensors + config.json) atomically; image and step
+        default to this model's image_info and trained_steps."""
+        write_pretrained(self, path, self.image_info if image is None else image,
+                         self.trained_steps if step is None else step)
+
+    @classmethod
+    def from_pretrained(cls, path, backend: Optional[str] = None, map_location="cpu") -> "ImageTransformer":
+        """The model save_pretrained wrote into folder `path`, in eval mode, with its image_info and
+        trained_steps; ValueError (one line naming the file) for anything else.
+
+        backend overrides the stored causal-linear backend; by default the stored one is kept where it
+        is installed here, else 'auto' (a RuntimeWarning says so).
+        """
+        values = read_config(path)
+        net = cls(read_model_config(path, values, backend))
+        load_weights(net, path)
+        net.image_info, net.trained_steps = values["image"], values["step"]
+        return net.to(map_location).eval()
 
     # ---------------------------------------------------------------- parallel (training) path
     def _check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:
@@ -134,6 +164,9 @@ class ImageTransformer(nn.Module):
         batch = tokens.shape[0]
         begin = torch.full((batch, 1), self.config.bins, dtype=torch.long, device=tokens.device)
         x = self.byte_embedding(torch.cat([begin, tokens], dim=1))  # (B, 1 + K, d)
+        if self.byte_conv is not None:  # causal: position t sees tokens t - conv_kernel + 1 .. t
+            padded = nn.functional.pad(x.transpose(1, 2), (self.config.conv_kernel - 1, 0))
+            x = x + self.byte_conv(padded).transpose(1, 2)
         prefix, condition = self.condition(batch, labels, captions, tokens.device, drop_condition)
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)  # (B, P + 1 + K, d)
@@ -158,16 +191,19 @@ class ImageTransformer(nn.Module):
         return self.final_norm(x), new_states
 
     def forward(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                captions: Optional[Sequence[str]] = None, drop_condition: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+                captions: Optional[Sequence[str]] = None, drop_condition: Optional[torch.Tensor] = None,
+                return_nll: bool = False) -> torch.Tensor:
         """Logits [B, L, head_dim]; logits[:, t] predicts seq[:, t] from seq[:, :t] and the condition
-        (the null condition in rows where drop_condition (B,) bool is true)."""
+        (the null condition in rows where drop_condition (B,) bool is true). With return_nll, nll()'s
+        [B, L] instead: a DDP-wrapped model computes its loss through its own forward this way."""
         seq = self._check_bytes(seq, "seq")
         if seq.shape[1] > self.config.seq_len:
             raise ValueError(f"seq has {seq.shape[1]} bytes, more than seq_len={self.config.seq_len}")
         x, condition = self._embed(seq[:, :-1], labels, captions, drop_condition)
         hidden, _ = self._trunk(x, self._condition_biases(condition))
-        return self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
+        logits = self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
+        # the head's nll evaluates only the target level (the mixture never builds (B, L, bins, K))
+        return self.head.nll(logits, seq) if return_nll else logits
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Normalized log-probabilities [..., bins] (fp32) from logits of either head."""
@@ -176,7 +212,7 @@ class ImageTransformer(nn.Module):
     def nll(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
             captions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Negative log-likelihood [B, L] in nats per byte, fp32 (divide the mean by ln 2 for bits/dim)."""
-        return self.head.nll(self(seq, labels, captions), seq.long())
+        return self(seq, labels, captions, return_nll=True)
 
     # ---------------------------------------------------------------- recurrent (sampling) path
     @property
@@ -213,6 +249,10 @@ class ImageTransformer(nn.Module):
         hidden, state.layers = self._trunk(x, biases, state.layers)
         state.position = hidden.shape[1]
         state.condition_biases = biases
+        if self.byte_conv is not None:
+            tokens = torch.cat([torch.full((batch, 1), self.config.bins, device=device), prefix], dim=1)
+            recent = self.byte_embedding(tokens[:, -self.config.conv_kernel:])  # (B, <= k, d)
+            state.recent_embeddings = nn.functional.pad(recent, (0, 0, self.config.conv_kernel - recent.shape[1], 0))
         if condition is not None and self.config.condition_inject == "input":
             state.condition_input = condition
         return self.head(hidden[:, -1]), state
@@ -235,7 +275,12 @@ class ImageTransformer(nn.Module):
         return self._step_logits(byte, self.position_embedding(position), state)
 
     def _step_logits(self, byte: torch.Tensor, position_vector: torch.Tensor, state: RecurrentState) -> torch.Tensor:
-        x = self.byte_embedding(byte) + position_vector  # (B, d)
+        x = self.byte_embedding(byte)  # (B, d)
+        if self.byte_conv is not None:
+            recent = torch.cat([state.recent_embeddings[:, 1:], x.unsqueeze(1)], dim=1)  # (B, k, d)
+            state.recent_embeddings.copy_(recent)  # in place: a CUDA graph replays on this buffer
+            x = x + (recent * self.byte_conv.weight.squeeze(1).t()).sum(1)
+        x = x + position_vector
         if state.condition_input is not None:
             x = x + state.condition_input
         layers, biases = state.layers, state.condition_biases

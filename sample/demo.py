@@ -95,10 +95,11 @@ def planned_steps(args: argparse.Namespace) -> Optional[int]:
 
 def finished_steps(run: Path) -> Optional[int]:
     """Step of the run's export, or None when there is none (or it does not load)."""
-    from model.export import load_export
+    from model.pretrained import read_config
+    from model.run_layout import export_folder
 
     try:
-        return load_export(run / "export" / "model.pt")[2]
+        return read_config(export_folder(run))["step"]
     except ValueError:
         return None
 
@@ -149,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = out_dir / "run"
     print(f"\nDemo finished in {time.perf_counter() - began:.0f} s.")
     print(f"  grid (rows: digits 0-9): {out_dir / 'digits.png'}")
-    print(f"  run folder:              {run}  (export/model.pt, checkpoints/, config.yaml)")
+    print(f"  run folder:              {run}  (export/, checkpoints/, config.yaml)")
     print(f"  TensorBoard logs:        {run / 'logs'}")
     print(f"  view them with:          tensorboard --logdir {run / 'logs'}")
     print(f"  more samples:            python sample/run.py --checkpoint {run} --out more.png "

@@ -1,7 +1,7 @@
 """Evaluate a trained model: exact bits/dim over a prepared split, and class agreement of its samples.
 
     lit-eval --checkpoint demo/run --data demo/data/digits
-    lit-eval --checkpoint runs/mnist/export/model.pt --data data/mnist --n-per-class 50 --json eval.json
+    lit-eval --checkpoint runs/mnist/export --data data/mnist --n-per-class 50 --json eval.json
     python -m sample.evaluate --checkpoint runs/mnist/checkpoints/step_0005000 --data data/mnist
     accelerate launch -m sample.evaluate --checkpoint runs/mnist --data data/mnist   (bits/dim on all ranks)
 
@@ -38,11 +38,10 @@ from data_prep.reader import eval_batches
 from model.generation import SamplingOptions, generate_images
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
 from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
-from sample.loading import load_for_sampling
+from sample.loading import IMAGE_KEYS, load_for_sampling
 from sample.request import conditional_request
 
 LN2 = math.log(2.0)
-_IMAGE_KEYS = ("height", "width", "channels", "bins", "order")
 
 
 @dataclass
@@ -96,8 +95,8 @@ class EvalResult:
 
 def _check_data_fits(manifest, image: dict, data: str, source) -> None:
     """The prepared data must hold the images the model was trained on (shape, levels, order)."""
-    theirs = {key: image[key] for key in _IMAGE_KEYS}
-    ours = {key: getattr(manifest, key) for key in _IMAGE_KEYS}
+    theirs = {key: image[key] for key in IMAGE_KEYS}
+    ours = {key: getattr(manifest, key) for key in IMAGE_KEYS}
     if ours != theirs:
         def describe(values):
             return (f"{values['height']}x{values['width']}x{values['channels']}, {values['bins']} bins, "
@@ -106,29 +105,19 @@ def _check_data_fits(manifest, image: dict, data: str, source) -> None:
                                f"({describe(theirs)}, from {source})")
 
 
-def _condition_inputs(condition: str, batch, device) -> dict:
-    """labels / captions of a data batch, as the model's condition uses them."""
-    kwargs = {}
-    if condition in ("class", "both"):
-        kwargs["labels"] = batch.labels.to(device)
-    if condition in ("caption", "both"):
-        kwargs["captions"] = list(batch.captions)
-    return kwargs
-
-
 @torch.no_grad()
 def bits_per_dim(net, data_dir, split: str, batch_size: int, device, progress: bool = True,
                  rank: int = 0, world_size: int = 1) -> tuple[float, torch.Tensor]:
     """(bits/dim, totals [nats, bytes, images] float64 of this rank) over this rank's share of split."""
 
     batches = eval_batches(data_dir, batch_size, split=split, rank=rank, world_size=world_size)
-    condition = net.config.condition
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # (nats, bytes, images)
     bar = tqdm(total=batches.num_samples, desc=f"bits/dim ({split})", unit="img", disable=not progress,
                leave=False)
     for batch in batches:
         seqs = batch.seqs.to(device).long()  # (B, L)
-        nll = net.nll(seqs, **_condition_inputs(condition, batch, device))  # (B, L) nats per byte
+        # the model takes the labels and captions its condition uses and ignores the others
+        nll = net.nll(seqs, batch.labels.to(device), batch.captions)  # (B, L) nats per byte
         totals += torch.tensor([nll.double().sum().item(), seqs.numel(), seqs.shape[0]],
                                dtype=torch.float64, device=device)
         bar.update(seqs.shape[0])
@@ -244,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
-                        help="export/model.pt, a checkpoints/step_N folder, or a run folder (its export "
-                             "if at least as new, else its newest complete checkpoint)")
+                        help="a model folder (RUN/export), a checkpoints/step_N folder, or a run folder "
+                             "(its export if at least as new, else its newest complete checkpoint)")
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="the prepared folder (python -m data_prep.prepare) the model was trained on")
     parser.add_argument("--split", default="test", help="split for bits/dim (default %(default)s)")

@@ -4,7 +4,6 @@ itself is data_prep.grids', shared with the preview and the trainer), written at
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from data_prep.codec import decode_sequences
-from data_prep.grids import atomic_target, save_png, to_chw
+from data_prep.grids import atomic_file, save_png, to_chw
 
 
 def decode(seqs: torch.Tensor, image: dict) -> np.ndarray:
@@ -39,11 +38,5 @@ def save_npz(path: Path, seqs: torch.Tensor, image: dict, labels: Optional[torch
         "names": np.array(list(names), dtype=str),
         "image_info": np.array(json.dumps(image)),  # what decode_sequences needs, self-describing
     }
-    handle, temp = atomic_target(path)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as stream:
+        np.savez(stream, **arrays)

@@ -1,7 +1,7 @@
 """Sample images from a trained model: unconditional, per class, per caption, or completions.
 
     python sample/run.py --checkpoint runs/mnist --out samples.png --n 64
-    python sample/run.py --checkpoint runs/mnist/export/model.pt --out digits.png --classes 0-9 --n 10
+    python sample/run.py --checkpoint runs/mnist/export --out digits.png --classes 0-9 --n 10
     python sample/run.py --checkpoint runs/mnist/checkpoints/step_0005000 --out seven.png \\
         --caption "a handwritten seven"
     python sample/run.py --checkpoint runs/mnist --out completions.png --data data/mnist \\
@@ -34,9 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                "(seed, its position in the request), so batch size and --mode do not change them.")
     what = parser.add_argument_group("model and output")
     what.add_argument("--checkpoint", required=True, metavar="PATH",
-                      help="export/model.pt, a checkpoints/step_N folder (meta.json + model.safetensors), "
-                           "or a run folder (its export if at least as new, else its newest complete "
-                           "checkpoint)")
+                      help="a model folder (RUN/export: model.safetensors + config.json), a "
+                           "checkpoints/step_N folder (its model/), or a run folder (its export if at "
+                           "least as new, else its newest complete checkpoint)")
     what.add_argument("--out", required=True, metavar="FILE.png", help="the grid PNG to write")
     what.add_argument("--per-image", action="store_true",
                       help="also write one PNG per image into a folder named after --out without .png")
@@ -67,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prepared data folder for --index (an export records the image format, "
                            "not where the data is)")
     cond.add_argument("--split", default="test", choices=("test", "train"), help="split for --index (default %(default)s)")
-    how = parser.add_argument_group("sampling")
+    _add_sampling_flags(parser.add_argument_group("sampling"))
+    return parser
+
+
+def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
+    """How the bytes are drawn and on which device."""
     how.add_argument("--temperature", type=float, default=1.0,
                      help="divide log-probabilities by this; lower is more conservative, 0 is greedy (default %(default)s)")
     how.add_argument("--top-k", type=int, default=None, help="keep only the K most likely byte values")
@@ -100,7 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "several threads stall each other badly when the cores are shared, e.g. with "
                           "a data loader; on a busy 2-core machine 2 threads ran 10-50x slower)")
     how.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
 
 
 def job_from_args(args: argparse.Namespace):

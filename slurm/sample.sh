@@ -6,7 +6,7 @@
 #
 # Environment (relative paths start at the repository root; the job inherits the submitting
 # shell's environment, so activate the Python environment before sbatch):
-#   RUN_DIR        the run to sample from; sample/run.py takes its export/model.pt if that is
+#   RUN_DIR        the run to sample from; sample/run.py takes its export/ if that is
 #                  newer, else its newest complete checkpoint            [runs/mnist]
 #   OUT_DIR        where the grids go                                    [RUN_DIR/samples]
 #   TEMPERATURES   one grid per temperature, space-separated: OUT_DIR/grid-JOBID-tT.png   [1.0]

@@ -43,7 +43,7 @@ def data(small_digits, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def class_export(data, tmp_path_factory) -> Path:
-    return write_export(tmp_path_factory.mktemp("export") / "model.pt", digits_model(), 7, digits_info(data))
+    return write_export(tmp_path_factory.mktemp("eval") / "export", digits_model(), 7, digits_info(data))
 
 
 def direct_bits_per_dim(net, data: Path, condition: str) -> tuple[float, int]:
@@ -60,7 +60,7 @@ def direct_bits_per_dim(net, data: Path, condition: str) -> tuple[float, int]:
 def test_bits_per_dim_equals_nll_over_every_test_image(data, tmp_path, form, capsys):
     net = digits_model(seed=3)
     if form == "export":
-        checkpoint = write_export(tmp_path / "model.pt", net, 5, digits_info(data))
+        checkpoint = write_export(tmp_path / "export", net, 5, digits_info(data))
     elif form == "step folder":
         checkpoint = write_step_folder(tmp_path / "step_0000005", net, 5, digits_info(data))
     else:
@@ -81,7 +81,7 @@ def test_bits_per_dim_equals_nll_over_every_test_image(data, tmp_path, form, cap
 
 def test_unconditional_model_has_no_agreement(data, tmp_path, capsys):
     net = digits_model("none")
-    export = write_export(tmp_path / "model.pt", net, 1, digits_info(data))
+    export = write_export(tmp_path / "export", net, 1, digits_info(data))
     out = tmp_path / "eval.json"
     assert run_cli("--checkpoint", export, "--data", data, "--n-per-class", 2, "--json", out) == 0
     result = json.loads(out.read_text())
@@ -150,11 +150,11 @@ def test_help_explains_the_tool(capsys):
 
 
 @pytest.mark.parametrize("case, code, named", [
-    ("no checkpoint", 2, "nowhere.pt"),
+    ("no checkpoint", 2, "nowhere"),
     ("not prepared", 2, "manifest.json"),
     ("no such split", 2, "--split"),
     ("other images", 2, "--data"),
-    ("corrupt export", 1, "broken.pt"),
+    ("corrupt export", 1, "broken"),
     ("negative n", 2, "--n-per-class"),
     ("zero classifier steps", 2, "--classifier-steps"),
     ("json folder missing", 2, "--json"),
@@ -163,16 +163,16 @@ def test_help_explains_the_tool(capsys):
 def test_bad_input_is_one_line(data, class_export, tmp_path, capsys, case, code, named):
     checkpoint, folder, extra = class_export, data, []
     if case == "no checkpoint":
-        checkpoint = tmp_path / "nowhere.pt"
+        checkpoint = tmp_path / "nowhere"
     elif case == "not prepared":
         folder = tmp_path
     elif case == "no such split":
         extra = ["--split", "validation"]
     elif case == "other images":
-        checkpoint = write_export(tmp_path / "small.pt", tiny_model())  # 6x6 images, 16 levels
+        checkpoint = write_export(tmp_path / "small", tiny_model())  # 6x6 images, 16 levels
     elif case == "corrupt export":
-        checkpoint = tmp_path / "broken.pt"
-        checkpoint.write_bytes(class_export.read_bytes()[:300])
+        checkpoint = write_export(tmp_path / "broken", tiny_model())
+        (checkpoint / "model.safetensors").write_bytes((class_export / "model.safetensors").read_bytes()[:300])
     elif case == "negative n":
         extra = ["--n-per-class", "-1"]
     elif case == "json folder missing":

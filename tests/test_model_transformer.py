@@ -22,9 +22,9 @@ def tiny(attention="causal-linear", backend="torch", head="categorical", conditi
     values.update(overrides)
     torch.manual_seed(0)
     net = ImageTransformer(ModelConfig(**values)).eval()
-    with torch.no_grad():  # the per-block condition projections start at zero: give them weight
-        for name, parameter in net.named_parameters():
-            if "condition_projection" in name:
+    with torch.no_grad():  # the per-block condition projections and the byte convolution start at
+        for name, parameter in net.named_parameters():  # zero: give them weight
+            if "condition_projection" in name or "byte_conv" in name:
                 parameter.normal_(0.0, 0.5)
     return net
 
@@ -121,6 +121,38 @@ def test_no_logit_sees_its_own_or_a_later_byte(attention, backend, condition):
             assert not torch.allclose(logits[:, t + 1], changed_logits[:, t + 1]), t
 
 
+@pytest.mark.parametrize("given", [0, 1, 6])
+@pytest.mark.parametrize("attention,backend", KINDS)
+def test_recurrent_twin_matches_parallel_with_the_byte_convolution(attention, backend, given):
+    net = tiny(attention, backend, condition="class", conv_kernel=5)
+    seq, labels, _ = batch_inputs()
+    logits = net(seq, labels)
+    step_logits, state = net.prefill(net.init_state(3), labels, prefix=seq[:, :given] if given else None)
+    assert (step_logits - logits[:, given]).abs().max() < 1e-4
+    for t in range(given, LENGTH - 1):
+        step_logits, state = net.step(seq[:, t], state)
+        assert (step_logits - logits[:, t + 1]).abs().max() < 1e-4, t
+
+
+@pytest.mark.parametrize("kernel", [1, 5])
+def test_byte_convolution_reaches_exactly_its_window_and_stays_causal(kernel):
+    # With every attention output cut, the logits at t see only the convolution's window: bytes
+    # t - kernel .. t - 1 (the input token at t is byte t - 1); never byte t or later.
+    net = tiny(conv_kernel=kernel)
+    with torch.no_grad():
+        for block in net.blocks:
+            block.attention.out_projection.weight.zero_()
+            block.attention.out_projection.bias.zero_()
+    seq, _, _ = batch_inputs()
+    logits = net(seq)
+    t = 12
+    for back in range(0, kernel + 3):
+        changed = seq.clone()
+        changed[:, t - back] = (changed[:, t - back] + 1) % BINS
+        moved = bool((net(changed)[:, t] - logits[:, t]).abs().max() > 1e-6)
+        assert moved == (1 <= back <= kernel), back
+
+
 @pytest.mark.parametrize("inject", ["prefix", "input", "blocks"])
 @pytest.mark.parametrize("condition", ["class", "caption", "both"])
 def test_recurrent_twin_matches_parallel_for_each_condition_injection(condition, inject):
@@ -192,6 +224,7 @@ def test_nll_is_per_byte_nats_and_matches_log_probs():
         seq, labels, _ = batch_inputs()
         nll = net.nll(seq, labels)
         assert nll.shape == (3, LENGTH) and nll.dtype == torch.float32
+        assert torch.equal(net(seq, labels, return_nll=True), nll)  # the trainer's loss, through forward
         gathered = -net.log_probs(net(seq, labels)).gather(-1, seq.unsqueeze(-1)).squeeze(-1)
         assert (nll - gathered).abs().max() < 1e-5
         # an untrained model is close to uniform: roughly log(bins) nats

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from model.export import load_export
+from model import ImageTransformer
 from train.trainer import parameter_digest
 
 pytestmark = pytest.mark.slow
@@ -92,8 +92,8 @@ def test_two_machines_end_with_identical_parameters(digits, tmp_path):
     assert digests[0] == digests[1]
 
     # What rank 0 exported is what both machines hold in memory.
-    net, _, step = load_export(run_dir / "export" / "model.pt")
-    assert step == MAX_STEPS
+    net = ImageTransformer.from_pretrained(run_dir / "export")
+    assert net.trained_steps == MAX_STEPS
     assert parameter_digest(net).startswith(digests[0])
     # Only the main process writes TensorBoard events; both ranks' checkpoint parts are there.
     assert len(list((run_dir / "logs").rglob("events.out.tfevents.*"))) == 1

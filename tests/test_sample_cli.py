@@ -1,7 +1,5 @@
 """The sampler CLI: grid geometry, class and caption paths, checkpoint forms, and each bad input."""
 
-import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ def png_size(path: Path) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def export(tmp_path_factory) -> Path:
-    return write_export(tmp_path_factory.mktemp("export") / "model.pt", tiny_model())
+    return write_export(tmp_path_factory.mktemp("run") / "export", tiny_model())
 
 
 @pytest.mark.parametrize("images, columns, padding", [(16, 4, 2), (7, 3, 2), (10, 10, 0), (5, 8, 3)])
@@ -106,7 +104,7 @@ def test_guidance_flag_guides_and_one_changes_nothing(tmp_path):
     net = tiny_model()
     with torch.no_grad():  # a class that matters: random 0.02-scale embeddings barely move the logits
         net.condition.class_embedding.weight.normal_(0.0, 1.0)
-    export = write_export(tmp_path / "model.pt", net)
+    export = write_export(tmp_path / "export", net)
     for name, extra in (("plain", ()), ("one", ("--guidance", "1")), ("three", ("--guidance", "3"))):
         assert run_cli("--checkpoint", export, "--out", tmp_path / f"{name}.png", "--npz", "--seed", 2,
                        "--classes", "0-2", "--n", "2", *extra) == 0
@@ -117,7 +115,7 @@ def test_guidance_flag_guides_and_one_changes_nothing(tmp_path):
 def test_loads_export_step_folder_and_run_folder(tmp_path):
     old, new = tiny_model(seed=1), tiny_model(seed=2)
     run = tmp_path / "run"
-    write_export(run / "export" / "model.pt", old, step=100)
+    write_export(run / "export", old, step=100)
     write_step_folder(run / "checkpoints" / "step_0000200", new, step=200)
     write_step_folder(run / "checkpoints" / "step_0000050", old, step=50)
     # an interrupted save: newest by name, but no meta.json, so never taken
@@ -127,39 +125,28 @@ def test_loads_export_step_folder_and_run_folder(tmp_path):
         mine = loaded.net.state_dict()
         return all(torch.equal(mine[key], value) for key, value in net.state_dict().items())
 
-    from_export = load_for_sampling(run / "export" / "model.pt")
+    from_export = load_for_sampling(run / "export")
     assert from_export.step == 100 and same_weights(from_export, old)
     from_folder = load_for_sampling(run / "checkpoints" / "step_0000200")
     assert from_folder.step == 200 and same_weights(from_folder, new)
     assert from_folder.image["height"] == 6
     from_run = load_for_sampling(run)  # the checkpoint (200) is newer than the export (100)
     assert from_run.step == 200 and same_weights(from_run, new)
-    write_export(run / "export" / "model.pt", old, step=200)  # an export at the same step wins
-    assert load_for_sampling(run).source == run / "export" / "model.pt"
+    write_export(run / "export", old, step=200)  # an export at the same step wins
+    assert load_for_sampling(run).source == run / "export"
+    assert from_folder.source == run / "checkpoints" / "step_0000200" / "model"
     assert run_cli("--checkpoint", run, "--out", tmp_path / "r.png") == 0
 
 
-def test_step_folder_from_accelerate_save_state_loads(tmp_path):
-    """What accelerate really writes (model.safetensors) is what the loader reads."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    net = tiny_model(seed=3)
-    try:
-        accelerator = Accelerator(cpu=True)
-        prepared = accelerator.prepare(net)
-        folder = tmp_path / "step_0000007"
-        accelerator.save_state(str(folder))
-        unwrapped = accelerator.unwrap_model(prepared).state_dict()
-    finally:
-        AcceleratorState._reset_state(True)  # accelerate's state is a process-wide singleton
-    meta = {"step": 7, "model_config": dataclasses.asdict(net.config),
-            "image": {"dataset": "toy", "height": 6, "width": 6, "channels": 1, "bins": 16,
-                      "order": "raster", "class_names": ["a", "b", "c"]}}
-    (folder / "meta.json").write_text(json.dumps(meta))
+def test_a_checkpoint_folder_samples_its_model_folder_and_never_reads_accelerates_files(tmp_path):
+    """What the trainer writes beside model/ (accelerate's save_state: safetensors, pickles) is not read."""
+    folder = write_step_folder(tmp_path / "step_0000007", tiny_model(seed=3), 7)
+    for name in ("model.safetensors", "optimizer.bin", "random_states_0.pkl", "ema.safetensors"):
+        (folder / name).write_bytes(b"not read by the sampler")
     loaded = load_for_sampling(folder)
-    assert loaded.step == 7
-    assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in unwrapped.items())
+    assert loaded.step == 7 and loaded.source == folder / "model"
+    assert all(torch.equal(loaded.net.state_dict()[k], v) for k, v in tiny_model(seed=3).state_dict().items())
+    assert run_cli("--checkpoint", folder, "--out", tmp_path / "s.png", "--n", 2) == 0
 
 
 def bad(capsys, *args) -> tuple[int, str]:
@@ -170,19 +157,24 @@ def bad(capsys, *args) -> tuple[int, str]:
 
 def test_bad_inputs_give_one_line_errors(tmp_path, export, capsys):
     out = tmp_path / "x.png"
-    unconditional = write_export(tmp_path / "plain.pt", tiny_model(condition="none"))
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(export.read_bytes()[:500])
+    unconditional = write_export(tmp_path / "plain", tiny_model(condition="none"))
+    corrupt = write_export(tmp_path / "corrupt", tiny_model())
+    (corrupt / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes()[:500])
     incomplete = tmp_path / "run" / "checkpoints" / "step_0000010"
     incomplete.mkdir(parents=True)
     broken = write_step_folder(tmp_path / "broken" / "step_0000005", tiny_model(), 5)
-    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    (broken / "model" / "config.json").write_text("{")
+    old = tmp_path / "old" / "export" / "model.pt"
+    old.parent.mkdir(parents=True)
+    torch.save({"format": 1}, old)
     cases = [
-        ((tmp_path / "missing.pt",), 2, "no such file"),
-        ((corrupt,), 1, "corrupt"),
+        ((tmp_path / "missing",), 2, "no such file"),
+        ((corrupt,), 1, "model.safetensors is corrupt"),
         ((incomplete,), 1, "incomplete checkpoint"),
-        ((tmp_path / "run",), 2, "without export"),
-        ((broken,), 1, "unreadable weights"),
+        ((tmp_path / "run",), 2, "not a model folder"),
+        ((broken,), 1, "config.json: unreadable"),
+        ((old,), 1, "no longer read"),
+        ((old.parent.parent,), 1, "no longer read"),
         ((export, "--classes", "0-3"), 2, "class 3 is outside"),
         ((export, "--classes", "seven"), 2, "not an integer"),
         ((export, "--caption", "x" * 17), 2, "at most 16"),

@@ -15,7 +15,7 @@ def digits_model(tmp_path, prepared_digits, condition="class"):
     info = load_manifest(prepared_digits).image_info()
     config = ModelConfig(bins=info["bins"], seq_len=info["height"] * info["width"] * info["channels"],
                          n_layers=1, n_heads=2, d_query=8, d_ff=16, condition=condition, n_classes=10)
-    return write_export(tmp_path / "model.pt", ImageTransformer(config).eval(), info=info)
+    return write_export(tmp_path / "export", ImageTransformer(config).eval(), info=info)
 
 
 def test_completion_keeps_the_real_prefix_and_lays_out_real_kept_completions(tmp_path, prepared_digits):

@@ -32,7 +32,7 @@ def test_rerun_skips_what_is_done(tmp_path, prepared_digits):
     shutil.copytree(prepared_digits, tmp_path / "data" / "digits")
     bins = str(load_manifest(prepared_digits).bins)
     assert list(plan(tmp_path, "--bins", bins, "--max-steps", "5")) == ["train", "sample"]
-    write_export(tmp_path / "run" / "export" / "model.pt", tiny_model(), step=5)
+    write_export(tmp_path / "run" / "export", tiny_model(), step=5)
     assert list(plan(tmp_path, "--bins", bins, "--max-steps", "5")) == ["sample"]
     assert list(plan(tmp_path, "--bins", bins, "--max-steps", "6")) == ["train", "sample"]  # resumes to 6
 

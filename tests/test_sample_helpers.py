@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from model import ImageTransformer, ModelConfig
-from model.export import save_export
 
 
 @pytest.fixture(autouse=True)
@@ -43,18 +42,15 @@ def tiny_model(seed: int = 0, **overrides) -> ImageTransformer:
 
 
 def write_export(path: Path, net: ImageTransformer, step: int = 1, info: dict | None = None) -> Path:
-    """Save net as a model export (model.export format)."""
-    save_export(path, net, info or image_info(net.config), step)
+    """Save net as a model folder (save_pretrained), as the trainer writes RUN/export."""
+    net.save_pretrained(path, info or image_info(net.config), step)
     return path
 
 
 def write_step_folder(folder: Path, net: ImageTransformer, step: int, info: dict | None = None) -> Path:
-    """Write a checkpoint folder the way the trainer does: accelerate's model.safetensors + meta.json."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {key: value.contiguous() for key, value in net.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    meta = {"step": step, "model_config": dataclasses.asdict(net.config), "image": info or image_info(net.config)}
+    """Write a checkpoint folder the way the trainer does, less accelerate's files: model/ + meta.json."""
+    info = info or image_info(net.config)
+    net.save_pretrained(folder / "model", info, step)
+    meta = {"step": step, "model_config": dataclasses.asdict(net.config), "image": info}
     (folder / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     return folder

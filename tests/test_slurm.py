@@ -83,7 +83,7 @@ def test_training_job_completes_with_two_ranks(trained_run):
     assert "1 node(s) x 2 process(es) (CPU, gloo)" in text
     assert "parameters identical on all 2 rank(s)" in text
     assert checkpoint_steps(run_dir)[-1] == 30
-    assert (run_dir / "export" / "model.pt").is_file()
+    assert (run_dir / "export" / "config.json").is_file()
     assert len(list((run_dir / "logs").rglob("events.out.tfevents.*"))) == 1
 
 

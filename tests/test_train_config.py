@@ -7,8 +7,11 @@ import os
 
 import pytest
 
-from train.checkpoint import (CheckpointError, check_compatible, complete_checkpoints, model_config_differences,
-                              prune_checkpoints, remove_stale_temporaries, resolve_resume)
+import train.config as config
+from model import ModelConfig
+from model.run_layout import complete_checkpoints
+from train.checkpoint import (CheckpointError, check_compatible, model_config_differences, prune_checkpoints,
+                              remove_stale_temporaries, resolve_resume)
 from train.config import ConfigError, load_config, parse_yaml, write_config
 from train.schedule import learning_rate
 
@@ -30,7 +33,7 @@ def test_yaml_scalars_are_coerced_to_field_types(tmp_path):
     assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
     assert cfg.train.mixed_precision == "no"  # not YAML 1.1's False
     assert cfg.train.deterministic is True
-    assert cfg.model.d_value is None
+    assert cfg.model.d_value == cfg.model.d_query == 32  # null: the model's own default, d_query
 
 
 def test_overrides_win_and_are_coerced(tmp_path):
@@ -59,6 +62,13 @@ def test_overrides_win_and_are_coerced(tmp_path):
     ("train:\n  max_steps: 2.5\n", [], ["c.yaml", "train.max_steps", "integer"]),
     ("train: [1, 2]\n", [], ["c.yaml", "train", "mapping"]),
     ("train:\n  max_steps: [\n", [], ["c.yaml", "not valid YAML"]),
+    # the model section is the model's own ModelConfig, checked by it, errors naming the key
+    ("train:\n  max_steps: 5\nmodel:\n  n_layers: 0\n", [], ["c.yaml", "model.n_layers=0", ">= 1"]),
+    ("train:\n  max_steps: 5\n", ["model.attention=local"], ["--set model.attention=local",
+                                                             "model.attention='local'", "causal-linear, softmax"]),
+    ("train:\n  max_steps: 5\n", ["model.bins=1"], ["--set model.bins=1", "model.bins=1", ">= 2"]),
+    ("train:\n  max_steps: 5\n", ["log.with=tensorbored"], ["--set log.with=tensorbored", "log.with",
+                                                            "unknown tracker 'tensorbored'", "tensorboard, wandb"]),
 ])
 def test_bad_values_give_one_line_errors(tmp_path, text, overrides, words):
     path = write(tmp_path, text)
@@ -68,6 +78,24 @@ def test_bad_values_give_one_line_errors(tmp_path, text, overrides, words):
     assert "\n" not in message
     for word in words:
         assert word in message
+
+
+def test_model_section_is_the_model_config_and_log_with_takes_one_tracker_or_several(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "get_available_trackers", lambda: ["tensorboard", "wandb"])
+    path = write(tmp_path, "train:\n  max_steps: 5\nmodel:\n  d_query: 8\nlog:\n  with: [tensorboard, wandb]\n")
+    cfg = load_config(path)
+    assert type(cfg.model) is ModelConfig and cfg.model.d_value == 8  # resolved from the final d_query
+    assert cfg.keys_set == {"train.max_steps", "model.d_query", "log.with"}
+    assert cfg.log.with_ == ("tensorboard", "wandb")
+    assert load_config(path, ["log.with=wandb"]).log.with_ == ("wandb",)
+    assert load_config(path, ["log.with=[]"]).log.with_ == ()
+    assert load_config(write(tmp_path, "train:\n  max_steps: 5\n")).log.with_ == ("tensorboard",)
+    out = tmp_path / "run" / "config.yaml"
+    write_config(cfg, str(out))
+    assert "with:" in out.read_text() and load_config(str(out)) == cfg
+    monkeypatch.setattr(config, "get_available_trackers", lambda: ["tensorboard"])
+    with pytest.raises(ConfigError, match=r"--set log.with=wandb: log.with: tracker 'wandb' is not installed"):
+        load_config(path, ["log.with=wandb"])
 
 
 def test_shipped_configs_load_and_follow_the_paper():

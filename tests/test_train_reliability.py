@@ -255,7 +255,7 @@ def test_stop_signal_outside_the_loop_is_honoured(when, digits16, tmp_path):
     else:
         # Too late to matter: the run finishes its last evaluation, checkpoint and export.
         assert process.returncode == 0, out[-3000:]
-        assert complete_steps(run) == [4] and os.path.isfile(run / "export" / "model.pt")
+        assert complete_steps(run) == [4] and os.path.isfile(run / "export" / "config.json")
 
 
 # fp16 without a GradScaler -------------------------------------------------------------------------
@@ -263,7 +263,6 @@ def test_stop_signal_outside_the_loop_is_honoured(when, digits16, tmp_path):
 def test_fp16_without_a_scaler_never_applies_a_non_finite_gradient(digits16, tmp_path, fresh_accelerate,
                                                                    monkeypatch, capsys):
     from model import ImageTransformer
-    from model.export import load_export
 
     forward = ImageTransformer.forward
     calls = []
@@ -280,7 +279,7 @@ def test_fp16_without_a_scaler_never_applies_a_non_finite_gradient(digits16, tmp
                               "train.max_bad_steps=3", "train.eval_at_start=false")
     assert "step 0: non-finite loss or gradient" in capsys.readouterr().out
     assert result.exit_code == 0 and result.bad_total == 1
-    net, _, _ = load_export(str(tmp_path / "run" / "export" / "model.pt"))
+    net = ImageTransformer.from_pretrained(tmp_path / "run" / "export")
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 

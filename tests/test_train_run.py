@@ -97,7 +97,7 @@ def read_scalars(run_dir: str):
 
 def complete_steps(run_dir) -> list[int]:
     """Steps of the complete checkpoints of a run folder."""
-    from train.checkpoint import complete_checkpoints
+    from model.run_layout import complete_checkpoints
 
     return [step for step, _ in complete_checkpoints(str(run_dir))]
 
@@ -128,11 +128,11 @@ def test_one_process_learns(digits16, tmp_path, fresh_accelerate):
     assert end < start - 1.0, result.eval_bits_per_dim
     run = tmp_path / "run"
     assert complete_steps(run) == [200]
-    assert os.path.isfile(run / "export" / "model.pt") and os.path.isfile(run / "config.yaml")
+    assert os.path.isfile(run / "export" / "config.json") and os.path.isfile(run / "config.yaml")
     assert os.path.isfile(run / "samples" / "step_0000200.png")
-    from model.export import load_export
-    net, image_info, step = load_export(str(run / "export" / "model.pt"))
-    assert step == 200 and image_info["bins"] == 16 and net.config.condition == "class"
+    from model import ImageTransformer
+    net = ImageTransformer.from_pretrained(run / "export")
+    assert net.trained_steps == 200 and net.image_info["bins"] == 16 and net.config.condition == "class"
     meta = json.loads((run / "checkpoints" / "step_0000200" / "meta.json").read_text())
     assert meta["step"] == 200 and meta["model_config"]["n_layers"] == 1 and meta["image"]["height"] == 28
 
@@ -152,14 +152,14 @@ def test_resume_equals_uninterrupted(digits16, tmp_path, fresh_accelerate):
 
 
 def test_ema_is_evaluated_exported_and_resumes_exactly(digits16, tmp_path, fresh_accelerate):
-    from model.export import load_export
+    from model import ImageTransformer
     from train.trainer import parameter_digest
 
     extra = ["train.deterministic=true", "train.ema_decay=0.9", "optim.min_lr_ratio=1.0", "train.eval_at_start=false"]
     whole = train_in_process(digits16, tmp_path / "whole", *extra, "train.max_steps=24")
     train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=12")
     second = train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=24", resume="auto")
-    exported = {name: load_export(tmp_path / name / "export" / "model.pt")[0] for name in ("whole", "split")}
+    exported = {name: ImageTransformer.from_pretrained(tmp_path / name / "export") for name in ("whole", "split")}
     # the export holds the average, not the raw weights the run ended with
     assert parameter_digest(exported["whole"]) != whole.param_digest
     # the average is part of the checkpoint: resuming gives the same average and the same eval
@@ -170,7 +170,7 @@ def test_ema_is_evaluated_exported_and_resumes_exactly(digits16, tmp_path, fresh
 
 def test_ema_turned_on_at_resume_starts_from_the_resumed_weights_and_checkpoints_sample_it(
         digits16, tmp_path, fresh_accelerate):
-    from model.export import load_export
+    from model import ImageTransformer
     from sample.loading import load_for_sampling
     from train.trainer import parameter_digest
 
@@ -181,11 +181,20 @@ def test_ema_turned_on_at_resume_starts_from_the_resumed_weights_and_checkpoints
                              resume="auto")
     assert again.param_digest == first.param_digest
     assert again.eval_bits_per_dim[-1] == first.eval_bits_per_dim[-1]  # the final eval used the average
-    # a run that keeps an average: its checkpoint folders sample the average, as its export does
-    train_in_process(digits16, tmp_path / "ema", *extra, "train.max_steps=8", "train.ema_decay=0.9")
-    exported = parameter_digest(load_export(tmp_path / "ema" / "export" / "model.pt")[0])
-    folder = load_for_sampling(str(tmp_path / "ema" / "checkpoints" / "step_0000008")).net
-    assert parameter_digest(folder) == exported
+    # a run that keeps an average: its checkpoint folders sample the average, as its export does,
+    # from their model/ alone (accelerate's files, there to resume exactly, are never read)
+    raw = train_in_process(digits16, tmp_path / "ema", *extra, "train.max_steps=8", "train.ema_decay=0.9")
+    exported = parameter_digest(ImageTransformer.from_pretrained(tmp_path / "ema" / "export"))
+    folder = tmp_path / "ema" / "checkpoints" / "step_0000008"
+    assert {"model.safetensors", "optimizer.bin", "ema.safetensors"} <= {p.name for p in folder.iterdir()}
+    for file in folder.iterdir():
+        if file.is_file() and file.name != "meta.json":
+            file.unlink()
+    sampled = load_for_sampling(str(folder)).net
+    assert parameter_digest(sampled) == exported != raw.param_digest
+    from sample.run import main as sample_main
+    assert sample_main(["--checkpoint", str(folder), "--out", str(tmp_path / "ema.png"), "--n", "2",
+                        "--no-progress", "--device", "cpu"]) == 0
 
 
 def test_bf16_on_cpu_trains_with_finite_loss(digits16, tmp_path, fresh_accelerate):
@@ -210,6 +219,44 @@ def test_non_finite_losses_are_skipped_then_stop(digits16, tmp_path, fresh_accel
         train_in_process(digits16, tmp_path / "run", "train.max_bad_steps=3", "train.max_steps=10",
                          "train.eval_at_start=false")
     assert complete_steps(tmp_path / "run") == []
+
+
+def test_tensorboard_gets_scalars_hyperparameters_and_images_in_one_event_file(digits16, tmp_path,
+                                                                               fresh_accelerate):
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    # model.bins set to the data's own value is accepted; the others come from the manifest
+    result = train_in_process(digits16, tmp_path / "run", "train.max_steps=5", "model.bins=16")
+    assert result.exit_code == 0
+    files, accumulator = read_scalars(str(tmp_path / "run"))
+    assert len(files) == 1, files
+    tags = accumulator.Tags()
+    assert {"train/loss", "train/lr", "eval/bits_per_dim"} <= set(tags["scalars"]) and tags["images"] == ["samples"]
+    assert [event.step for event in accumulator.Scalars("eval/bits_per_dim")] == [0, 5]
+    metadata = accumulator.SummaryMetadata("_hparams_/session_start_info")
+    hparams = HParamsPluginData.FromString(metadata.plugin_data.content).session_start_info.hparams
+    assert hparams["train.max_steps"].number_value == 5 and hparams["optim.warmup_steps"].number_value == 10
+    assert (hparams["model.bins"].number_value, hparams["model.seq_len"].number_value) == (16, 28 * 28)
+    assert hparams["log.with"].string_value == "['tensorboard']"
+
+
+def test_wandb_offline_next_to_tensorboard(digits16, tmp_path, fresh_accelerate, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb): log.with=wandb is untested")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    result = train_in_process(digits16, run, "train.max_steps=2", "log.every=1", "log.with=[tensorboard,wandb]")
+    assert result.exit_code == 0
+    offline = glob.glob(str(run / "logs" / "wandb" / "offline-run-*"))
+    assert len(offline) == 1, os.listdir(run / "logs")
+    records = glob.glob(os.path.join(offline[0], "run-*.wandb"))
+    assert len(records) == 1
+    data = open(records[0], "rb").read()  # protobuf records: keys and strings are stored as they are
+    for key in (b"train/loss", b"eval/bits_per_dim", b"optim.lr", b"model.bins"):
+        assert key in data, key
+    assert glob.glob(os.path.join(offline[0], "files", "media", "images", "samples_*.png"))
+    files, _ = read_scalars(str(run))
+    assert len(files) == 1, files
 
 
 def free_port() -> int:
@@ -239,8 +286,9 @@ def test_two_cpu_ranks_train_in_lockstep(digits16, tmp_path):
     assert "parameters identical on all 2 rank(s)" in output
     assert complete_steps(run) == [10, 20]
     assert sorted(os.listdir(run / "checkpoints" / "step_0000020")) == [
-        "meta.json", "model.safetensors", "optimizer.bin",
+        "meta.json", "model", "model.safetensors", "optimizer.bin",
         "random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(os.listdir(run / "checkpoints" / "step_0000020" / "model")) == ["config.json", "model.safetensors"]
     files, accumulator = read_scalars(str(run))
     assert len(files) == 1, files
     tags = accumulator.Tags()
@@ -276,7 +324,7 @@ def test_sigusr1_saves_a_checkpoint_and_exits_75(digits16, tmp_path):
     assert "stopped by SIGUSR1" in output
     steps = complete_steps(run)
     assert len(steps) == 1 and 0 < steps[0] < 100000
-    assert os.path.isfile(run / "export" / "model.pt")
+    assert os.path.isfile(run / "export" / "config.json")
     # The checkpoint continues: a resumed run starts where the stop left off.
     resumed = subprocess.run([sys.executable, RUN_PY, *cli_args(digits16, run, f"train.max_steps={steps[0] + 5}"),
                               "--resume", "auto"], env=env(), cwd=tmp_path, capture_output=True, text=True,
@@ -354,7 +402,8 @@ def finished_run(digits16, tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing data folder", "resume path missing",
                                   "resume path incomplete", "model config mismatch", "existing run without resume",
-                                  "ema decay of one", "negative read timeout"])
+                                  "ema decay of one", "negative read timeout", "bad model value",
+                                  "bins not the data's"])
 def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path, capsys):
     run = str(finished_run)
     step4 = os.path.join(run, "checkpoints", "step_0000004")
@@ -365,6 +414,9 @@ def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path
         "wrong type": (cli_args(digits16, run, "train.max_steps=lots"), ["train.max_steps", "'lots'"]),
         "ema decay of one": (cli_args(digits16, run, "train.ema_decay=1.0"), ["train.ema_decay", "[0, 1)"]),
         "negative read timeout": (cli_args(digits16, run, "data.read_timeout=-5"), ["data.read_timeout", "-5"]),
+        "bad model value": (cli_args(digits16, run, "model.n_layers=0"), ["--set model.n_layers=0: model.n_layers=0 must be >= 1"]),
+        "bins not the data's": (cli_args(digits16, run, "model.bins=256"),
+                                ["model.bins=256", "has 16", "leave model.bins out"]),
         "missing data folder": (cli_args(str(tmp_path / "nowhere"), run), ["digits.yaml", "data.dir", "nowhere"]),
         "resume path missing": (cli_args(digits16, run) + ["--resume", str(tmp_path / "step_0000123")],
                                 ["step_0000123", "no such checkpoint"]),

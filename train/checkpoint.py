@@ -1,8 +1,10 @@
 """Checkpoints: complete or absent.
 
-Layout: RUN/checkpoints/step_0000500/ holds accelerate's `save_state` output plus meta.json
-({"step", "model_config", "image", "train_state", "run", "data", "files"}): `files` lists every other
-file of the folder with its size and sha256, and resuming checks them before loading anything. Every rank writes into RUN/checkpoints/step_0000500.tmp-XXXX/
+Layout (model.run_layout): RUN/checkpoints/step_0000500/ holds accelerate's `save_state` output, the
+model folder model/ (the weights evaluated and sampled) and meta.json ({"step", "model_config",
+"image", "train_state", "run", "data", "files"}): `files` lists every other file of the folder with
+its size and sha256, and resuming checks them before loading anything. Every rank writes into
+RUN/checkpoints/step_0000500.tmp-XXXX/
 (save_state must run on every rank: it saves each rank's RNG state and waits on collectives); the
 main process writes meta.json last and renames the folder to its final name once all ranks are done.
 A crash at any point leaves either the previous checkpoints untouched or a `.tmp-` folder, which is
@@ -16,16 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 from typing import Any, Callable, Optional
 
 from data_prep.shards import file_sha256
+from model import ImageTransformer
+from model.pretrained import publish_folder
+from model.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
+                              complete_checkpoints, is_complete)
 
-CHECKPOINT_DIR = "checkpoints"
-META_NAME = "meta.json"
-_NAME = re.compile(r"^step_(\d{7,})$")
 # Model config keys that choose an implementation, not the weights: a checkpoint trained with the
 # fast-transformers backend resumes with the torch one.
 RUNTIME_MODEL_KEYS = ("backend", "chunk_size")
@@ -33,11 +35,6 @@ RUNTIME_MODEL_KEYS = ("backend", "chunk_size")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; str() is one line naming the folder."""
-
-
-def checkpoint_name(step: int) -> str:
-    """Folder name of the checkpoint at a global step, e.g. step_0000500."""
-    return f"step_{step:07d}"
 
 
 def read_meta(path: str) -> dict:
@@ -55,20 +52,6 @@ def read_meta(path: str) -> dict:
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "model_config" not in meta:
         raise CheckpointError(f"{meta_path}: checkpoint metadata lacks step or model_config")
     return meta
-
-
-def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint in RUN/checkpoints, oldest first."""
-    folder = os.path.join(run_dir, CHECKPOINT_DIR)
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        match = _NAME.match(name)
-        path = os.path.join(folder, name)
-        if match and os.path.isfile(os.path.join(path, META_NAME)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
 
 
 def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
@@ -130,10 +113,9 @@ def checkpoint_damage(path: str) -> Optional[str]:
 
 def damaged_folders(run_dir: str) -> list[str]:
     """Checkpoint folders moved aside as damaged (step_N.damaged-XXXX)."""
-    folder = os.path.join(run_dir, CHECKPOINT_DIR)
-    if not os.path.isdir(folder):
-        return []
-    return sorted(name for name in os.listdir(folder) if re.match(r"^step_\d+\.damaged-", name))
+    folder = checkpoints_folder(run_dir)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(name for name in names if ".damaged-" in name and SIDE_FOLDER.match(name))
 
 
 def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str], None]) -> Optional[str]:
@@ -161,7 +143,7 @@ def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str],
     left = damaged_folders(run_dir)
     if left:
         raise CheckpointError(
-            f"{run_dir}/{CHECKPOINT_DIR}: no intact checkpoint, only damaged ones ({', '.join(left)}); "
+            f"{checkpoints_folder(run_dir)}: no intact checkpoint, only damaged ones ({', '.join(left)}); "
             "move them away to start afresh, or choose another train.run_dir")
     return None
 
@@ -235,31 +217,17 @@ def _write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: str) -> None:
-    """Make a rename inside path durable (best effort: not every file system allows it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int,
+def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int, model: ImageTransformer,
                     extra_files: Optional[Callable[[str], None]] = None) -> str:
     """Save the full training state at `step` on every rank; returns the final folder.
 
     Must be called by every rank (save_state writes per-rank RNG states and meets collectives).
-    extra_files(folder) writes further files into the checkpoint on the main process (the EMA),
-    before their sizes and digests go into meta.json.
+    The main process writes `model` (the weights evaluated and sampled) as the model folder, and
+    extra_files(folder) writes further files (the EMA's state), before their digests go into meta.json.
     """
     from accelerate.utils import broadcast_object_list
 
-    folder = os.path.join(run_dir, CHECKPOINT_DIR)
+    folder = checkpoints_folder(run_dir)
     final = os.path.join(folder, checkpoint_name(step))
     # One temporary name for all ranks, chosen by the main process.
     token = [secrets.token_hex(4) if accelerator.is_main_process else None]
@@ -270,6 +238,8 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        model.save_pretrained(checkpoint_model(tmp), meta["image"], step)
     if extra_files is not None and accelerator.is_main_process:
         extra_files(tmp)
     accelerator.wait_for_everyone()  # every rank's files are in tmp
@@ -286,17 +256,8 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
                 files[os.path.relpath(file, tmp)] = file_record(file)
         payload = {**meta, "step": step, "files": dict(sorted(files.items()))}
         _write_json_atomic(os.path.join(tmp, META_NAME), payload)  # last: marks it complete
-        _fsync_dir(tmp)
-        if os.path.exists(final):
-            # Saving the same step again (e.g. a stop right after resuming): swap, then drop the old one,
-            # so that a complete folder carries the final name at every moment.
-            old = f"{final}.replaced-{token[0]}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(folder)
+        # Saving the same step again (e.g. a stop right after resuming) swaps the folders.
+        publish_folder(tmp, final)
         prune_checkpoints(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
@@ -320,19 +281,18 @@ def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
 
 
 def remove_stale_temporaries(run_dir: str) -> list[str]:
-    """Delete temporary folders left by an interrupted save or prune (call before any rank saves)."""
-    folder = os.path.join(run_dir, CHECKPOINT_DIR)
-    if not os.path.isdir(folder):
-        return []
+    """Delete temporary checkpoint and export folders left by an interrupted save or prune (call
+    before any rank saves)."""
     removed = []
-    for name in sorted(os.listdir(folder)):
-        match = re.match(r"^(step_\d+)\.(tmp|replaced|deleting)-", name)
-        if not match:
-            continue
-        path, final = os.path.join(folder, name), os.path.join(folder, match.group(1))
-        if match.group(2) == "replaced" and not os.path.exists(final) and os.path.isfile(os.path.join(path, META_NAME)):
-            os.replace(path, final)  # a crash between the two renames of a re-save: put the old one back
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(name)
+    for folder in (run_dir, checkpoints_folder(run_dir)):
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            match = SIDE_FOLDER.match(name)
+            if not match or match.group(2) == "damaged":
+                continue
+            path, final = os.path.join(folder, name), os.path.join(folder, match.group(1))
+            if match.group(2) == "replaced" and not os.path.exists(final) and is_complete(path):
+                os.replace(path, final)  # a crash between the two renames of a re-save: put the old one back
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
     return removed

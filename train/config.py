@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+from data_prep.grids import atomic_file
+from model.config import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -32,27 +34,6 @@ class DataConfig:
     num_workers: int = 2  # reader worker processes per rank
     shuffle_buffer: int = 1000  # samples held for shuffling in each worker
     read_timeout: float = 600.0  # seconds the reader workers may take for one batch (0: no limit)
-
-
-@dataclass
-class ModelSection:
-    """ModelConfig fields except bins, seq_len and n_classes, which come from the data manifest."""
-
-    n_layers: int = 8
-    n_heads: int = 8
-    d_query: int = 32
-    d_value: Optional[int] = None  # None: same as d_query
-    d_ff: int = 1024
-    dropout: float = 0.0
-    attention: str = "causal-linear"  # causal-linear | softmax
-    backend: str = "auto"  # auto | torch | fast-transformers | fla
-    chunk_size: int = 64
-    head: str = "categorical"  # categorical | logistic-mixture
-    mixtures: int = 10
-    condition: str = "class"  # none | class | caption | both
-    caption_len: int = 48
-    condition_dropout: float = 0.1
-    condition_inject: str = "blocks"  # prefix | input | blocks: how the condition reaches every position
 
 
 @dataclass
@@ -97,21 +78,30 @@ class TrainSection:
 
 @dataclass
 class LogConfig:
-    """How often scalars go to TensorBoard and the progress bar."""
+    """Which trackers receive scalars, hyperparameters and sample grids, and how often scalars go."""
 
     every: int = 50
     progress_bar: bool = True
+    # YAML key `with` (a Python keyword, hence the underscore): accelerate trackers, one name or a list
+    with_: tuple[str, ...] = ("tensorboard",)
 
 
 @dataclass
 class TrainConfig:
-    """The whole training configuration, one field per YAML section."""
+    """The whole training configuration, one field per YAML section; `model` is the model's own config.
+
+    model.bins, model.seq_len and model.n_classes come from the data manifest when the config does not
+    set them (`keys_set` records which "section.key" the YAML and --set gave).
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        self.keys_set: set[str] = set()  # not a config key: no field, so not in the YAML or comparisons
 
 
 CHOICES = {
@@ -148,11 +138,6 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def _type_name(tp: Any) -> str:
-    """A short readable name for a field type."""
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Coerce value to the field type tp, or raise ConfigError naming where."""
     origin = typing.get_origin(tp)
@@ -165,6 +150,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if isinstance(value, str):
             value = parse_yaml(value)
+        if args[-1] is Ellipsis:  # any length; a single value stands for a list of one
+            return tuple(_coerce(v, args[0], where) for v in (value if isinstance(value, (list, tuple)) else [value]))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
@@ -197,93 +184,103 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")
+    raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
-def _section_types(section_cls: type) -> dict[str, Any]:
-    """Field name -> resolved type for one section dataclass."""
-    return typing.get_type_hints(section_cls)
+def _fields(section_cls: type) -> dict[str, tuple[str, Any]]:
+    """Config key -> (field name, resolved type) of one section dataclass; field `with_` is key `with`."""
+    hints = typing.get_type_hints(section_cls)
+    return {f.name.rstrip("_"): (f.name, hints[f.name]) for f in dataclasses.fields(section_cls)}
 
 
-def _set_value(cfg: TrainConfig, dotted: str, value: Any, source: str) -> None:
-    """Set cfg.<section>.<key> = value coerced to the field type; errors name source and key."""
+def _sections() -> dict[str, type]:
+    """Section name -> its dataclass, in order."""
+    return {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _set_value(given: dict, dotted: str, value: Any, source: str) -> None:
+    """given[section][key] = value coerced to the field type and checked; errors name source and key."""
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"{source}: key {dotted!r} must have the form section.key "
-                          f"(sections: {', '.join(f.name for f in dataclasses.fields(cfg))})")
+                          f"(sections: {', '.join(_sections())})")
     section_name, key = parts
-    section = getattr(cfg, section_name, None) if section_name in _section_names() else None
-    if section is None:
-        raise ConfigError(f"{source}: unknown section {section_name!r} "
-                          f"(known: {', '.join(_section_names())})")
-    types = _section_types(type(section))
-    if key not in types:
-        raise ConfigError(f"{source}: unknown key {dotted!r} (known in {section_name}: {', '.join(types)})")
-    coerced = _coerce(value, types[key], f"{source}: {dotted}")
+    if section_name not in _sections():
+        raise ConfigError(f"{source}: unknown section {section_name!r} (known: {', '.join(_sections())})")
+    fields = _fields(_sections()[section_name])
+    if key not in fields:
+        raise ConfigError(f"{source}: unknown key {dotted!r} (known in {section_name}: {', '.join(fields)})")
+    field_name, field_type = fields[key]
+    coerced = _coerce(value, field_type, f"{source}: {dotted}")
     choices = CHOICES.get((section_name, key))
     if choices is not None and coerced not in choices:
         raise ConfigError(f"{source}: {dotted} must be one of {', '.join(choices)}, got {coerced!r}")
     if (section_name, key) in POSITIVE and coerced is not None and not coerced > 0:
         raise ConfigError(f"{source}: {dotted} must be > 0, got {coerced!r}")
-    setattr(section, key, coerced)
+    if section_name == "model":
+        try:  # the model's own checks, one field at a time (none of them involves two fields)
+            ModelConfig(**{key: coerced})
+        except ValueError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    if dotted == "log.with":  # trackers accelerate supports and whose package is installed here
+        installed = {str(tracker) for tracker in get_available_trackers()}
+        for name in coerced:
+            if name not in LOGGER_TYPE_TO_CLASS:
+                raise ConfigError(f"{source}: log.with: unknown tracker {name!r} "
+                                  f"(accelerate's: {', '.join(LOGGER_TYPE_TO_CLASS)})")
+            if name not in installed:
+                raise ConfigError(f"{source}: log.with: tracker {name!r} is not installed here (pip install {name})")
+    given.setdefault(section_name, {})[field_name] = coerced
 
 
-def _section_names() -> list[str]:
-    """Names of the config sections, in order."""
-    return [f.name for f in dataclasses.fields(TrainConfig)]
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split one `section.key=value` override; the value is parsed as YAML (strings stay raw)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text}: expected section.key=value")
-    key, raw = text.split("=", 1)
-    return key.strip(), raw
+def _read_yaml(path: str) -> dict:
+    """The sections of the YAML file at path: {section: {key: value}}, section names checked."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = parse_yaml(handle.read())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    for section_name, values in data.items():
+        if section_name not in _sections():
+            raise ConfigError(f"{path}: unknown section {section_name!r} (known: {', '.join(_sections())})")
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section_name!r} must be a mapping, got {values!r}")
+    return {name: values for name, values in data.items() if values is not None}
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
     """Build a TrainConfig from the defaults, then the YAML file at path, then each override."""
-    cfg = TrainConfig()
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = parse_yaml(handle.read())
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read config file ({err.strerror})") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{line}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-        for section_name, values in data.items():
-            if section_name not in _section_names():
-                raise ConfigError(f"{path}: unknown section {section_name!r} (known: {', '.join(_section_names())})")
-            if values is None:
-                continue
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section_name!r} must be a mapping, got {values!r}")
-            for key, value in values.items():
-                _set_value(cfg, f"{section_name}.{key}", value, path)
+    given: dict[str, dict[str, Any]] = {}  # section -> field -> coerced value, as the YAML and --set give them
+    for section_name, values in (_read_yaml(path) if path is not None else {}).items():
+        for key, value in values.items():
+            _set_value(given, f"{section_name}.{key}", value, path)
     for text in overrides or []:
-        key, raw = parse_override(text)
-        types = _types_for(key)
+        if "=" not in text:
+            raise ConfigError(f"--set {text}: expected section.key=value")
+        key, raw = text.split("=", 1)
         # Strings are taken verbatim (YAML would turn "no" or "null"-like words into other types);
         # everything else is parsed as YAML so that lists and numbers work.
-        value = raw if types is str else parse_yaml(raw) if raw.strip() else raw
-        _set_value(cfg, key, value, f"--set {text}")
+        value = raw if _type_of(key.strip()) is str else parse_yaml(raw) if raw.strip() else raw
+        _set_value(given, key.strip(), value, f"--set {text}")
+    # built once every value is known, so that the model resolves d_value from the final d_query
+    cfg = TrainConfig(**{name: cls(**given.get(name, {})) for name, cls in _sections().items()})
+    cfg.keys_set = {f"{name}.{field_name.rstrip('_')}" for name, values in given.items() for field_name in values}
     _check_consistency(cfg, path or "<defaults>")
     return cfg
 
 
-def _types_for(dotted: str) -> Any:
+def _type_of(dotted: str) -> Any:
     """The field type of section.key, or None when the key is unknown (reported later)."""
-    parts = dotted.split(".")
-    if len(parts) != 2 or parts[0] not in _section_names():
-        return None
-    return _section_types(type(getattr(TrainConfig(), parts[0]))).get(parts[1])
+    section, _, key = dotted.partition(".")
+    return _fields(_sections()[section]).get(key, (None, None))[1] if section in _sections() else None
 
 
 def _check_consistency(cfg: TrainConfig, source: str) -> None:
@@ -305,33 +302,22 @@ def _check_consistency(cfg: TrainConfig, source: str) -> None:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
-    """Plain nested dict of the config (tuples as lists), suitable for YAML."""
+    """Plain nested dict of the config under its YAML keys (tuples as lists), suitable for YAML."""
     def plain(value: Any) -> Any:
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-    return plain(dataclasses.asdict(cfg))
+        return list(value) if isinstance(value, tuple) else value
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return {name: {f.name.rstrip("_"): plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+            for name, section in sections.items()}
 
 
 def flatten_config(cfg: TrainConfig) -> dict[str, Any]:
-    """Flat {"section.key": value} view (TensorBoard hparams reject nested values)."""
-    return {f"{section}.{key}": value for section, values in config_to_dict(cfg).items()
-            for key, value in values.items()}
+    """Flat {"section.key": value} view with lists as text: hyperparameters as trackers record them
+    (TensorBoard's hparams take only numbers, strings, booleans and None)."""
+    return {f"{section}.{key}": str(value) if isinstance(value, list) else value
+            for section, values in config_to_dict(cfg).items() for key, value in values.items()}
 
 
 def write_config(cfg: TrainConfig, path: str) -> None:
     """Write the resolved config as YAML, atomically (temporary file, then os.replace)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as stream:
+        stream.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode("utf-8"))

@@ -1,7 +1,9 @@
-"""One training function: `train(cfg)` builds everything from a TrainConfig and runs the loop.
+"""The trainer: `train(cfg)` checks the config against the data, takes the run lock and runs a Trainer.
 
-The CLI (train/run.py) and the tests both call it. Every rank runs the same code; the main process
-alone writes TensorBoard events, the resolved config, sample grids and the export.
+Trainer reads top to bottom: set_up (run folder, model, resume, trackers), step (one optimizer step,
+the loss from the model's own nll), evaluate, checkpoint (checkpoint folder and export), loop, finish.
+The CLI (train/run.py) and the tests both call train(). Every rank runs the same code; the main
+process alone writes the trackers' logs (log.with), the resolved config, sample grids and the export.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker, on_main_process
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
 
 from data_prep.captions import caption_for
@@ -31,11 +34,11 @@ from data_prep.errors import DataError
 from data_prep.grids import grid_tensor, save_png
 from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
-from model import ImageTransformer, ModelConfig
-from model.export import save_export
+from model import ImageTransformer
+from model.run_layout import export_folder, is_complete
 from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
-from train.config import ConfigError, TrainConfig, write_config, config_to_dict
+from train.config import ConfigError, TrainConfig, flatten_config, write_config
 from train.run_lock import RunLock, RunLockError
 from train.schedule import learning_rate
 from train.stop_request import EXIT_STOPPED, StopRequest
@@ -77,11 +80,9 @@ class TrainResult:
 
     exit_code: int
     step: int
-    max_steps: int
     eval_bits_per_dim: list[tuple[int, float]] = field(default_factory=list)
     bad_total: int = 0
     param_digest: str = ""
-    run_dir: str = ""
 
 
 @contextlib.contextmanager
@@ -99,25 +100,22 @@ def preserved_rng() -> Iterator[None]:
     np.random.set_state(np_state)
 
 
-def build_model_config(cfg: TrainConfig, manifest: Any, source: str) -> Any:
-    """ModelConfig from the model section plus bins/seq_len/n_classes of the data manifest."""
-    values = dataclasses.asdict(cfg.model)
-    values.update(bins=manifest.bins, seq_len=manifest.seq_len, n_classes=max(1, len(manifest.class_names)))
-    try:
-        return ModelConfig.from_dict(values)
-    except ValueError as err:
-        raise ConfigError(f"{source}: {err}") from None
-
-
-def load_data_manifest(cfg: TrainConfig, source: str) -> Any:
-    """The manifest of data.dir; ConfigError naming the key and the file when the folder is not usable."""
+def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]:
+    """(cfg with bins, seq_len and n_classes of the data, the manifest of data.dir); ConfigError naming
+    the key when the folder is not usable or a value the config sets disagrees with the data."""
     if not os.path.isdir(cfg.data.dir):
         raise ConfigError(f"{source}: data.dir {cfg.data.dir!r} does not exist "
                           "(prepare it with python -m data_prep.prepare)")
     try:
-        return load_manifest(cfg.data.dir)
+        manifest = load_manifest(cfg.data.dir)
     except DataError as err:
         raise ConfigError(f"{source}: data.dir: {err}") from None
+    data = {"bins": manifest.bins, "seq_len": manifest.seq_len, "n_classes": max(1, len(manifest.class_names))}
+    for key, value in data.items():
+        if f"model.{key}" in cfg.keys_set and getattr(cfg.model, key) != value:
+            raise ConfigError(f"{source}: model.{key}={getattr(cfg.model, key)!r} but data.dir {cfg.data.dir!r} "
+                              f"has {value} (leave model.{key} out: the data sets it)")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **data)), manifest
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -164,17 +162,7 @@ def resolve_max_steps(cfg: TrainConfig, manifest: Any, world_size: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * manifest.splits["train"].total / global_batch))
 
 
-def _condition_inputs(model_config: Any, batch: Any, device: torch.device) -> dict:
-    """labels/captions keyword arguments for the model, as its condition needs."""
-    kwargs: dict = {}
-    if model_config.condition in ("class", "both"):
-        kwargs["labels"] = batch.labels.to(device, non_blocking=True)
-    if model_config.condition in ("caption", "both"):
-        kwargs["captions"] = list(batch.captions)
-    return kwargs
-
-
-def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig, model_config: Any) -> float:
+def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig) -> float:
     """Exact bits/dim over the whole test split: each rank its disjoint part, totals summed over ranks.
 
     Runs the unwrapped model so that no DDP collective happens inside the loop (ranks may hold
@@ -187,7 +175,8 @@ def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig, model_con
         for batch in eval_batches(cfg.data.dir, cfg.train.eval_batch_size, split="test",
                                   rank=accelerator.process_index, world_size=accelerator.num_processes):
             seqs = batch.seqs.to(accelerator.device, non_blocking=True).long()  # (B, L)
-            nll = net.nll(seqs, **_condition_inputs(model_config, batch, accelerator.device))  # (B, L) nats
+            # the model takes the labels and captions its condition uses and ignores the others
+            nll = net.nll(seqs, batch.labels.to(accelerator.device), batch.captions)  # (B, L) nats
             total[0] += nll.double().sum()
             total[1] += seqs.numel()
     net.train(was_training)
@@ -197,22 +186,19 @@ def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig, model_con
     return (total[0] / total[1]).item() / LN2
 
 
-def sample_grid(net: torch.nn.Module, model_config: Any, manifest: Any, n: int, seed: int,
-                device: torch.device) -> torch.Tensor:
-    """A float grid (3, H', W') of n recurrent samples, one class per column when class-conditional."""
-    kwargs: dict = {}
+def sample_grid(net: torch.nn.Module, manifest: Any, n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A float grid (3, H', W') of n recurrent samples, one class per column where the data has classes."""
     n_classes = len(manifest.class_names)
     classes = [i % n_classes for i in range(n)] if n_classes else []
-    if model_config.condition in ("class", "both"):
-        kwargs["labels"] = torch.tensor(classes, dtype=torch.long, device=device)
-    if model_config.condition in ("caption", "both"):
-        rng = random.Random(seed)
-        kwargs["captions"] = [caption_for(manifest.dataset, manifest.class_names[c], rng) for c in classes]
+    labels = torch.tensor(classes, dtype=torch.long, device=device) if classes else None  # unused if unconditional
+    rng = random.Random(seed)
+    captions = [caption_for(manifest.dataset, manifest.class_names[c], rng) for c in classes] \
+        if net.condition.uses_caption else None
     was_training = net.training
     net.eval()
     with torch.no_grad():
         # the sampler's per-image streams: `lit-sample --seed` with these labels draws the same images
-        seqs = net.generate(n, seed=seed, **kwargs)  # (n, L)
+        seqs = net.generate(n, labels=labels, captions=captions, seed=seed)  # (n, L)
     net.train(was_training)
     images = decode_sequences(seqs.cpu(), manifest.height, manifest.width, manifest.channels,
                               manifest.bins, manifest.order)  # (n, H, W, C) uint8
@@ -262,18 +248,17 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
     """
     # Handlers first: a stop request from here on is honoured (saved and exit 75), never lost.
     with StopRequest() as stop:
-        manifest = load_data_manifest(cfg, config_source)
-        model_config = build_model_config(cfg, manifest, config_source)
+        cfg, manifest = check_against_data(cfg, config_source)
         run_dir = cfg.train.run_dir
         # Cheap checks before anything starts (the run lock and the file digests come later; with
         # --resume auto the newest checkpoint may turn out damaged, so its turn comes after them).
         resume_path = resolve_resume(run_dir, resume)
         if resume_path is not None and resume != "auto":
-            check_compatible(resume_path, dataclasses.asdict(model_config), manifest.image_info())
+            check_compatible(resume_path, dataclasses.asdict(cfg.model), manifest.image_info())
 
         previous_deterministic = _configure_determinism(cfg.train.deterministic)
         try:
-            return _train(cfg, manifest, model_config, resume, stop)
+            return _train(cfg, manifest, resume, stop)
         finally:
             torch.use_deterministic_algorithms(previous_deterministic)
 
@@ -297,20 +282,25 @@ def _on_main_then_share(accelerator: Any, work: Any) -> Any:
     raise {"CheckpointError": CheckpointError, "RunLockError": RunLockError}[kind](value)
 
 
-def _data_record(cfg: TrainConfig, manifest: Any) -> dict:
-    """What meta.json records of the training data: enough to notice a resume on other data."""
-    return {"dir": os.path.abspath(cfg.data.dir), "dataset": manifest.dataset, "seed": manifest.seed,
-            "splits": {name: {"samples": split.total, "shards": len(split.shards)}
-                       for name, split in manifest.splits.items()}}
+class TensorBoardOneFile(TensorBoardTracker):
+    """accelerate's TensorBoard tracker with the hyperparameters in the run's one event file (its
+    add_hparams would write a second file in a subfolder, which TensorBoard shows as another run)."""
+
+    @on_main_process
+    def store_init_configuration(self, values: dict) -> None:
+        """Record values (flat: numbers, strings, booleans, None) in the hparams dashboard."""
+        for summary in hparams(values, metric_dict={}):  # experiment, session start, session end
+            self.writer.file_writer.add_summary(summary)
+        self.writer.flush()
 
 
-def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Optional[str],
-           stop: StopRequest) -> TrainResult:
+def _train(cfg: TrainConfig, manifest: Any, resume: Optional[str], stop: StopRequest) -> TrainResult:
     """The body of train(), after the configuration has been checked."""
     run_dir = cfg.train.run_dir
+    # log.with: TensorBoard ours (events in RUN/logs), the other trackers by their accelerate name
+    trackers = [TensorBoardOneFile("logs", run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum,
-                              log_with="tensorboard", project_dir=run_dir)
+                              gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers, project_dir=run_dir)
     lock = RunLock(run_dir)
 
     def take_lock() -> None:
@@ -321,281 +311,311 @@ def _train(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Optional[
     # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
     _on_main_then_share(accelerator, take_lock)
     try:
-        return _train_locked(cfg, manifest, model_config, resume, stop, accelerator)
+        return Trainer(cfg, manifest, accelerator, stop).run(resume)
     finally:
         lock.release()
 
 
-def _train_locked(cfg: TrainConfig, manifest: Any, model_config: Any, resume: Optional[str],
-                  stop: StopRequest, accelerator: Any) -> TrainResult:
-    """Everything after the run lock: resume, the loop, the final evaluation, checkpoint and export."""
+class Trainer:
+    """One run on this rank, after the run lock: set_up, then loop over step, evaluate and
+    checkpoint, then finish. cfg.model is the model config, bins/seq_len/n_classes from the data."""
 
+    def __init__(self, cfg: TrainConfig, manifest: Any, accelerator: Any, stop: StopRequest):
+        self.cfg, self.manifest, self.accelerator, self.stop = cfg, manifest, accelerator, stop
+        self.run_dir, self.device = cfg.train.run_dir, accelerator.device
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        self.global_batch = cfg.train.batch_size * cfg.train.grad_accum * self.world
+        self.max_steps = resolve_max_steps(cfg, manifest, self.world)
+        self.run_record = {"world_size": self.world, "batch_size": cfg.train.batch_size,
+                           "grad_accum": cfg.train.grad_accum, "global_batch": self.global_batch,
+                           "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision}
+        # what meta.json records of the data: enough to notice a resume on other data
+        self.data_record = {"dir": os.path.abspath(cfg.data.dir), "dataset": manifest.dataset, "seed": manifest.seed,
+                            "splits": {name: {"samples": split.total, "shards": len(split.shards)}
+                                       for name, split in manifest.splits.items()}}
+        self.state = TrainState()
+        self.eval_bits_per_dim: list[tuple[int, float]] = []
+        self.last_eval_step = self.last_checkpoint_step = -1
+        # this window of log.every steps: summed loss, good steps, start time
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
 
-    run_dir = cfg.train.run_dir
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if device.type == "cpu" and cfg.train.cpu_threads is not None:
-        # More threads than free cores makes OpenMP spin: measured 5x slower steps on a busy 2-core box.
-        torch.set_num_threads(cfg.train.cpu_threads)
-    run_record = {"world_size": world, "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-                  "global_batch": cfg.train.batch_size * cfg.train.grad_accum * world, "seed": cfg.train.seed,
-                  "mixed_precision": cfg.train.mixed_precision}
-    data_record = _data_record(cfg, manifest)
-
-    def prepare_folder() -> Optional[str]:
-        os.makedirs(run_dir, exist_ok=True)
-        write_config(cfg, os.path.join(run_dir, "config.yaml"))
-        for name in remove_stale_temporaries(run_dir):
-            accelerator.print(f"removed {name}: left by an interrupted checkpoint write")
-        # Every file of the checkpoint against its size and digest in meta.json, before loading any.
-        return choose_checkpoint(run_dir, resume, warn=accelerator.print)
-
-    resume_path = _on_main_then_share(accelerator, prepare_folder)
-
-    # Same seed on every rank for the weights (DDP also broadcasts them), then a per-rank seed so
-    # that dropout and condition dropout differ between ranks.
-    set_seed(cfg.train.seed)
-    net = ImageTransformer(model_config)
-    optimizer = build_optimizer(net, cfg, device)
-    set_seed(cfg.train.seed + rank)
-    model, optimizer = accelerator.prepare(net, optimizer)
-    state = TrainState()
-    ema = None
-    if cfg.train.ema_decay > 0:
+    def set_up(self, resume: Optional[str]) -> None:
+        """Run folder, model, optimizer and EMA, the resumed state, trackers; the baseline evaluation."""
+        cfg, accelerator = self.cfg, self.accelerator
+        if self.device.type == "cpu" and cfg.train.cpu_threads is not None:
+            # More threads than free cores makes OpenMP spin: measured 5x slower steps on a busy 2-core box.
+            torch.set_num_threads(cfg.train.cpu_threads)
+        resume_path = _on_main_then_share(accelerator, lambda: self.prepare_folder(resume))
+        # Same seed on every rank for the weights (DDP also broadcasts them), then a per-rank seed so
+        # that dropout and condition dropout differ between ranks.
+        set_seed(cfg.train.seed)
+        net = ImageTransformer(cfg.model)
+        optimizer = build_optimizer(net, cfg, self.device)
+        set_seed(cfg.train.seed + self.rank)
+        self.model, self.optimizer = accelerator.prepare(net, optimizer)
+        self.net = accelerator.unwrap_model(self.model)  # the same module, for EMA, evaluation and digests
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         # torch's own averaging; checkpoints hold it as ema.safetensors (no pickle to load back)
-        ema = AveragedModel(accelerator.unwrap_model(model), use_buffers=True,
-                            multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
+        self.ema = AveragedModel(self.net, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(
+            cfg.train.ema_decay)) if cfg.train.ema_decay > 0 else None
+        if resume_path is not None:
+            self.resume_from(resume_path)
+        elif resume == "auto":
+            accelerator.print(f"--resume auto: no complete checkpoint in {self.run_dir}/checkpoints; fresh start")
+        accelerator.init_trackers(os.path.basename(os.path.abspath(self.run_dir)), config=flatten_config(cfg),
+                                  init_kwargs={"wandb": {"dir": os.path.join(self.run_dir, "logs")}})
+        accelerator.print(f"model: {sum(p.numel() for p in self.params) / 1e6:.2f}M parameters, "
+                          f"{cfg.model.n_layers} layers, attention {cfg.model.attention}; {self.world} rank(s), "
+                          f"global batch {self.global_batch}, training steps {self.state.step} -> {self.max_steps}, "
+                          f"mixed precision {cfg.train.mixed_precision}")
+        if resume_path is not None:
+            self.last_checkpoint_step = self.state.step
+        elif cfg.train.eval_at_start and self.max_steps > 0:
+            # samples of an untrained model are noise; the baseline number is not
+            self.evaluate_and_log(with_samples=False)
 
-    max_steps = resolve_max_steps(cfg, manifest, world)
-    if resume_path is not None:
-        saved = check_compatible(resume_path, dataclasses.asdict(model_config), manifest.image_info())
-        accelerator.load_state(resume_path)
-        state = TrainState.from_meta(saved, cfg.train.grad_accum)
+    def prepare_folder(self, resume: Optional[str]) -> Optional[str]:
+        """On the main process: the resolved config, no stale temporaries; the checkpoint to resume, if any."""
+        os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)  # the trackers' files (wandb: RUN/logs/wandb)
+        write_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        for name in remove_stale_temporaries(self.run_dir):
+            self.accelerator.print(f"removed {name}: left by an interrupted checkpoint write")
+        # Every file of the checkpoint against its size and digest in meta.json, before loading any.
+        return choose_checkpoint(self.run_dir, resume, warn=self.accelerator.print)
+
+    def resume_from(self, path: str) -> None:
+        """Weights, optimizer, RNG states, counters and EMA of the checkpoint folder at path."""
+        accelerator = self.accelerator
+        saved = check_compatible(path, dataclasses.asdict(self.cfg.model), self.manifest.image_info())
+        accelerator.load_state(path)
+        self.state = TrainState.from_meta(saved, self.cfg.train.grad_accum)
         # accelerate restores its micro-step counter too, and decides "last micro-batch of the
         # window" from it modulo grad_accum: with another grad_accum than the checkpoint's, the
         # window's end would never come and every optimizer step would be skipped. Each step here
         # runs a whole window, so the count starts again at 0.
         accelerator.step = 0
-        if ema is not None:
-            load_ema(ema, resume_path, accelerator.unwrap_model(model), warn=accelerator.print)
-        accelerator.print(f"resumed from {resume_path} at step {state.step}")
-        for line in run_changes(saved, run_record, data_record):
-            accelerator.print(f"warning: {resume_path}: {line}")
-    elif resume == "auto":
-        accelerator.print(f"--resume auto: no complete checkpoint in {run_dir}/checkpoints; fresh start")
+        if self.ema is not None:
+            load_ema(self.ema, path, self.net, warn=accelerator.print)
+        accelerator.print(f"resumed from {path} at step {self.state.step}")
+        for line in run_changes(saved, self.run_record, self.data_record):
+            accelerator.print(f"warning: {path}: {line}")
 
-    accelerator.init_trackers("logs")
-    writer = accelerator.get_tracker("tensorboard", unwrap=True) if accelerator.is_main_process else None
-    if writer is not None and state.step == 0:
-        writer.add_text("config", "```\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False) + "```", 0)
-
-    def meta() -> dict:
-        return {"model_config": dataclasses.asdict(model_config), "image": manifest.image_info(),
-                "train_state": dataclasses.asdict(state), "run": run_record, "data": data_record}
-
-    export_path = os.path.join(run_dir, "export", "model.pt")
-    result = TrainResult(exit_code=0, step=state.step, max_steps=max_steps, run_dir=run_dir)
-    global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
-    accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {model_config.n_layers} layers, "
-                      f"attention {model_config.attention}; {world} rank(s), global batch {global_batch}, "
-                      f"training steps {state.step} -> {max_steps}, mixed precision {cfg.train.mixed_precision}")
-
-    def checkpoint() -> None:
-        with preserved_rng():
-            save_checkpoint(accelerator, run_dir, state.step, meta(), cfg.train.keep_checkpoints,
-                            extra_files=None if ema is None else lambda folder: save_ema(ema, folder))
-            if accelerator.is_main_process:
-                save_export(export_path, evaluated(), manifest.image_info(), state.step)
-
-    def evaluated() -> torch.nn.Module:
+    @property
+    def evaluated(self) -> torch.nn.Module:
         """The weights that are evaluated, drawn and exported: the EMA when it is on."""
-        return net_unwrapped if ema is None else ema.module
+        return self.net if self.ema is None else self.ema.module
 
-    def run_eval(with_samples: bool) -> float:
-        with preserved_rng():
-            try:
-                bits = evaluate(accelerator, evaluated(), cfg, model_config)
-            except DataError as err:  # a short or unreadable test shard: never a partial bits/dim
-                raise TrainingError(str(err)) from None
-            if accelerator.is_main_process:
-                writer.add_scalar("eval/bits_per_dim", bits, state.step)
-                if with_samples and cfg.train.n_samples > 0:
-                    grid = sample_grid(evaluated(), model_config, manifest, cfg.train.n_samples,
-                                       cfg.train.seed, device)
-                    writer.add_image("samples", grid, state.step)  # CHW
-                    save_png(grid, os.path.join(run_dir, "samples", f"step_{state.step:07d}.png"))
-                writer.flush()
-        result.eval_bits_per_dim.append((state.step, bits))
-        accelerator.print(f"step {state.step}: eval {bits:.4f} bits/dim")
-        return bits
-
-    net_unwrapped = accelerator.unwrap_model(model)
-    last_eval_step = last_checkpoint_step = -1
-    if resume_path is not None:
-        last_checkpoint_step = state.step
-    elif cfg.train.eval_at_start and max_steps > 0:
-        run_eval(with_samples=False)  # samples of an untrained model are noise; the baseline number is not
-        last_eval_step = state.step
-
-    with preserved_rng():
-        batches = iter(train_batches(cfg.data.dir, cfg.train.batch_size, rank=rank, world_size=world,
-                                     num_workers=cfg.data.num_workers, seed=cfg.train.seed,
-                                     start_batch=state.micro_batches,
-                                     shuffle_buffer=cfg.data.shuffle_buffer, read_timeout=cfg.data.read_timeout))
-
-    def next_batch() -> Any:
-        failure = None
+    def next_batch(self) -> Any:
+        """This rank's next training batch; a short or unreadable shard is a TrainingError naming it."""
         with preserved_rng():  # reading never draws from the training RNGs
             try:
-                batch = next(batches)
-            except DataError as err:  # a short or unreadable shard: one line naming it, exit 1
-                failure = str(err)
-        if failure is not None:
-            raise TrainingError(failure)
-        state.micro_batches += 1
+                batch = next(self.batches)
+            except DataError as err:
+                raise TrainingError(str(err)) from None
+        self.state.micro_batches += 1
         return batch
 
-    accelerator.print(f"training from step {state.step}", flush=True)
-    bar = tqdm(total=max_steps, initial=state.step, desc="train", dynamic_ncols=True,
-               disable=not (accelerator.is_main_process and cfg.log.progress_bar))
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-    max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    stopped_by: Optional[str] = None
-    model.train()
-    # A stop requested while starting up (or during the first evaluation) is honoured after one step.
-    while state.step < max_steps:
-        loss_sum = torch.zeros((), device=device)
+    def step(self) -> tuple[bool, float, float]:
+        """One optimizer step over train.grad_accum micro-batches -> (stop requested on any rank, lr, grad norm)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        loss_sum = torch.zeros((), device=self.device)
         for micro in range(cfg.train.grad_accum):
-            batch = next_batch()
-            seqs = batch.seqs.to(device, non_blocking=True).long()  # (B, L)
-            with accelerator.accumulate(model):
+            batch = self.next_batch()
+            seqs = batch.seqs.to(self.device, non_blocking=True).long()  # (B, L)
+            with accelerator.accumulate(self.model):
                 if accelerator.sync_gradients != (micro == cfg.train.grad_accum - 1):
                     # Never train on with a window that does not end where the step does.
-                    raise TrainingError(f"step {state.step}: accelerate's accumulation window is out of "
+                    raise TrainingError(f"step {self.state.step}: accelerate's accumulation window is out of "
                                         f"step with train.grad_accum={cfg.train.grad_accum}")
-                logits = model(seqs, **_condition_inputs(model_config, batch, device))  # (B, L, head_dim)
-                # the head's nll evaluates only the target level (the mixture head never builds
-                # its (B, L, bins, K) table here)
-                loss = net_unwrapped.head.nll(logits.float(), seqs).mean()  # nats per byte
+                # the model's own nll, through the wrapped forward so that DDP reduces the gradients
+                labels = batch.labels.to(self.device, non_blocking=True)
+                loss = self.model(seqs, labels, batch.captions, return_nll=True).mean()  # nats per byte
                 accelerator.backward(loss)
             loss_sum += loss.detach() / cfg.train.grad_accum
         # One small collective per step (and one host sync): every rank learns whether any rank
         # saw a non-finite loss or received a stop signal, so that all take the same branch.
         finite = torch.isfinite(loss_sum)
-        flags = torch.stack([(~finite).float(), torch.tensor(float(stop.requested), device=device),
+        flags = torch.stack([(~finite).float(), torch.tensor(float(self.stop.requested), device=self.device),
                              torch.where(finite, loss_sum, torch.zeros_like(loss_sum))])
-        if world > 1:
+        if self.world > 1:
             flags = accelerator.reduce(flags, reduction="sum")
         count_nonfinite, count_stop, loss_total = flags.tolist()
-        any_nonfinite, any_stop, mean_loss = count_nonfinite > 0, count_stop > 0, loss_total / world
+        lr = learning_rate(self.state.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
+                           total_steps=self.max_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+        grad_norm = self.update(count_nonfinite > 0, lr, loss_total / self.world)
+        self.state.step += 1
+        self.state.samples_seen += self.global_batch
+        return count_stop > 0, lr, grad_norm
 
-        lr = learning_rate(state.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
-                           total_steps=max_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
+    def update(self, nonfinite: bool, lr: float, mean_loss: float) -> float:
+        """Clip and apply the summed gradients unless anything is non-finite; returns the gradient norm."""
+        accelerator, state = self.accelerator, self.state
         grad_norm = float("nan")
-        if not any_nonfinite:
-            grad_norm = float(accelerator.clip_grad_norm_(params, max_norm))
+        if not nonfinite:
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(self.params, max_norm))
             # Gradients are identical on every rank after the all-reduce, so this check agrees
             # everywhere. With a GradScaler (fp16 on a GPU) an inf norm is its ordinary overflow
             # skip, counted below; without one (fp16 on CPU has none) it would be applied.
-            if not math.isfinite(grad_norm) and accelerator.scaler is None:
-                any_nonfinite = True
-        if not any_nonfinite:
-            for group in optimizer.param_groups:
+            nonfinite = not math.isfinite(grad_norm) and accelerator.scaler is None
+        if not nonfinite:
+            for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
             # The scaler skipped the update (overflow): a bad step like any other, so that a run
             # that never steps cannot end with exit 0.
-            any_nonfinite = bool(accelerator.optimizer_step_was_skipped)
-            if not any_nonfinite:
-                if ema is not None:
-                    ema.update_parameters(net_unwrapped)
+            nonfinite = bool(accelerator.optimizer_step_was_skipped)
+            if not nonfinite:
+                if self.ema is not None:
+                    self.ema.update_parameters(self.net)
                 state.bad_in_a_row = 0
-                window_loss += mean_loss
-                window_steps += 1
-        if any_nonfinite:
-            optimizer.zero_grad(set_to_none=True)
+                self.window_loss += mean_loss
+                self.window_steps += 1
+        if nonfinite:
+            self.optimizer.zero_grad(set_to_none=True)
             state.bad_in_a_row += 1
             state.bad_total += 1
             accelerator.print(f"step {state.step}: non-finite loss or gradient (or fp16 overflow), update skipped "
                               f"({state.bad_in_a_row} in a row)")
-            if state.bad_in_a_row >= cfg.train.max_bad_steps:
-                bar.close()
+            if state.bad_in_a_row >= self.cfg.train.max_bad_steps:
                 raise TrainingError(
                     f"stopped at step {state.step}: {state.bad_in_a_row} bad steps in a row (non-finite loss "
                     "or gradient norm, or skipped by the fp16 scaler) "
-                    f"(train.max_bad_steps={cfg.train.max_bad_steps}); lower optim.lr, check the data, "
+                    f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); lower optim.lr, check the data, "
                     "or use train.mixed_precision=bf16 instead of fp16")
-        state.step += 1
-        state.samples_seen += global_batch
-        bar.update(1)
+        return grad_norm
 
-        if state.step % cfg.log.every == 0 or state.step == max_steps:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            n_steps = cfg.log.every if state.step % cfg.log.every == 0 else max(window_steps, 1)
-            images_per_s = n_steps * global_batch / elapsed
-            if window_steps > 0 and accelerator.is_main_process:
-                train_loss = window_loss / window_steps
-                accelerator.log({"train/loss": train_loss, "train/bits_per_dim": train_loss / LN2,
-                                 "train/lr": lr, "train/grad_norm": grad_norm,
-                                 "train/images_per_s": images_per_s,
-                                 "train/bytes_per_s": images_per_s * manifest.seq_len,
-                                 "train/bad_steps_total": state.bad_total,
-                                 "train/samples_seen": state.samples_seen}, step=state.step)
-                bar.set_postfix(loss=f"{train_loss:.4f}", bpd=f"{train_loss / LN2:.3f}",
-                                img_s=f"{images_per_s:.1f}")
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    def log_window(self, lr: float, grad_norm: float) -> None:
+        """The train/* scalars of the steps since the last call, to every tracker and the progress bar."""
+        state, every = self.state, self.cfg.log.every
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        n_steps = every if state.step % every == 0 else max(self.window_steps, 1)
+        images_per_s = n_steps * self.global_batch / elapsed
+        if self.window_steps > 0 and self.accelerator.is_main_process:
+            train_loss = self.window_loss / self.window_steps
+            self.accelerator.log({"train/loss": train_loss, "train/bits_per_dim": train_loss / LN2,
+                                  "train/lr": lr, "train/grad_norm": grad_norm, "train/images_per_s": images_per_s,
+                                  "train/bytes_per_s": images_per_s * self.manifest.seq_len,
+                                  "train/bad_steps_total": state.bad_total,
+                                  "train/samples_seen": state.samples_seen}, step=state.step)
+            self.bar.set_postfix(loss=f"{train_loss:.4f}", bpd=f"{train_loss / LN2:.3f}",
+                                 img_s=f"{images_per_s:.1f}")
+        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
 
-        if any_stop:
-            stopped_by = stop.signal_name or "a signal on another rank"
-            break
-        if state.step % cfg.train.eval_every == 0 and state.step < max_steps:
-            sample_now = cfg.train.sample_every == 0 or state.step % cfg.train.sample_every == 0
-            run_eval(with_samples=sample_now)
-            last_eval_step = state.step
-        # No checkpoint in the middle of a bad streak: the next good step saves instead.
-        due = state.step - max(last_checkpoint_step, 0) >= cfg.train.checkpoint_every or \
-            state.step % cfg.train.checkpoint_every == 0
-        if due and state.bad_in_a_row == 0 and state.step < max_steps and last_checkpoint_step != state.step:
-            checkpoint()
-            last_checkpoint_step = state.step
-    bar.close()
+    def evaluate_and_log(self, with_samples: bool) -> None:
+        """Exact test bits/dim (and a sample grid) of the evaluated weights, to every tracker."""
+        cfg, accelerator, step = self.cfg, self.accelerator, self.state.step
+        with preserved_rng():
+            try:
+                bits = evaluate(accelerator, self.evaluated, cfg)
+            except DataError as err:  # a short or unreadable test shard: never a partial bits/dim
+                raise TrainingError(str(err)) from None
+            if accelerator.is_main_process and with_samples and cfg.train.n_samples > 0:
+                grid = sample_grid(self.evaluated, self.manifest, cfg.train.n_samples, cfg.train.seed,
+                                   self.device)  # (3, H', W')
+                for tracker in accelerator.trackers:
+                    if hasattr(tracker, "log_images"):  # the trackers that take images
+                        tracker.log_images({"samples": grid.unsqueeze(0)}, step=step)
+                save_png(grid, os.path.join(self.run_dir, "samples", f"step_{step:07d}.png"))
+            accelerator.log({"eval/bits_per_dim": bits}, step=step)
+        self.eval_bits_per_dim.append((step, bits))
+        self.last_eval_step = step
+        accelerator.print(f"step {step}: eval {bits:.4f} bits/dim")
 
-    if state.bad_in_a_row > 0 and last_checkpoint_step != state.step:
-        # Weights that only gave bad steps lately are not saved over (and pruned in place of) good ones.
-        message = (f"step {state.step}: {state.bad_in_a_row} bad steps in a row at the end; no checkpoint "
-                   f"written, the newest stays step {max(last_checkpoint_step, 0)}")
-        if stopped_by is None:
-            raise TrainingError(message)
-        accelerator.print(message)
-        last_checkpoint_step = state.step  # nothing to save
-    if stopped_by is not None:
-        if last_checkpoint_step != state.step:
-            checkpoint()
-        accelerator.print(f"stopped by {stopped_by} at step {state.step}; newest checkpoint in "
-                          f"{run_dir}/checkpoints; resume with --resume auto (exit {EXIT_STOPPED})")
-        result.exit_code = EXIT_STOPPED
-    else:
+    def meta(self) -> dict:
+        """What meta.json of a checkpoint records besides the step."""
+        return {"model_config": dataclasses.asdict(self.cfg.model), "image": self.manifest.image_info(),
+                "train_state": dataclasses.asdict(self.state), "run": self.run_record, "data": self.data_record}
+
+    def checkpoint(self, export_only: bool = False) -> None:
+        """A checkpoint folder of this step (every rank) and the export (main process); with
+        export_only, the export alone and only where it is missing."""
+        export_path = export_folder(self.run_dir)
+        with preserved_rng():
+            if not export_only:
+                save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.meta(),
+                                self.cfg.train.keep_checkpoints, self.evaluated,
+                                extra_files=None if self.ema is None else lambda folder: save_ema(self.ema, folder))
+                self.last_checkpoint_step = self.state.step
+            if self.accelerator.is_main_process and not (export_only and is_complete(export_path)):
+                self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
+
+    def loop(self) -> Optional[str]:
+        """Steps until max_steps or a stop request, evaluating and checkpointing when due; returns
+        what stopped it (a signal's name), or None when max_steps was reached."""
+        cfg, state = self.cfg, self.state
+        with preserved_rng():
+            self.batches = iter(train_batches(
+                cfg.data.dir, cfg.train.batch_size, rank=self.rank, world_size=self.world,
+                num_workers=cfg.data.num_workers, seed=cfg.train.seed, start_batch=state.micro_batches,
+                shuffle_buffer=cfg.data.shuffle_buffer, read_timeout=cfg.data.read_timeout))
+        self.accelerator.print(f"training from step {state.step}", flush=True)
+        self.bar = tqdm(total=self.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
+                        disable=not (self.accelerator.is_main_process and cfg.log.progress_bar))
+        self.window_start = time.perf_counter()
+        self.model.train()
+        # A stop requested while starting up (or during the first evaluation) is honoured after one step.
+        with contextlib.closing(self.bar):
+            while state.step < self.max_steps:
+                any_stop, lr, grad_norm = self.step()
+                self.bar.update(1)
+                if state.step % cfg.log.every == 0 or state.step == self.max_steps:
+                    self.log_window(lr, grad_norm)
+                if any_stop:
+                    return self.stop.signal_name or "a signal on another rank"
+                if state.step % cfg.train.eval_every == 0 and state.step < self.max_steps:
+                    every = cfg.train.sample_every
+                    self.evaluate_and_log(with_samples=every == 0 or state.step % every == 0)
+                # No checkpoint in the middle of a bad streak: the next good step saves instead.
+                due = state.step - max(self.last_checkpoint_step, 0) >= cfg.train.checkpoint_every or \
+                    state.step % cfg.train.checkpoint_every == 0
+                if due and state.bad_in_a_row == 0 and state.step < self.max_steps and \
+                        self.last_checkpoint_step != state.step:
+                    self.checkpoint()
+        return None
+
+    def finish(self, stopped_by: Optional[str]) -> int:
+        """The last checkpoint, evaluation and export after the loop; returns the exit code (0 or 75)."""
+        state, accelerator = self.state, self.accelerator
+        if state.bad_in_a_row > 0 and self.last_checkpoint_step != state.step:
+            # Weights that only gave bad steps lately are not saved over (and pruned in place of) good ones.
+            message = (f"step {state.step}: {state.bad_in_a_row} bad steps in a row at the end; no checkpoint "
+                       f"written, the newest stays step {max(self.last_checkpoint_step, 0)}")
+            if stopped_by is None:
+                raise TrainingError(message)
+            accelerator.print(message)
+            self.last_checkpoint_step = state.step  # nothing to save
+        if stopped_by is not None:
+            if self.last_checkpoint_step != state.step:
+                self.checkpoint()
+            accelerator.print(f"stopped by {stopped_by} at step {state.step}; newest checkpoint in "
+                              f"{self.run_dir}/checkpoints; resume with --resume auto (exit {EXIT_STOPPED})")
+            return EXIT_STOPPED
         # A stop request from here on comes too late to matter: the run finishes (exit 0).
-        if last_eval_step != state.step:
-            run_eval(with_samples=True)
-        if last_checkpoint_step != state.step:
-            checkpoint()
-        elif accelerator.is_main_process and not os.path.exists(export_path):
-            save_export(export_path, evaluated(), manifest.image_info(), state.step)
+        if self.last_eval_step != state.step:
+            self.evaluate_and_log(with_samples=True)
+        self.checkpoint(export_only=self.last_checkpoint_step == state.step)
+        return 0
 
-    # Every rank reports its weights' digest; they must agree (DDP keeps replicas in lockstep).
-    digest = parameter_digest(net_unwrapped)
-    digests = gather_object([digest]) if world > 1 else [digest]
-    print(f"rank {rank}/{world}: stopped at step {state.step}, parameter digest {digest[:16]}", flush=True)
-    if len(set(digests)) != 1:
-        raise TrainingError(f"parameters differ across ranks at step {state.step}: {digests}")
-    accelerator.print(f"parameters identical on all {world} rank(s) (sha256 {digest[:16]})")
-    result.step, result.bad_total, result.param_digest = state.step, state.bad_total, digest
+    def check_replicas(self) -> str:
+        """This rank's parameter digest, after checking that every rank holds the same weights."""
+        digest = parameter_digest(self.net)
+        digests = gather_object([digest]) if self.world > 1 else [digest]
+        print(f"rank {self.rank}/{self.world}: stopped at step {self.state.step}, parameter digest {digest[:16]}",
+              flush=True)
+        if len(set(digests)) != 1:
+            raise TrainingError(f"parameters differ across ranks at step {self.state.step}: {digests}")
+        self.accelerator.print(f"parameters identical on all {self.world} rank(s) (sha256 {digest[:16]})")
+        return digest
 
-    # Without both calls, CPU DDP runs sometimes aborted at exit (SIGABRT while tearing down gloo).
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return result
+    def run(self, resume: Optional[str]) -> TrainResult:
+        """set_up, loop, finish; the result once every rank agrees on the weights."""
+        self.set_up(resume)
+        exit_code = self.finish(self.loop())
+        digest = self.check_replicas()
+        # Without both calls, CPU DDP runs sometimes aborted at exit (SIGABRT while tearing down gloo).
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return TrainResult(exit_code=exit_code, step=self.state.step, eval_bits_per_dim=self.eval_bits_per_dim,
+                           bad_total=self.state.bad_total, param_digest=digest)

@@ -1,0 +1,141 @@
+"""The one stored-model format: a folder with model.safetensors and config.json, written atomically.
+
+config.json: {"format": 2, "model_config": {...}, "image": {...}, "step": N}. Nothing is pickled.
+ImageTransformer.save_pretrained / from_pretrained are the entry points; this module holds the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from model.config import ModelConfig
+from model.linear_backends import backend_available
+
+FORMAT = 2  # format 1 was a torch pickle (export/model.pt)
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def fsync_folder(path) -> None:
+    """Make the renames inside a folder durable (best effort: not every file system allows it)."""
+    try:
+        handle = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def publish_folder(temporary, final) -> None:
+    """Rename a fully written folder to `final`; an older `final` is renamed aside (FINAL.replaced-XXXX),
+    then deleted, so that a crash leaves the old folder or the new one, never a mixture."""
+    fsync_folder(temporary)
+    aside = f"{final}.replaced-{secrets.token_hex(4)}" if os.path.exists(final) else None
+    if aside:
+        os.replace(final, aside)
+    try:
+        os.replace(temporary, final)
+    except BaseException:
+        if aside:
+            os.replace(aside, final)
+        raise
+    if aside:
+        shutil.rmtree(aside, ignore_errors=True)
+    fsync_folder(os.path.dirname(os.path.abspath(final)))
+
+
+def write_pretrained(net: nn.Module, path, image: Optional[dict], step: int) -> None:
+    """Write net's weights and net.config as the folder `path` (built in PATH.tmp-XXXX, then renamed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(f"{path}.tmp-{secrets.token_hex(4)}")
+    temporary.mkdir()
+    try:
+        save_model(net, str(temporary / WEIGHTS_NAME), force_contiguous=True)  # tied tensors stored once
+        payload = {"format": FORMAT, "model_config": dataclasses.asdict(net.config), "image": image,
+                   "step": int(step)}
+        (temporary / CONFIG_NAME).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            with open(temporary / name, "rb") as file:
+                os.fsync(file.fileno())
+        publish_folder(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+
+
+def read_config(path) -> dict:
+    """config.json of a model folder, checked; ValueError (one line naming the file) otherwise."""
+    path = Path(path)
+    file = path / CONFIG_NAME
+    old = path if path.is_file() else path / "model.pt"
+    if old.suffix == ".pt" and old.is_file() and not file.exists():
+        raise ValueError(f"{old}: an export of an earlier version (a torch pickle), no longer read; resume "
+                         "its run once (train/run.py --resume auto) to write RUN/export/ as a model folder")
+    if not path.is_dir():
+        raise ValueError(f"{path} is a file, not a model folder" if path.exists()
+                         else f"model folder {path} does not exist")
+    if not file.is_file():
+        raise ValueError(f"{path}: no {CONFIG_NAME}: not a model folder (save_pretrained writes one)")
+    try:
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{file}: unreadable ({error})") from None
+    if not isinstance(values, dict) or "format" not in values:
+        raise ValueError(f"{file} has no 'format' key: not a model config")
+    if values["format"] != FORMAT:
+        raise ValueError(f"{file} has format {values['format']!r}; this code reads format {FORMAT}")
+    for key in ("model_config", "image", "step"):
+        if key not in values:
+            raise ValueError(f"{file} lacks the key {key!r}")
+    if not isinstance(values["step"], int):
+        raise ValueError(f"{file}: step {values['step']!r} is not an integer")
+    return values
+
+
+def read_model_config(path, values: dict, backend: Optional[str]) -> ModelConfig:
+    """The ModelConfig of config.json values, with `backend` or, by default, the stored backend where it
+    is installed here, else 'auto' (all backends compute the same function on the same weights)."""
+    try:
+        config_values = dict(values["model_config"])
+        stored = config_values.get("backend", "auto")
+        if backend is not None:
+            config_values["backend"] = backend
+        elif not backend_available(stored):
+            warnings.warn(f"model folder {path}: backend {stored!r} is not installed here; using 'auto'",
+                          RuntimeWarning, stacklevel=3)
+            config_values["backend"] = "auto"
+        return ModelConfig.from_dict(config_values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{Path(path) / CONFIG_NAME}: {error}") from None
+
+
+def load_weights(net: nn.Module, path) -> None:
+    """Load model.safetensors of folder `path` into net, strictly; ValueError (one line) otherwise."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise ValueError(f"{file} does not exist")
+    try:
+        missing, unexpected = load_model(net, str(file), strict=False)
+    except RuntimeError as error:  # shapes that differ from config.json's
+        raise ValueError(f"{file}: weights do not match its {CONFIG_NAME}: "
+                         f"{str(error).strip().splitlines()[-1].strip()}") from None
+    except Exception as error:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{file} is corrupt or not a safetensors file: {error}") from None
+    if missing or unexpected:
+        which = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(unexpected)[0]!r}"
+        raise ValueError(f"{file}: weights do not match its {CONFIG_NAME} ({which}, ...)")

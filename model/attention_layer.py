@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import model.causal_linear  # noqa: F401  (registers "causal-linear")
@@ -45,31 +46,16 @@ class AttentionLayer(nn.Module):
         return self.recurrent_attention.init_state(batch, self.n_heads, self.d_query, self.d_value,
                                                    max_len, device, dtype)
 
-    def _fused_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The q, k, v projections stacked into one (weight, bias), rebuilt whenever a weight changes.
-
-        One (B, d) x (d, 3 d) product per byte instead of three: at sampling's small batches each
-        product costs mostly its fixed overhead."""
-        parts = (self.query_projection, self.key_projection, self.value_projection)
-        version = tuple((p.weight._version, p.weight.data_ptr(), p.bias._version, p.bias.data_ptr()) for p in parts)
-        if getattr(self, "_fused_version", None) != version:
-            with torch.no_grad():
-                self._fused = (torch.cat([p.weight for p in parts]), torch.cat([p.bias for p in parts]))
-            self._fused_version = version
-        return self._fused
-
     def step(self, x: torch.Tensor, state):
         """One position x (B, d_model) through the recurrent twin -> (B, d_model), new state."""
+        # functional calls on the same weights: at sampling's small batches a module call's own
+        # overhead costs as much as the product
         batch, heads = x.shape[0], self.n_heads
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
-            q, k, v = (t.squeeze(2) for t in self._project(x.unsqueeze(1)))  # (B, H, D)
-        else:
-            weight, bias = self._fused_projection()
-            q, k, v = nn.functional.linear(x, weight, bias).split(
-                [heads * self.d_query, heads * self.d_query, heads * self.d_value], dim=-1)
-            q, k, v = q.view(batch, heads, -1), k.view(batch, heads, -1), v.view(batch, heads, -1)
+        q, k, v = (F.linear(x, projection.weight, projection.bias).view(batch, heads, -1)
+                   for projection in (self.query_projection, self.key_projection, self.value_projection))
         out, state = self.recurrent_attention.step(q, k, v, state)  # (B, H, Dv)
-        return self.out_projection(out.reshape(batch, heads * self.d_value)), state
+        return F.linear(out.reshape(batch, heads * self.d_value), self.out_projection.weight,
+                        self.out_projection.bias), state
 
 
 def attention_params(attention: str, config) -> dict:

@@ -6,7 +6,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model.linear_backends import causal_linear, check_backend, elu_feature_map
@@ -27,12 +26,10 @@ def _fp32(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LinearAttentionState:
-    """Per-layer running sums of the recurrent twin, fp32, in one tensor SZ (B, H, Dk, Dv + 1):
-    SZ[..., :Dv] = S = sum phi(k) v^T and SZ[..., Dv] = z = sum phi(k). Keeping z as S's last column
-    (the outer product of phi(k) with [v, 1]) updates both with one op and reads numerator and
-    normaliser with one product: the same memory as two tensors, five fewer ops per byte and layer."""
+    """Per-layer running sums of the recurrent twin, fp32: S = sum phi(k) v^T, Z = sum phi(k)."""
 
-    SZ: torch.Tensor  # (B, H, Dk, Dv + 1)
+    S: torch.Tensor  # (B, H, Dk, Dv)
+    Z: torch.Tensor  # (B, H, Dk)
 
 
 class CausalLinearAttention(nn.Module):
@@ -63,14 +60,15 @@ class RecurrentCausalLinearAttention(nn.Module):
     def init_state(self, batch: int, heads: int, d_key: int, d_value: int, max_len: int,
                    device: torch.device, dtype: torch.dtype) -> LinearAttentionState:
         """Empty sums (max_len and dtype are unused: the sums are fp32 and do not grow)."""
-        return LinearAttentionState(SZ=torch.zeros(batch, heads, d_key, d_value + 1, device=device))
+        return LinearAttentionState(S=torch.zeros(batch, heads, d_key, d_value, device=device),
+                                    Z=torch.zeros(batch, heads, d_key, device=device))
 
     def fill(self, state: LinearAttentionState, k: torch.Tensor, v: torch.Tensor) -> LinearAttentionState:
         """Replace the sums with those of a whole prefix k (B, H, L, Dk), v (B, H, L, Dv)."""
         with torch.autocast(device_type=k.device.type, enabled=False):
             phi_k = elu_feature_map(k.float())  # (B, H, L, Dk)
-            value_one = F.pad(v.float(), (0, 1), value=1.0)  # (B, H, L, Dv + 1)
-            state.SZ = torch.einsum("bhld,bhle->bhde", phi_k, value_one)  # (B, H, Dk, Dv + 1)
+            state.S = torch.einsum("bhld,bhle->bhde", phi_k, v.float())  # (B, H, Dk, Dv)
+            state.Z = phi_k.sum(2)  # (B, H, Dk)
         return state
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -79,15 +77,18 @@ class RecurrentCausalLinearAttention(nn.Module):
         # entering an autocast context costs as much as a small kernel: only when autocast is on
         with fp32_region(q.device.type):
             phi_q, phi_k = elu_feature_map(_fp32(q)), elu_feature_map(_fp32(k))
-            value_one = F.pad(_fp32(v), (0, 1), value=1.0)  # (B, H, Dv + 1)
-            state.SZ.addcmul_(phi_k.unsqueeze(-1), value_one.unsqueeze(-2))  # in place: no new tensor
+            state.S.addcmul_(phi_k.unsqueeze(-1), _fp32(v).unsqueeze(-2))  # (B, H, Dk, Dv), no new tensor
+            state.Z.add_(phi_k)  # (B, H, Dk)
             if torch.compiler.is_compiling():
                 # as a broadcast and a sum, the compiler fuses the update and this read into one
-                # pass over SZ (eagerly this would materialise a (B, H, Dk, Dv + 1) product)
-                read = (phi_q.unsqueeze(-1) * state.SZ).sum(-2)  # (B, H, Dv + 1)
+                # pass over S (eagerly this would materialise a (B, H, Dk, Dv) product)
+                num = (phi_q.unsqueeze(-1) * state.S).sum(-2)  # (B, H, Dv)
             else:
-                read = (phi_q.unsqueeze(-2) @ state.SZ).squeeze(-2)  # (B, H, Dv + 1)
-            out = read[..., :-1] / (read[..., -1:] + self.eps)
+                batch, heads, d_key, d_value = state.S.shape
+                num = torch.bmm(phi_q.reshape(batch * heads, 1, d_key),
+                                state.S.view(batch * heads, d_key, d_value)).view(batch, heads, d_value)
+            den = (phi_q * state.Z).sum(-1, keepdim=True)  # (B, H, 1)
+            out = num / (den + self.eps)
         return (out if out.dtype == q.dtype else out.to(q.dtype)), state
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import model.causal_linear  # noqa: F401  (registers "causal-linear")
@@ -47,9 +48,14 @@ class AttentionLayer(nn.Module):
 
     def step(self, x: torch.Tensor, state):
         """One position x (B, d_model) through the recurrent twin -> (B, d_model), new state."""
-        q, k, v = (t.squeeze(2) for t in self._project(x.unsqueeze(1)))  # (B, H, D)
+        # functional calls on the same weights: at sampling's small batches a module call's own
+        # overhead costs as much as the product
+        batch, heads = x.shape[0], self.n_heads
+        q, k, v = (F.linear(x, projection.weight, projection.bias).view(batch, heads, -1)
+                   for projection in (self.query_projection, self.key_projection, self.value_projection))
         out, state = self.recurrent_attention.step(q, k, v, state)  # (B, H, Dv)
-        return self.out_projection(out.reshape(x.shape[0], self.n_heads * self.d_value)), state
+        return F.linear(out.reshape(batch, heads * self.d_value), self.out_projection.weight,
+                        self.out_projection.bias), state
 
 
 def attention_params(attention: str, config) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,18 @@ from torch import nn
 
 from model.linear_backends import causal_linear, check_backend, elu_feature_map
 from model.registry import register_attention
+
+
+def fp32_region(device_type: str):
+    """A context with autocast off (the recurrent sums stay fp32); a no-op where autocast is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32; no dispatch at all when it already is (the common case, once per byte and layer)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 @dataclass
@@ -61,19 +74,22 @@ class RecurrentCausalLinearAttention(nn.Module):
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              state: LinearAttentionState) -> tuple[torch.Tensor, LinearAttentionState]:
         """Attend from one new position: q, k (B, H, Dk), v (B, H, Dv) -> (B, H, Dv); state updated in place."""
-        with torch.autocast(device_type=q.device.type, enabled=False):
-            phi_q, phi_k = elu_feature_map(q.float()), elu_feature_map(k.float())
-            state.S.addcmul_(phi_k.unsqueeze(-1), v.float().unsqueeze(-2))  # (B, H, Dk, Dv), no new tensor
+        # entering an autocast context costs as much as a small kernel: only when autocast is on
+        with fp32_region(q.device.type):
+            phi_q, phi_k = elu_feature_map(_fp32(q)), elu_feature_map(_fp32(k))
+            state.S.addcmul_(phi_k.unsqueeze(-1), _fp32(v).unsqueeze(-2))  # (B, H, Dk, Dv), no new tensor
             state.Z.add_(phi_k)  # (B, H, Dk)
             if torch.compiler.is_compiling():
                 # as a broadcast and a sum, the compiler fuses the update and this read into one
                 # pass over S (eagerly this would materialise a (B, H, Dk, Dv) product)
                 num = (phi_q.unsqueeze(-1) * state.S).sum(-2)  # (B, H, Dv)
             else:
-                num = (phi_q.unsqueeze(-2) @ state.S).squeeze(-2)  # (B, H, Dv)
+                batch, heads, d_key, d_value = state.S.shape
+                num = torch.bmm(phi_q.reshape(batch * heads, 1, d_key),
+                                state.S.view(batch * heads, d_key, d_value)).view(batch, heads, d_value)
             den = (phi_q * state.Z).sum(-1, keepdim=True)  # (B, H, 1)
             out = num / (den + self.eps)
-        return out.to(q.dtype), state
+        return (out if out.dtype == q.dtype else out.to(q.dtype)), state
 
 
 register_attention("causal-linear", CausalLinearAttention, RecurrentCausalLinearAttention,

@@ -18,9 +18,36 @@ import torch.nn.functional as F
 BACKEND_NAMES = ("auto", "torch", "fast-transformers", "fla")
 
 
+def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """elu(x) + 1 written as exp(min(x, 0)) + max(x, 0): the same values (within an ulp), but ATen's
+    CPU elu is about 7x slower than its exp (measured: 3.7 ms against 0.5 ms on a (16, 4, 785, 16)
+    tensor, 2 threads)."""
+    return torch.exp(x.clamp(max=0)).add_(x.clamp(min=0))
+
+
+class _EluPlusOne(torch.autograd.Function):
+    """phi with a one-op backward: phi'(x) = min(phi(x), 1) (1 where x > 0, exp(x) = phi(x) elsewhere),
+    so only the output is saved (autograd through the three ops above costs 4x more)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        phi = _elu_plus_one(x)
+        ctx.save_for_backward(phi)
+        return phi
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (phi,) = ctx.saved_tensors
+        return grad * phi.clamp(max=1)
+
+
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     """The paper's feature map phi(x) = elu(x) + 1 (positive, so the normaliser never vanishes)."""
-    return F.elu(x) + 1
+    if x.device.type != "cpu":
+        return F.elu(x) + 1  # fused and fast on GPUs; the CPU form would add kernels there
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _EluPlusOne.apply(x)
+    return _elu_plus_one(x)
 
 
 def causal_linear_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,

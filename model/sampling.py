@@ -11,7 +11,7 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide logits by a positive temperature (lower is greedier)."""
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0 (0, greedy, is handled by the caller)")
-    return logits / temperature
+    return logits if temperature == 1 else logits / temperature  # 1: no op at all (once per byte)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -19,6 +19,25 @@ def naive_causal_linear(q, k, v, eps=EPS):
     return (scores @ v) / (scores.sum(-1, keepdim=True) + eps)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_feature_map_is_elu_plus_one_with_its_gradient(dtype):
+    # the CPU form exp(min(x, 0)) + max(x, 0) and its one-op backward, against ATen's elu
+    x = torch.cat([torch.linspace(-30, 30, 601), torch.zeros(3), torch.randn(200)]).to(dtype)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    phi = elu_feature_map(ours)
+    expected = torch.nn.functional.elu(reference) + 1
+    assert torch.allclose(phi, expected, rtol=tolerance, atol=tolerance)
+    weights = torch.randn(x.shape).to(dtype)
+    (phi * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.allclose(ours.grad, reference.grad, rtol=tolerance, atol=tolerance)
+    with torch.no_grad():  # the sampler's path, without autograd
+        assert torch.allclose(elu_feature_map(x), expected.detach(), rtol=tolerance, atol=tolerance)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(elu_feature_map, (torch.randn(20, dtype=dtype, requires_grad=True),))
+
+
 def random_qkv(length, batch=2, heads=3, d_key=4, d_value=5, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, heads, length, d, generator=generator, requires_grad=True)

@@ -45,12 +45,43 @@ def test_recurrent_twin_matches_parallel_forward(attention, backend, head, condi
     net = tiny(attention, backend, head, condition)
     seq, labels, captions = batch_inputs()
     logits = net(seq, labels, captions)  # (B, L, head_dim)
-    state = net.init_state(3)
-    step_logits, state = net.prefill(state, labels, captions, seq[:, :given] if given else None)
-    assert (step_logits - logits[:, given]).abs().max() < 1e-4
-    for t in range(given, LENGTH - 1):
-        step_logits, state = net.step(seq[:, t], state)
-        assert (step_logits - logits[:, t + 1]).abs().max() < 1e-4, t
+    with torch.no_grad():  # as the sampler runs it (the fused q/k/v projection)
+        state = net.init_state(3)
+        step_logits, state = net.prefill(state, labels, captions, seq[:, :given] if given else None)
+        assert (step_logits - logits[:, given]).abs().max() < 1e-4
+        for t in range(given, LENGTH - 1):
+            step_logits, state = net.step(seq[:, t], state)
+            assert (step_logits - logits[:, t + 1]).abs().max() < 1e-4, t
+
+
+@pytest.mark.parametrize("attention,backend", KINDS)
+def test_recurrent_step_with_gradients_equals_the_no_grad_step_and_reaches_every_projection(attention, backend):
+    net = tiny(attention, backend)
+    seq, _, _ = batch_inputs()
+    with torch.no_grad():
+        fast, fast_state = net.prefill(net.init_state(3), prefix=seq[:, :3])
+        fast, _ = net.step(seq[:, 3], fast_state)
+    slow, state = net.prefill(net.init_state(3), prefix=seq[:, :3])
+    slow, _ = net.step(seq[:, 3], state)
+    assert (fast - slow).abs().max() < 1e-5
+    slow.sum().backward()
+    for name in ("query_projection", "key_projection", "value_projection"):
+        assert getattr(net.blocks[-1].attention, name).weight.grad.abs().sum() > 0, name
+
+
+def test_recurrent_step_sees_weights_changed_in_place_after_it_ran():
+    # the step's fused q/k/v weight is a cache: an optimizer step or load_state_dict between two
+    # generations must not leave it stale
+    net = tiny()
+    seq, _, _ = batch_inputs()
+    with torch.no_grad():
+        net.step(seq[:, 1], net.prefill(net.init_state(3), prefix=seq[:, :1])[1])
+        net.blocks[0].attention.key_projection.weight.mul_(3.0)
+        net.load_state_dict({**net.state_dict(), "blocks.1.attention.value_projection.bias":
+                             torch.ones_like(net.blocks[1].attention.value_projection.bias)})
+        logits = net(seq)
+        stepped, _ = net.step(seq[:, 1], net.prefill(net.init_state(3), prefix=seq[:, :1])[1])
+    assert (stepped - logits[:, 2]).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("attention,backend", KINDS)

@@ -63,6 +63,16 @@ def complete_checkpoints(run_dir) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _stored_model(checkpoint: str) -> str:
+    """The model folder of a complete checkpoint; ValueError for one of an earlier version without it."""
+    folder = checkpoint_model(checkpoint)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{checkpoint}: a checkpoint of an earlier version (no {os.path.basename(folder)}/ "
+                         "folder to sample from): resume its run once (train/run.py ... --resume auto) to "
+                         "write a model folder in RUN/export/")
+    return folder
+
+
 def model_folder(path) -> str:
     """The model folder that a model folder, a checkpoint folder or a run folder means.
 
@@ -77,13 +87,13 @@ def model_folder(path) -> str:
     if os.path.isfile(os.path.join(path, META_NAME)) or STEP_FOLDER.match(os.path.basename(os.path.normpath(path))):
         if not os.path.isfile(os.path.join(path, META_NAME)):
             raise ValueError(f"{path}: incomplete checkpoint (no {META_NAME}); the run was interrupted while saving it")
-        return checkpoint_model(path)
+        return _stored_model(path)
     export, checkpoints = export_folder(path), complete_checkpoints(path)
     if os.path.isfile(os.path.join(export, CONFIG_NAME)):
         if not checkpoints or read_config(export)["step"] >= checkpoints[-1][0]:
             return export
     if checkpoints:
-        return checkpoint_model(checkpoints[-1][1])
+        return _stored_model(checkpoints[-1][1])
     if os.path.isdir(export):
         return export  # e.g. an export of an earlier version, which from_pretrained explains
     raise FileNotFoundError(f"{path}: not a model folder (with {CONFIG_NAME}), a checkpoint folder (with "

@@ -171,7 +171,8 @@ class ImageTransformer(nn.Module):
         x = self.byte_embedding(torch.cat([begin, tokens], dim=1))  # (B, 1 + K, d)
         if self.byte_conv is not None:  # causal: position t sees tokens t - conv_kernel + 1 .. t
             padded = nn.functional.pad(x.transpose(1, 2), (self.config.conv_kernel - 1, 0))
-            x = x + self.byte_conv(padded).transpose(1, 2)
+            with torch.autocast(device_type=x.device.type, enabled=False):  # fp32, as the step sums it
+                x = x + self.byte_conv(padded.float()).transpose(1, 2)
         prefix, condition = self.condition(batch, labels, captions, tokens.device, drop_condition)
         if prefix is not None:
             x = torch.cat([prefix, x], dim=1)  # (B, P + 1 + K, d)

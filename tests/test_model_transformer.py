@@ -45,7 +45,7 @@ def test_recurrent_twin_matches_parallel_forward(attention, backend, head, condi
     net = tiny(attention, backend, head, condition)
     seq, labels, captions = batch_inputs()
     logits = net(seq, labels, captions)  # (B, L, head_dim)
-    with torch.no_grad():  # as the sampler runs it (the fused q/k/v projection)
+    with torch.no_grad():  # as the sampler runs it
         state = net.init_state(3)
         step_logits, state = net.prefill(state, labels, captions, seq[:, :given] if given else None)
         assert (step_logits - logits[:, given]).abs().max() < 1e-4
@@ -70,8 +70,8 @@ def test_recurrent_step_with_gradients_equals_the_no_grad_step_and_reaches_every
 
 
 def test_recurrent_step_sees_weights_changed_in_place_after_it_ran():
-    # the step's fused q/k/v weight is a cache: an optimizer step or load_state_dict between two
-    # generations must not leave it stale
+    # the step reads the projection weights directly: an optimizer step or load_state_dict between
+    # two generations must show in the next one (a weight cache in the step would break this)
     net = tiny()
     seq, _, _ = batch_inputs()
     with torch.no_grad():

@@ -77,6 +77,16 @@ def test_a_run_folder_means_its_export_when_at_least_as_new(run):
         load_for_sampling(run / "absent")
 
 
+def test_a_checkpoint_of_an_earlier_version_says_how_to_get_a_model_folder(run):
+    # checkpoints written before the model folder existed hold only accelerate's files and meta.json
+    import shutil
+
+    shutil.rmtree(run / "checkpoints" / "step_0000200" / "model")
+    for path in (run / "checkpoints" / "step_0000200", run):
+        with pytest.raises(SampleFailure, match="earlier version .*resume its run once"):
+            load_for_sampling(path)
+
+
 def test_a_replaced_export_left_by_a_crash_is_put_back(tmp_path):
     run = tmp_path / "run"
     write_export(run / "export.replaced-abcd", tiny_model(), step=7)  # a crash between the two renames

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -182,6 +183,27 @@ def test_model_config_mismatch_lists_the_keys(tmp_path):
     with pytest.raises(CheckpointError, match="n_layers: checkpoint 2 != config 3"):
         check_compatible(folder, current)
     assert check_compatible(folder, {**current, "n_layers": 2})["step"] == 10
+
+
+def test_training_defaults_to_a_class_conditional_model(tmp_path):
+    # the model's own default is unconditional; a training config that leaves model.condition out
+    # gets the class conditioning it had before the model section became ModelConfig
+    assert load_config(write(tmp_path, "train:\n  max_steps: 5\n")).model.condition == "class"
+    assert config.TrainConfig().model.condition == "class"
+    cfg = load_config(write(tmp_path, "model:\n  condition: none\ntrain:\n  max_steps: 5\n"))
+    assert cfg.model.condition == "none"
+
+
+def test_a_checkpoint_written_before_a_model_key_existed_still_resumes(tmp_path):
+    # meta.json of an older version lacks the keys added since (conv_kernel, condition_inject): they
+    # count as the values that model had, so the checkpoint matches today's equivalent config
+    current = dataclasses.asdict(ModelConfig(bins=16, seq_len=12, condition="class", condition_inject="prefix"))
+    old = {key: value for key, value in current.items() if key not in ("conv_kernel", "condition_inject")}
+    folder = make_checkpoint(str(tmp_path), 10, model_config=old)
+    assert model_config_differences(old, current) == []
+    assert check_compatible(folder, current)["step"] == 10
+    assert model_config_differences(old, {**current, "conv_kernel": 5}) == [
+        "conv_kernel: checkpoint 0 != config 5"]
 
 
 def test_epochs_convert_to_steps_with_the_global_batch(tmp_path):

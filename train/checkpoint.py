@@ -16,6 +16,7 @@ previous complete one; `--resume PATH` refuses it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -23,7 +24,7 @@ import shutil
 from typing import Any, Callable, Optional
 
 from data_prep.shards import file_sha256
-from model import ImageTransformer
+from model import ImageTransformer, ModelConfig
 from model.pretrained import publish_folder
 from model.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
                               complete_checkpoints, is_complete)
@@ -149,9 +150,15 @@ def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str],
 
 
 def model_config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between two model config dicts (runtime-only keys ignored)."""
-    if "condition_inject" in current:  # a checkpoint written before the key existed is prefix-only
-        saved = {"condition_inject": "prefix", **saved}
+    """Keys whose values differ between two model config dicts (runtime-only keys ignored).
+
+    Both are completed by ModelConfig.from_dict first, so a key added after a checkpoint was written
+    takes the value that checkpoint's model had (condition_inject "prefix", conv_kernel 0, ...).
+    """
+    try:
+        saved, current = (dataclasses.asdict(ModelConfig.from_dict(values)) for values in (saved, current))
+    except (TypeError, ValueError):
+        pass  # a config this code cannot read: compare the raw keys, which names the odd one
     keys = sorted(set(saved) | set(current))
     return [f"{key}: checkpoint {saved.get(key, '<absent>')!r} != config {current.get(key, '<absent>')!r}"
             for key in keys

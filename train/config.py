@@ -95,7 +95,7 @@ class TrainConfig:
     """
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(**TRAINING_DEFAULTS["model"]))
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     log: LogConfig = field(default_factory=LogConfig)
@@ -104,6 +104,9 @@ class TrainConfig:
         self.keys_set: set[str] = set()  # not a config key: no field, so not in the YAML or comparisons
 
 
+# Where training differs from the model's own defaults: datasets with classes are the rule, and a
+# config that leaves model.condition out should not silently train an unconditional model.
+TRAINING_DEFAULTS = {"model": {"condition": "class"}}
 CHOICES = {
     ("optim", "name"): ("adamw", "radam"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
@@ -271,7 +274,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         value = raw if _type_of(key.strip()) is str else parse_yaml(raw) if raw.strip() else raw
         _set_value(given, key.strip(), value, f"--set {text}")
     # built once every value is known, so that the model resolves d_value from the final d_query
-    cfg = TrainConfig(**{name: cls(**given.get(name, {})) for name, cls in _sections().items()})
+    cfg = TrainConfig(**{name: cls(**{**TRAINING_DEFAULTS.get(name, {}), **given.get(name, {})})
+                         for name, cls in _sections().items()})
     cfg.keys_set = {f"{name}.{field_name.rstrip('_')}" for name, values in given.items() for field_name in values}
     _check_consistency(cfg, path or "<defaults>")
     return cfg

@@ -241,7 +241,7 @@ def test_out_with_foreign_files_is_refused(tiny_mnist_root, tmp_path, capsys):
 def test_a_run_that_dies_leaves_no_manifest(tiny_mnist_root, tmp_path, monkeypatch):
     out = tmp_path / "o"
     run("mnist", out, tiny_mnist_root)
-    real_write = shard_io.wds.ShardWriter.write
+    real_write = wds.ShardWriter.write
     calls = {"n": 0}
 
     def failing_write(self, sample):
@@ -250,7 +250,7 @@ def test_a_run_that_dies_leaves_no_manifest(tiny_mnist_root, tmp_path, monkeypat
             raise OSError("disk full")
         return real_write(self, sample)
 
-    monkeypatch.setattr(shard_io.wds.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(wds.ShardWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         run("mnist", out, tiny_mnist_root, shard_size=8)
     assert not (out / "manifest.json").exists()

@@ -214,19 +214,11 @@ def prepare(config: PrepareConfig) -> Manifest:
     start = time.perf_counter()
     disable = not config.progress
 
-    render_bar = None
-    if config.dataset == "digits":
-        total = (config.train_size or 60000) + (config.test_size or 10000)
-        render_bar = tqdm(total=total, desc="rendering digits", unit="img", disable=disable)
-    try:
-        source = load_source(
-            config.dataset, config.root, config.download, train_size=config.train_size,
-            test_size=config.test_size, seed=config.seed, workers=config.workers, progress=render_bar,
-            folder=folder_options(config),
-        )
-    finally:
-        if render_bar is not None:
-            render_bar.close()
+    # The digits, image folders and ImageNet are rendered or read later, a chunk at a time, as the shards
+    # are written (mnist and cifar10 are small enough to load whole).
+    source = load_source(config.dataset, config.root, config.download, train_size=config.train_size,
+                         test_size=config.test_size, seed=config.seed, workers=config.workers,
+                         folder=folder_options(config))
 
     os.makedirs(config.out, exist_ok=True)
     # The manifest goes first: from here until the new one is written, the folder reads as unfinished.

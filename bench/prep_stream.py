@@ -4,8 +4,11 @@
 
 Writes random images in the downsampled-ImageNet npz format (train batches 1..10, val) and a folder of
 random 64x64 PNGs, then runs the real `prepare` on each in a fresh process and reports its wall time,
-images/s and peak resident memory (the process's own, and the largest of its writer processes). The
-CIFAR-10-sized run of bench/prep_speed.py runs in the same call for a same-load comparison.
+images/s and peak resident memory: the process's own, the largest of its writer processes, and the
+largest sum over the process and its writers at one moment (RSS, counting shared library pages in
+every process, and PSS, sharing them out; PSS also shares them with other processes on the machine,
+so it drops when others load torch too). The CIFAR-10-sized run of bench/prep_speed.py runs in the
+same call for a same-load comparison.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -56,13 +60,57 @@ def write_pngs(root: str, count: int, side: int = 64, classes: int = 10) -> None
         Image.fromarray(pixels).save(os.path.join(root, f"class{i % classes}", f"{i:06d}.png"), compress_level=1)
 
 
-def prepare_in_process(*arguments: str, repo: str = REPO) -> dict:
-    """Run prepare (of the checkout `repo`) in a fresh python; its time, peak memory and exit code."""
-    done = subprocess.run([sys.executable, "-c", RUN, *arguments, "--no-progress"], capture_output=True, text=True,
-                          cwd=repo, env=dict(os.environ, PYTHONPATH=repo))
-    if done.returncode != 0:
-        raise SystemExit(done.stderr)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in MB summed over a process and its descendants at this instant (Linux smaps_rollup).
+
+    RSS counts a page shared by several processes (torch's libraries after a fork) once in each; PSS
+    splits it between them, so the PSS sum is what the whole tree costs the machine.
+    """
+    import psutil
+
+    rss = pss = 0.0
+    try:
+        processes = [psutil.Process(pid)]
+        processes += processes[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0, 0.0
+    for process in processes:
+        try:
+            with open(f"/proc/{process.pid}/smaps_rollup") as stream:
+                for line in stream:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) / 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) / 1024
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a writer that just exited
+    return rss, pss
+
+
+def prepare_in_process(*arguments: str, repo: str = REPO, every: float = 0.05) -> dict:
+    """Run prepare (of the checkout `repo`) in a fresh python; its time, peak memory and exit code.
+
+    peak_mb / child_peak_mb: the process's own peak RSS and its largest writer's (getrusage, exact);
+    tree_rss_mb / tree_pss_mb: the largest sum over the process and its writers seen by sampling every
+    `every` seconds (a spike shorter than that can be missed).
+    """
+    process = subprocess.Popen([sys.executable, "-c", RUN, *arguments, "--no-progress"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=repo, env=dict(os.environ, PYTHONPATH=repo))
+    peaks = {"tree_rss_mb": 0.0, "tree_pss_mb": 0.0}
+
+    def sample() -> None:
+        while process.poll() is None:
+            rss, pss = _tree_memory_mb(process.pid)
+            peaks["tree_rss_mb"], peaks["tree_pss_mb"] = max(peaks["tree_rss_mb"], rss), max(peaks["tree_pss_mb"], pss)
+            time.sleep(every)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(stderr)
+    return dict(json.loads(stdout.strip().splitlines()[-1]), **peaks)
 
 
 def main(argv=None) -> int:
@@ -110,10 +158,11 @@ def main(argv=None) -> int:
                                         "--channels", "3", "--out", os.path.join(work, "out_pngs"))
             rows.append((f"folder of {args.pngs:,} 64x64 PNGs", args.pngs, result))
     print(f"{os.cpu_count()} CPU cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
-    print(f"{'run':<36}{'wall s':>9}{'images/s':>10}{'peak MB':>9}{'worker peak MB':>16}")
+    print(f"{'run':<36}{'wall s':>9}{'images/s':>10}{'peak MB':>9}{'worker peak MB':>16}{'tree RSS MB':>13}"
+          f"{'tree PSS MB':>13}")
     for name, count, result in rows:
         print(f"{name:<36}{result['seconds']:>9.1f}{count / result['seconds']:>10,.0f}{result['peak_mb']:>9.0f}"
-              f"{result['child_peak_mb']:>16.0f}")
+              f"{result['child_peak_mb']:>16.0f}{result['tree_rss_mb']:>13.0f}{result['tree_pss_mb']:>13.0f}")
     return 0
 
 

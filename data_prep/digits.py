@@ -152,40 +152,42 @@ def _render_chunk(args) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def make_digits(sizes: dict[str, int], seed: int, workers: int | None = None, progress=None) -> dict:
-    """Render digits for each split ({'train': 60000, 'test': 10000}): split -> (uint8 [N, 28, 28, 1], int64 [N]).
+SPLIT_CODES = {"train": 0, "test": 1}
 
-    Work is cut into chunks of CHUNK images, each with its own random stream seeded by
-    (seed, split, chunk), so the images do not depend on how many processes render them.
+
+def render_chunks(split: str, count: int, seed: int, chunk_size: int, workers: int | None = None):
+    """Render a split's `count` digits as they are asked for: yields (uint8 [n, 28, 28, 1], int64 [n]), n <= chunk_size.
+
+    Work is cut into jobs of CHUNK images, each with its own random stream seeded by (seed, split, job),
+    so the images depend neither on chunk_size nor on how many processes render them; about chunk_size
+    images are rendered (and held) at a time.
     """
+    if count < 1:
+        raise DataError(f"digits: {split} size must be at least 1, got {count}")
     fonts = find_fonts()
-    codes = {"train": 0, "test": 1}
-    jobs = []
-    for split, count in sizes.items():
-        if count < 1:
-            raise DataError(f"digits: {split} size must be at least 1, got {count}")
-        for chunk in range((count + CHUNK - 1) // CHUNK):
-            jobs.append((seed, codes[split], chunk, min(CHUNK, count - chunk * CHUNK), fonts))
-    # A process pool costs more than it saves for a few chunks (tests, previews).
+    jobs = [(seed, SPLIT_CODES[split], job, min(CHUNK, count - job * CHUNK), fonts)
+            for job in range((count + CHUNK - 1) // CHUNK)]
+    # A process pool costs more than it saves for a few jobs (tests, previews).
     workers = min(len(jobs), workers or (os.cpu_count() or 1 if len(jobs) >= 4 else 1))
-    results = []
-    if workers <= 1:
-        outputs = map(_render_chunk, jobs)
-        pool = None
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers)
-        outputs = pool.map(_render_chunk, jobs)
+    per_round = max(workers, chunk_size // CHUNK)  # jobs rendered together: about a chunk, every process busy
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 else None
     try:
-        for job, output in zip(jobs, outputs):
-            results.append(output)
-            if progress is not None:
-                progress.update(job[3])
+        for start in range(0, len(jobs), per_round):
+            part = jobs[start:start + per_round]
+            rendered = list(pool.map(_render_chunk, part) if pool is not None else map(_render_chunk, part))
+            images = np.concatenate([images for images, _ in rendered])[..., None]  # (n, 28, 28, 1)
+            labels = np.concatenate([labels for _, labels in rendered]).astype(np.int64)
+            for offset in range(0, len(labels), chunk_size):
+                yield images[offset:offset + chunk_size], labels[offset:offset + chunk_size]
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+
+
+def make_digits(sizes: dict[str, int], seed: int, workers: int | None = None) -> dict:
+    """Render whole splits ({'train': 60000, 'test': 10000}): split -> (uint8 [N, 28, 28, 1], int64 [N])."""
     out = {}
-    for split in sizes:
-        mine = [r for job, r in zip(jobs, results) if job[1] == codes[split]]
-        images = np.concatenate([r[0] for r in mine])[..., None]  # (N, 28, 28, 1)
-        out[split] = (images, np.concatenate([r[1] for r in mine]).astype(np.int64))
+    for split, count in sizes.items():
+        chunks = list(render_chunks(split, count, seed, chunk_size=max(1, count), workers=workers))
+        out[split] = tuple(np.concatenate(parts) for parts in zip(*chunks))  # (images, labels)
     return out

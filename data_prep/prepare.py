@@ -13,6 +13,7 @@ Exit codes: 0 done, 1 failure (bad or missing source files), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import glob
 import os
 import sys
@@ -136,8 +137,38 @@ def validate(config: PrepareConfig) -> tuple[int, int, int]:
     return height, width, channels
 
 
-def _fingerprint(dataset: str, bins: int, order: str, seed: int) -> str:
-    return f"{dataset!r} (bins {bins}, order {order}, seed {seed})"
+def _recorded_roots(config: PrepareConfig) -> dict:
+    """The source folders a manifest records for `config` (absolute; the digits are drawn, not read)."""
+    if config.dataset == "digits":
+        return {}
+    return {name: None if getattr(config, name) is None else os.path.abspath(getattr(config, name))
+            for name in (("root", "test_root") if config.dataset == "folder" else ("root",))}
+
+
+def _same(key: str, there, now) -> bool:
+    if key in ("root", "test_root") and there is not None and now is not None:
+        return os.path.realpath(there) == os.path.realpath(now)  # the same folder by another path
+    return there == now
+
+
+def manifest_differences(old: Manifest, config: PrepareConfig, shape: tuple[int, int, int]) -> list[str]:
+    """What the folder's manifest records differently from what `config` asks, as "KEY X there, Y now".
+
+    Compared: dataset, the source folders, image size, channels, bins, order and seed (what makes other
+    samples); not the shard size (the same samples, cut otherwise). A folder prepared before the
+    manifest recorded its root is compared on the rest.
+    """
+    height, width, channels = shape
+    there = {"dataset": old.dataset, "size": f"{old.height}x{old.width}", "channels": old.channels,
+             "bins": old.bins, "order": old.order, "seed": old.seed}
+    now = {"dataset": config.dataset, "size": f"{height}x{width}", "channels": channels, "bins": config.bins,
+           "order": config.order, "seed": config.seed}
+    roots = _recorded_roots(config)
+    for key in ("root", "test_root"):
+        # compared when recorded there, or asked now of a folder whose manifest records its roots
+        if key in old.source or (roots.get(key) is not None and "root" in old.source):
+            there[key], now[key] = old.source.get(key), roots.get(key)
+    return [f"{key} {there[key]!r} there, {now[key]!r} now" for key in there if not _same(key, there[key], now[key])]
 
 
 def _our_files(out: str) -> list[str]:
@@ -145,22 +176,26 @@ def _our_files(out: str) -> list[str]:
     return sorted({path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(out), pattern))})
 
 
-def check_output(config: PrepareConfig) -> None:
-    """Refuse an --out that holds another dataset (or files that are not ours) unless --overwrite."""
+def check_output(config: PrepareConfig, shape: tuple[int, int, int]) -> None:
+    """Refuse an --out that holds another dataset (or files that are not ours) unless --overwrite.
+
+    Refused before anything is read or removed, so the folder stays as it was. The same arguments again
+    rebuild the folder in place (the same bytes while the source is unchanged).
+    """
     out = config.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
     if not os.path.isdir(out) or config.overwrite:
         return
-    wanted = _fingerprint(config.dataset, config.bins, config.order, config.seed)
     if os.path.isfile(manifest_path(out)):
         try:
-            old = load_manifest(out)
-            found = _fingerprint(old.dataset, old.bins, old.order, old.seed)
-        except DataError:
-            found = "an unreadable manifest"
-        if found != wanted:
-            raise UsageError(f"--out {out} holds {found}, not {wanted}; pass --overwrite to replace it")
+            differences = manifest_differences(load_manifest(out), config, shape)
+        except DataError as error:
+            raise UsageError(f"--out {out} holds a manifest that cannot be read ({error}); "
+                             f"pass --overwrite to replace the folder") from None
+        if differences:
+            raise UsageError(f"--out {out} was prepared with other arguments: {'; '.join(differences)}; "
+                             f"pass --overwrite to replace it, or choose another --out")
         return
     foreign = sorted(set(os.listdir(out)) - {os.path.basename(p) for p in _our_files(out)})
     if foreign:
@@ -175,23 +210,15 @@ def prepare(config: PrepareConfig) -> Manifest:
     from tqdm import tqdm
 
     height, width, channels = validate(config)
-    check_output(config)
+    check_output(config, (height, width, channels))
     start = time.perf_counter()
     disable = not config.progress
 
-    render_bar = None
-    if config.dataset == "digits":
-        total = (config.train_size or 60000) + (config.test_size or 10000)
-        render_bar = tqdm(total=total, desc="rendering digits", unit="img", disable=disable)
-    try:
-        source = load_source(
-            config.dataset, config.root, config.download, train_size=config.train_size,
-            test_size=config.test_size, seed=config.seed, workers=config.workers, progress=render_bar,
-            folder=folder_options(config),
-        )
-    finally:
-        if render_bar is not None:
-            render_bar.close()
+    # The digits, image folders and ImageNet are rendered or read later, a chunk at a time, as the shards
+    # are written (mnist and cifar10 are small enough to load whole).
+    source = load_source(config.dataset, config.root, config.download, train_size=config.train_size,
+                         test_size=config.test_size, seed=config.seed, workers=config.workers,
+                         folder=folder_options(config))
 
     os.makedirs(config.out, exist_ok=True)
     # The manifest goes first: from here until the new one is written, the folder reads as unfinished.
@@ -215,12 +242,13 @@ def prepare(config: PrepareConfig) -> Manifest:
                                                         workers=config.workers, expected=len(part))
             if splits[split].total == 0:
                 raise DataError(f"{config.dataset}: the {split} split is empty")
+            release_freed_memory()
             if preview is not None:
                 preview.write(os.path.join(config.out, PREVIEW_NAME), height, width, channels, config.bins,
                               config.order)
         total = sum(info.total for info in splits.values())
 
-    info = dict(source.info)
+    info = dict(_recorded_roots(config), **source.info)
     info.update({f"{split}_size": splits[split].total for split in splits})
     manifest = Manifest(
         format_version=FORMAT_VERSION, dataset=config.dataset, height=height, width=width, channels=channels,
@@ -238,6 +266,18 @@ def prepare(config: PrepareConfig) -> Manifest:
         flush=True,
     )
     return manifest
+
+
+def release_freed_memory() -> None:
+    """Hand the heap that a split's chunks freed back to the system (glibc keeps it for reuse otherwise).
+
+    The preview's grid writer then imports torch and torchvision (about 680 MB) on top of what is
+    left: without this, on top of the few hundred MB that the chunks and shards in flight once took.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _encoded_chunks(config: PrepareConfig, source, part, chunk_size: int, rng, preview):
@@ -274,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for captions and digits (default %(default)s)")
     parser.add_argument("--shard-size", type=int, help="samples per shard (default: at least 16 shards a split)")
     parser.add_argument("--download", action="store_true", help="let torchvision download mnist/cifar10 into --root")
-    parser.add_argument("--overwrite", action="store_true", help="replace an --out holding another dataset")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out prepared from another source or with another dataset, size, channels, "
+                             "bins, order or seed (without it such a folder is refused, untouched)")
     parser.add_argument("--train-size", type=int, help="digits: training images to render (default 60000); "
                                                        "mnist/cifar10: keep only the first N")
     parser.add_argument("--test-size", type=int, help="digits: test images to render (default 10000); "

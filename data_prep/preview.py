@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from data_prep.codec import decode_sequences
-from data_prep.grids import save_grid
 
 
 def pick_preview(labels: np.ndarray, n_classes: int, per_class: int = 10, total: int = 100) -> np.ndarray:
@@ -52,5 +51,9 @@ def write_preview(path: str, seqs: np.ndarray, labels: np.ndarray, n_classes: in
     """Decode 100 sequences (what the model will see, after quantization) into preview.png."""
     chosen = pick_preview(labels, n_classes)
     images = decode_sequences(seqs[chosen], height, width, channels, bins, order)
+    # Imported here: the grid writer needs torch, which prepare otherwise loads only for sources read through
+    # torchvision; imported after the training split is written, it does not add to the peak of writing it.
+    from data_prep.grids import save_grid
+
     save_grid(images, path, columns=10, scale=2)
     return path

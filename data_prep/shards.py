@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 import tarfile
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
-import webdataset as wds
 
 from data_prep.manifest import SplitInfo
 
@@ -62,6 +62,10 @@ class OpenShard:
     """
 
     def __init__(self, out_dir: str, split: str, shard: int):
+        # Imported here, not at the top: webdataset imports torch (about 500 MB resident), which a process
+        # that hands every shard to the writer processes never needs (see _start_writer_process).
+        import webdataset as wds
+
         self.split, self.count, self.written = split, 0, []
         pattern = os.path.join(out_dir, f"{split}-%06d.tar{PARTIAL_SUFFIX}")
         # maxcount: never roll over to a second file; the caller closes the shard.
@@ -107,11 +111,23 @@ class OpenShard:
         return os.path.basename(path), self.count, file_sha256(path)
 
 
+def _start_writer_process() -> None:
+    """Pool initializer: a writer process that has not imported torch loads webdataset without it."""
+    # webdataset's package imports torch only for its DataLoader base classes and falls back to stubs when
+    # torch is missing (webdataset/pytorch.py); writing a tar needs none of it. Without this each writer
+    # would import torch: about 500 MB resident and 1.4 s. A parent that already has torch (mnist and
+    # cifar10 load through torchvision) shares it with the forked writers instead.
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None  # "import torch" now raises ModuleNotFoundError in this process only
+
+
 def _write_shard(job) -> tuple[str, int, str]:
-    """Write one whole shard (a pool job); return (file name, sample count, sha256)."""
-    out_dir, split, shard, first_sample, seqs, labels, captions = job
+    """Write one whole shard from the pieces it was gathered in (a pool job); return (file name, count, sha256)."""
+    out_dir, split, shard, first_sample, pieces = job
     opened = OpenShard(out_dir, split, shard)
-    opened.write(first_sample, seqs, labels, captions)
+    for seqs, labels, captions in pieces:
+        opened.write(first_sample, seqs, labels, captions)
+        first_sample += len(seqs)
     return opened.close()
 
 
@@ -120,6 +136,15 @@ PARALLEL_MIN_SAMPLES = 20000
 # A shard handed to a writer process is gathered in memory first (up to 2 x `workers` of them in flight);
 # larger shards are written in the main process as their samples arrive, so memory stays bounded.
 MAX_GATHERED_SHARD_BYTES = 64 << 20
+# ... and the shards in flight hold at most this many bytes of sequences, though always one per writer plus
+# one waiting: large shards (64 MB of ImageNet 64) take a writer seconds each, far longer than gathering
+# the next one, so a second one per writer would only cost memory.
+MAX_IN_FLIGHT_BYTES = 3 * MAX_GATHERED_SHARD_BYTES
+
+
+def shards_in_flight(workers: int, shard_bytes: int) -> int:
+    """How many gathered shards may wait for or be written by `workers` writer processes at once."""
+    return max(workers + 1, min(2 * workers, MAX_IN_FLIGHT_BYTES // max(1, shard_bytes)))
 
 
 def write_split(out_dir: str, split: str, seqs: np.ndarray, labels: np.ndarray, captions: list[str],
@@ -135,7 +160,7 @@ def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progre
 
     The bytes depend only on the samples and shard_size, not on how the stream is cut into chunks
     nor on the number of workers. Whole shards go to writer processes (python's tarfile header code
-    is the bottleneck), at most 2 x `workers` in flight, so memory holds a chunk plus a few shards;
+    is the bottleneck), at most shards_in_flight of them, so memory holds a chunk plus a few shards;
     shards over MAX_GATHERED_SHARD_BYTES, or a single worker, stream into an open shard instead.
     expected: how many samples are coming (for the choice of a pool; None: unknown, use one).
     """
@@ -150,29 +175,32 @@ def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progre
     opened: OpenShard | None = None  # the shard being streamed (no pool)
     gathered: list = []  # pieces of the shard being gathered for the pool
     filled, shard, first = 0, 0, 0  # samples in the current shard, its number, its first sample
+    sample_bytes = 0  # bytes of one sequence, known from the first chunk
 
     def done(count: int) -> None:
         if progress is not None:
             progress.update(count)
 
     def collect(wait_all: bool) -> None:
-        # two shards per writer in flight: one being written, the next already gathered, so the
-        # writers never wait for the main process to gather (memory: 2 x workers shards)
-        while in_flight and (wait_all or len(in_flight) >= 2 * workers or in_flight[0].done()):
+        # up to two shards per writer in flight: one being written, the next already gathered, so the
+        # writers never wait for the main process to gather (memory: shards_in_flight shards)
+        limit = shards_in_flight(workers, shard_size * sample_bytes)
+        while in_flight and (wait_all or len(in_flight) >= limit or in_flight[0].done()):
             result = in_flight.popleft().result()
             results.append(result)
             done(result[1])
 
     try:
         for seqs, labels, captions in chunks:
-            start = 0
+            start, sample_bytes = 0, seqs.shape[1]
             while start < len(seqs):
                 take = min(shard_size - filled, len(seqs) - start)
                 piece = (seqs[start:start + take], labels[start:start + take], captions[start:start + take])
                 if pool is None and workers > 1 and shard_size * seqs.shape[1] <= MAX_GATHERED_SHARD_BYTES:
-                    pool = ProcessPoolExecutor(max_workers=workers)
+                    pool = ProcessPoolExecutor(max_workers=workers, initializer=_start_writer_process)
                 if pool is not None:
-                    gathered.append(piece)
+                    # part of a chunk is copied: a view would keep the whole chunk alive while the shard waits
+                    gathered.append(piece if take == len(seqs) else (piece[0].copy(), piece[1].copy(), piece[2]))
                 else:
                     if opened is None:
                         opened = OpenShard(out_dir, split, shard)
@@ -208,7 +236,5 @@ def _finish_shard(out_dir, split, shard, first, pool, gathered, opened, in_fligh
     if pool is None:
         results.append(opened.close())
         return
-    seqs = np.concatenate([piece[0] for piece in gathered])
-    labels = np.concatenate([piece[1] for piece in gathered])
-    captions = [caption for piece in gathered for caption in piece[2]]
-    in_flight.append(pool.submit(_write_shard, (out_dir, split, shard, first, seqs, labels, captions)))
+    # The pieces go as they are (pickled one by one): no concatenated copy of the shard in this process.
+    in_flight.append(pool.submit(_write_shard, (out_dir, split, shard, first, gathered)))

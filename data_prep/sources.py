@@ -219,12 +219,20 @@ def _cifar_fault(folder: str, names: list[str], error: BaseException) -> DataErr
     return DataError(f"cifar10: torchvision could not read {folder} ({_one_line(error)})")
 
 
-def load_digits(train_size: int, test_size: int, seed: int, workers: int | None = None, progress=None) -> Source:
-    """The built-in hand-written-looking digits, rendered now (no files needed)."""
+def load_digits(train_size: int, test_size: int, seed: int, workers: int | None = None) -> Source:
+    """The built-in hand-written-looking digits (no files needed), rendered a chunk at a time as they are written."""
     from data_prep import digits
 
-    rendered = digits.make_digits({"train": train_size, "test": test_size}, seed, workers=workers, progress=progress)
-    splits = {split: SourceSplit(images, labels) for split, (images, labels) in rendered.items()}
+    splits = {}
+    for split, count in (("train", train_size), ("test", test_size)):
+        if count < 1:
+            raise DataError(f"digits: {split} size must be at least 1, got {count}")
+
+        def stream(chunk_size: int, split=split, count=count):
+            for images, labels in digits.render_chunks(split, count, seed, chunk_size, workers=workers):
+                yield images, labels, None
+
+        splits[split] = SourceSplit(None, None, size=count, stream=stream)
     fonts = [os.path.basename(f) for f in digits.find_fonts()]
     return Source("digits", list(DIGIT_CLASS_NAMES), splits, info={"fonts": fonts})
 
@@ -236,7 +244,7 @@ def load_source(dataset: str, root: str | None, download: bool = False, *, train
     folder: the FolderOptions of --dataset folder (its root is folder.root).
     """
     if dataset == "digits":
-        return load_digits(train_size or 60000, test_size or 10000, seed, workers=workers, progress=progress)
+        return load_digits(train_size or 60000, test_size or 10000, seed, workers=workers)
     if dataset == "folder":
         from data_prep.folders import load_folder
 

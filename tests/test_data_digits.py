@@ -1,10 +1,15 @@
 """The built-in digits: deterministic, MNIST-like framing, and recognisable (a 1-NN classifier works)."""
 
+import os
+
 import numpy as np
 import pytest
 
 from data_prep import digits
+from data_prep import prepare as prepare_module
+from data_prep.prepare import PrepareConfig, prepare
 from data_prep.reader import eval_batches
+from data_prep.sources import SourceSplit
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +30,33 @@ def test_rendering_is_deterministic_and_independent_of_process_count():
         assert np.array_equal(one[split][0], two[split][0]) and np.array_equal(one[split][1], two[split][1])
     assert not np.array_equal(one["train"][0], other["train"][0])
     assert one["train"][0].shape == (30, 28, 28, 1) and one["train"][0].dtype == np.uint8
+
+
+def test_streamed_digits_are_the_bytes_of_digits_rendered_whole(tmp_path, monkeypatch):
+    """prepare renders the digits a chunk at a time as it writes; the folder is the same bytes whatever the
+    chunk size (here across the 500-image random streams) and the processes, and the same as from splits
+    rendered whole in memory first (as prepare did before it streamed them)."""
+    def folder(name, **options):
+        out = tmp_path / name
+        prepare(PrepareConfig(dataset="digits", out=str(out), train_size=640, test_size=30, seed=5, shard_size=150,
+                              progress=False, **options))
+        return {entry: (out / entry).read_bytes() for entry in sorted(os.listdir(out))}
+
+    one = folder("one", chunk_size=10**6, workers=1)
+    assert folder("small", chunk_size=130, workers=2) == one
+    chunks = list(digits.render_chunks("train", 640, 5, chunk_size=130, workers=1))
+    assert [len(labels) for _, labels in chunks] == [130] * 3 + [110, 130, 10]  # rounds of 500: 500, then 140
+
+    whole = digits.make_digits({"train": 640, "test": 30}, seed=5, workers=1)
+    real_load_source = prepare_module.load_source
+
+    def rendered_whole(*args, **kwargs):
+        source = real_load_source(*args, **kwargs)
+        source.splits = {split: SourceSplit(*arrays) for split, arrays in whole.items()}
+        return source
+
+    monkeypatch.setattr(prepare_module, "load_source", rendered_whole)
+    assert folder("whole", workers=1) == one
 
 
 def test_framed_like_mnist(prepared_arrays):

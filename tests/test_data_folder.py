@@ -189,6 +189,28 @@ def test_same_arguments_give_byte_identical_folders(folders, tmp_path, monkeypat
             assert (tmp_path / "a" / name).read_bytes() == (tmp_path / other / name).read_bytes(), (other, name)
 
 
+@pytest.mark.parametrize("change, difference", [
+    (("--size", "6x6"), "size '8x8' there, '6x6' now"),
+    (("--channels", "1"), "channels 3 there, 1 now"),
+    (("--test-fraction", "0.5"), "test_root"),
+])
+def test_out_prepared_from_another_size_channels_or_test_root_is_refused(folders, tmp_path, capsys, change,
+                                                                        difference):
+    train, test = folders
+    out = tmp_path / "out"
+    assert prepare_cli("--dataset", "folder", "--root", train, "--test-root", test, "--size", "8x8",
+                       "--channels", "3", "--out", out) == 0
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    asked = {"--size": "8x8", "--channels": "3", "--test-root": test, **dict([change])}
+    if "--test-fraction" in asked:
+        del asked["--test-root"]
+    flags = [item for pair in asked.items() for item in pair]
+    assert prepare_cli("--dataset", "folder", "--root", train, *flags, "--out", out) == 2
+    line = error_line(capsys)
+    assert str(out) in line and difference in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before
+
+
 def test_a_corrupt_file_stops_prepare_naming_it_unless_skip_bad(folders, tmp_path, capsys):
     train, test = folders
     root = tmp_path / "src"

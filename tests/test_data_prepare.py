@@ -18,6 +18,7 @@ from data_prep.errors import DataError
 from data_prep.manifest import load_manifest
 from data_prep.prepare import PrepareConfig, main, prepare
 from data_prep.sources import load_cifar10
+from conftest import make_tiny_cifar
 
 
 def read_back(folder, split):
@@ -229,6 +230,68 @@ def test_out_holding_another_dataset_is_refused_unless_overwrite(tiny_mnist_root
                    for name in os.listdir(out))  # no stale shards from the old dataset
 
 
+def folder_state(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_out_prepared_from_another_root_is_refused_unless_overwrite(tiny_cifar_root, tmp_path, capsys):
+    """The same dataset from another source folder: refused with one line naming --out, both roots and
+    --overwrite, before anything in the folder is touched; --overwrite replaces it."""
+    other = make_tiny_cifar(tmp_path / "other_cifar", seed=9).root
+    out = tmp_path / "o"
+    run("cifar10", out, tiny_cifar_root)
+    before = folder_state(out)
+    args = ["--dataset", "cifar10", "--root", str(other), "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    line = error_line(capsys)
+    assert str(out) in line and f"root {str(tiny_cifar_root)!r} there, {str(other)!r} now" in line
+    assert "--overwrite" in line
+    assert folder_state(out) == before  # nothing lost, nothing half-written
+    assert main(args + ["--overwrite"]) == 0
+    assert load_manifest(out).source["root"] == str(other)
+    assert folder_state(out)["manifest.json"] != before["manifest.json"]
+
+
+@pytest.mark.parametrize("arguments, difference", [
+    (["--bins", "16"], "bins 256 there, 16 now"),
+    (["--order", "patch:4"], "order 'raster' there, 'patch:4' now"),
+    (["--seed", "5"], "seed 0 there, 5 now"),
+])
+def test_out_prepared_with_other_arguments_names_the_difference(tiny_cifar_root, tmp_path, capsys, arguments,
+                                                                  difference):
+    out = tmp_path / "o"
+    run("cifar10", out, tiny_cifar_root)
+    before = folder_state(out)
+    assert main(["--dataset", "cifar10", "--root", str(tiny_cifar_root), "--out", str(out), "--no-progress",
+                 *arguments]) == 2
+    line = error_line(capsys)
+    assert difference in line and "root '" not in line and "--overwrite" in line
+    assert folder_state(out) == before
+
+
+def test_same_arguments_again_rebuild_the_folder_in_place(tiny_cifar_root, tmp_path):
+    """The same source by another path (a symlink) and another shard size are the same arguments: the
+    folder is rebuilt, not refused."""
+    out = tmp_path / "o"
+    first = run("cifar10", out, tiny_cifar_root, shard_size=7)
+    before = folder_state(out)
+    assert run("cifar10", out, tiny_cifar_root, shard_size=7).splits == first.splits
+    assert folder_state(out) == before
+    (tmp_path / "link").symlink_to(tiny_cifar_root)
+    again = run("cifar10", out, tmp_path / "link", shard_size=9)
+    assert again.splits["train"].counts == [9] * 5 + [5]
+
+
+def test_unreadable_manifest_in_out_is_refused(tiny_mnist_root, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_text("{not json")
+    assert main(["--dataset", "mnist", "--root", str(tiny_mnist_root), "--out", str(out), "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert "manifest.json" in line and "--overwrite" in line
+    assert (out / "manifest.json").read_text() == "{not json"
+
+
 def test_out_with_foreign_files_is_refused(tiny_mnist_root, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
@@ -241,7 +304,7 @@ def test_out_with_foreign_files_is_refused(tiny_mnist_root, tmp_path, capsys):
 def test_a_run_that_dies_leaves_no_manifest(tiny_mnist_root, tmp_path, monkeypatch):
     out = tmp_path / "o"
     run("mnist", out, tiny_mnist_root)
-    real_write = shard_io.wds.ShardWriter.write
+    real_write = wds.ShardWriter.write
     calls = {"n": 0}
 
     def failing_write(self, sample):
@@ -250,7 +313,7 @@ def test_a_run_that_dies_leaves_no_manifest(tiny_mnist_root, tmp_path, monkeypat
             raise OSError("disk full")
         return real_write(self, sample)
 
-    monkeypatch.setattr(shard_io.wds.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(wds.ShardWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         run("mnist", out, tiny_mnist_root, shard_size=8)
     assert not (out / "manifest.json").exists()

@@ -41,6 +41,50 @@ def test_chunked_imagenet_is_byte_identical_to_one_chunk(tmp_path, monkeypatch):
     assert folder_bytes(tmp_path / "pool") == one
 
 
+# prepare in a fresh process whose training split goes to 2 writer processes: which of torch and webdataset
+# its own process has loaded once the split is written, and (in the file WRITERS_LOG names) the split of
+# each shard a writer process wrote and whether that process had torch.
+NO_TORCH = """
+import json, os, sys
+from data_prep import prepare, shards
+shards.PARALLEL_MIN_SAMPLES = 1
+loaded, write_split_stream = {}, shards.write_split_stream
+def spy(out_dir, split, *args, **kwargs):
+    info = write_split_stream(out_dir, split, *args, **kwargs)
+    loaded[split] = sorted(name for name in ("torch", "webdataset") if sys.modules.get(name) is not None)
+    return info
+shards.write_split_stream = spy
+write_shard = shards._write_shard
+def writer_spy(job):  # runs in a writer process: notes whether torch is loaded there
+    with open(os.environ["WRITERS_LOG"], "a") as log:
+        log.write(f"{job[1]} {sys.modules.get('torch') is not None}\\n")
+    return write_shard(job)
+shards._write_shard = writer_spy
+print(json.dumps({"code": prepare.main(sys.argv[1:]), "loaded": loaded}))
+"""
+
+
+def test_writers_without_torch_write_the_same_bytes(tmp_path):
+    """Neither prepare's own process (until the preview) nor its writer processes load torch (webdataset would
+    bring it in: 500 MB each), and the writers' shards, made with webdataset's stand-ins for torch, are the
+    same bytes as those written in this process, which has torch."""
+    make_imagenet(tmp_path / "src", 32, per_batch=7, n_val=9)
+    options = dict(bins=64, order="patch:4", seed=2, shard_size=5, chunk_size=4)
+    flags = [text for key, value in options.items() for text in (f"--{key.replace('_', '-')}", str(value))]
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, "--dataset", "imagenet32", "--root", str(tmp_path / "src"),
+                           "--out", str(tmp_path / "pool"), "--workers", "2", "--no-progress", *flags],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO, WRITERS_LOG=str(tmp_path / "writers.log")))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0 and result["loaded"]["train"] == [], result  # the preview comes after it
+    writers = sorted(line.split() for line in (tmp_path / "writers.log").read_text().splitlines())
+    # shards of 5: 70 training images, 9 test (forked after the preview loaded torch)
+    assert writers == [["test", "True"]] * 2 + [["train", "False"]] * 14, writers
+    run("imagenet32", tmp_path / "src", tmp_path / "here", workers=1, **options)
+    assert folder_bytes(tmp_path / "pool") == folder_bytes(tmp_path / "here")
+
+
 def test_chunked_folder_with_a_bad_file_is_byte_identical_to_one_chunk(tmp_path):
     root = tmp_path / "src"
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ CONDITIONS = ("none", "class", "caption", "both")
 # How the condition reaches the image beyond its prefix tokens: "prefix" not at all; "input" added
 # to every position's input embedding; "blocks" added to the residual stream before every block,
 # through a learned projection per block.
-CONDITION_INJECTIONS = ("prefix", "input", "blocks")
+CONDITION_INJECTIONS = ("prefix", "input", "blocks", "film")
 
 
 @dataclass

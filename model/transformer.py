@@ -62,10 +62,13 @@ class Block(nn.Module):
         self.attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.d_query, cfg.d_value, cfg.attention,
                                         **attention_params(cfg.attention, cfg))
         self.feed_forward_norm = nn.LayerNorm(cfg.d_model)
-        # the condition's share of this block, added to the residual stream at its start; zero at
-        # initialisation, so a fresh model starts as the prefix-only one
-        self.condition_projection = (nn.Linear(cfg.d_model, cfg.d_model)
-                                     if cfg.condition != "none" and cfg.condition_inject == "blocks" else None)
+        # the condition's share of this block: "blocks" adds it to the residual stream at the block's
+        # start; "film" also scales and shifts both normalised inputs (FiLM / adaptive LayerNorm).
+        # Zero at initialisation, so a fresh model starts as the prefix-only one.
+        width = {"blocks": 1, "film": 5}.get(cfg.condition_inject, 0)
+        self.film = cfg.condition_inject == "film"
+        self.condition_projection = (nn.Linear(cfg.d_model, width * cfg.d_model)
+                                     if cfg.condition != "none" and width else None)
         self.feed_forward = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
                                           nn.Linear(cfg.d_ff, cfg.d_model))
         self.dropout = nn.Dropout(cfg.dropout)
@@ -76,21 +79,36 @@ class Block(nn.Module):
             return None
         return self.condition_projection(condition)
 
+    @staticmethod
+    def _film(normed: torch.Tensor, modulation: Optional[tuple]) -> torch.Tensor:
+        """normed * (1 + scale) + shift where FiLM is on."""
+        return normed if modulation is None else torch.addcmul(modulation[1], normed, 1 + modulation[0])
+
+    def _split(self, bias: Optional[torch.Tensor]) -> tuple:
+        """(residual bias, attention-norm (scale, shift), feed-forward-norm (scale, shift)), Nones where off."""
+        if bias is None or not self.film:
+            return bias, None, None
+        residual, *film = bias.chunk(5, dim=-1)
+        return residual, tuple(film[:2]), tuple(film[2:])
+
     def forward(self, x: torch.Tensor, state=None, bias: Optional[torch.Tensor] = None):
         """x (B, L, d_model) -> (B, L, d_model); fills the layer state when one is given."""
-        if bias is not None:
-            x = x + bias.unsqueeze(1)
-        attended, state = self.attention(self.attention_norm(x), state)
+        residual, attention_film, feed_forward_film = self._split(None if bias is None else bias.unsqueeze(1))
+        if residual is not None:
+            x = x + residual
+        attended, state = self.attention(self._film(self.attention_norm(x), attention_film), state)
         x = x + self.dropout(attended)
-        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x))), state
+        out = self.feed_forward(self._film(self.feed_forward_norm(x), feed_forward_film))
+        return x + self.dropout(out), state
 
     def step(self, x: torch.Tensor, state, bias: Optional[torch.Tensor] = None):
         """One position x (B, d_model) through the recurrent twin."""
-        if bias is not None:
-            x = x + bias
-        attended, state = self.attention.step(_layer_norm(self.attention_norm, x), state)
+        residual, attention_film, feed_forward_film = self._split(bias)
+        if residual is not None:
+            x = x + residual
+        attended, state = self.attention.step(self._film(_layer_norm(self.attention_norm, x), attention_film), state)
         x = x + (self.dropout(attended) if self.training else attended)  # eval: spare two module calls
-        out = self.feed_forward(_layer_norm(self.feed_forward_norm, x))
+        out = self.feed_forward(self._film(_layer_norm(self.feed_forward_norm, x), feed_forward_film))
         return x + (self.dropout(out) if self.training else out), state
 
 

@@ -153,7 +153,7 @@ def test_byte_convolution_reaches_exactly_its_window_and_stays_causal(kernel):
         assert moved == (1 <= back <= kernel), back
 
 
-@pytest.mark.parametrize("inject", ["prefix", "input", "blocks"])
+@pytest.mark.parametrize("inject", ["prefix", "input", "blocks", "film"])
 @pytest.mark.parametrize("condition", ["class", "caption", "both"])
 def test_recurrent_twin_matches_parallel_for_each_condition_injection(condition, inject):
     net = tiny(condition=condition, condition_inject=inject, head="logistic-mixture")
@@ -166,7 +166,7 @@ def test_recurrent_twin_matches_parallel_for_each_condition_injection(condition,
         assert (step_logits - logits[:, t + 1]).abs().max() < 1e-4, t
 
 
-@pytest.mark.parametrize("inject,direct", [("prefix", False), ("input", True), ("blocks", True)])
+@pytest.mark.parametrize("inject,direct", [("prefix", False), ("input", True), ("blocks", True), ("film", True)])
 def test_condition_is_injected_at_every_position_not_only_through_attention(inject, direct):
     # With every attention output cut, a position sees nothing but itself: the class can then change
     # its logits only if it is injected there directly (input embedding or per-block bias).

@@ -13,7 +13,8 @@ HEADS = ("categorical", "logistic-mixture")
 CONDITIONS = ("none", "class", "caption", "both")
 # How the condition reaches the image beyond its prefix tokens: "prefix" not at all; "input" added
 # to every position's input embedding; "blocks" added to the residual stream before every block,
-# through a learned projection per block.
+# through a learned projection per block; "film" also scales and shifts both normalised inputs of
+# every block (FiLM / adaptive LayerNorm). film was measured best on the demo (bench/RESULTS.md).
 CONDITION_INJECTIONS = ("prefix", "input", "blocks", "film")
 
 
@@ -38,7 +39,7 @@ class ModelConfig:
     n_classes: int = 10
     caption_len: int = 48
     condition_dropout: float = 0.1
-    condition_inject: str = "blocks"
+    condition_inject: str = "film"
     # Width in bytes of a causal depthwise convolution over the byte embeddings (0: none): every
     # position then sees its last conv_kernel bytes directly, e.g. the byte above it when the kernel
     # spans an image row, which positive-feature linear attention cannot single out.

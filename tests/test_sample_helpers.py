@@ -36,9 +36,17 @@ def image_info(config: ModelConfig, height: int = 6, width: int = 6) -> dict:
 
 
 def tiny_model(seed: int = 0, **overrides) -> ImageTransformer:
-    """A freshly initialised tiny model in eval mode (random weights give varied samples)."""
+    """A freshly initialised tiny model in eval mode (random weights give varied samples).
+
+    The per-block condition projections start at zero in a real model; here they get weight, so that
+    the class visibly changes the samples (as it does in a trained model) whatever the seed."""
     torch.manual_seed(seed)
-    return ImageTransformer(tiny_config(**overrides)).eval()
+    net = ImageTransformer(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for block in net.blocks:
+            if block.condition_projection is not None:
+                block.condition_projection.weight.normal_(0.0, 0.5)
+    return net
 
 
 def write_export(path: Path, net: ImageTransformer, step: int = 1, info: dict | None = None) -> Path:

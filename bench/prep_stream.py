@@ -127,36 +127,34 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="prep_stream_", dir=args.work) as work:
+        def measure(name: str, count: int, dataset: str, source: str, out: str, *extra: str, repo: str = REPO) -> None:
+            """One prepare of work/source into work/out, timed, as a row of the table."""
+            result = prepare_in_process("--dataset", dataset, "--root", os.path.join(work, source), *extra,
+                                        "--out", os.path.join(work, out), repo=repo)
+            rows.append((name, count, result))
+
         if args.cifar:
             write_synthetic_cifar(os.path.join(work, "cifar"), args.cifar, 10000)
-            result = prepare_in_process("--dataset", "cifar10", "--root", os.path.join(work, "cifar"),
-                                        "--out", os.path.join(work, "out_cifar"))
-            rows.append((f"cifar10 {args.cifar:,}+10,000 32x32x3", args.cifar + 10000, result))
+            measure(f"cifar10 {args.cifar:,}+10,000 32x32x3", args.cifar + 10000, "cifar10", "cifar", "out_cifar")
             if args.baseline:
-                result = prepare_in_process("--dataset", "cifar10", "--root", os.path.join(work, "cifar"),
-                                            "--out", os.path.join(work, "out_cifar_old"), repo=args.baseline)
-                rows.append(("  the same, baseline checkout", args.cifar + 10000, result))
+                measure("  the same, baseline checkout", args.cifar + 10000, "cifar10", "cifar", "out_cifar_old",
+                        repo=args.baseline)
         if args.images:
             start = time.perf_counter()
             write_imagenet(os.path.join(work, "imagenet"), args.images)
             print(f"wrote {args.images:,} synthetic 64x64 npz images in {time.perf_counter() - start:.0f} s", flush=True)
-            result = prepare_in_process("--dataset", "imagenet64", "--root", os.path.join(work, "imagenet"),
-                                        "--out", os.path.join(work, "out_imagenet"))
-            rows.append((f"imagenet64 {args.images:,}+1,000 64x64x3", args.images + 1000, result))
-            result = prepare_in_process("--dataset", "imagenet64", "--root", os.path.join(work, "imagenet"),
-                                        "--out", os.path.join(work, "out_imagenet1"), "--workers", "1")
-            rows.append(("  the same, --workers 1", args.images + 1000, result))
+            count = args.images + 1000
+            measure(f"imagenet64 {args.images:,}+1,000 64x64x3", count, "imagenet64", "imagenet", "out_imagenet")
+            measure("  the same, --workers 1", count, "imagenet64", "imagenet", "out_imagenet1", "--workers", "1")
             if args.baseline:
-                result = prepare_in_process("--dataset", "imagenet64", "--root", os.path.join(work, "imagenet"),
-                                            "--out", os.path.join(work, "out_imagenet_old"), repo=args.baseline)
-                rows.append(("  the same, baseline checkout", args.images + 1000, result))
+                measure("  the same, baseline checkout", count, "imagenet64", "imagenet", "out_imagenet_old",
+                        repo=args.baseline)
         if args.pngs:
             start = time.perf_counter()
             write_pngs(os.path.join(work, "pngs"), args.pngs)
             print(f"wrote {args.pngs:,} PNGs in {time.perf_counter() - start:.0f} s", flush=True)
-            result = prepare_in_process("--dataset", "folder", "--root", os.path.join(work, "pngs"), "--size", "64x64",
-                                        "--channels", "3", "--out", os.path.join(work, "out_pngs"))
-            rows.append((f"folder of {args.pngs:,} 64x64 PNGs", args.pngs, result))
+            measure(f"folder of {args.pngs:,} 64x64 PNGs", args.pngs, "folder", "pngs", "out_pngs",
+                    "--size", "64x64", "--channels", "3")
     print(f"{os.cpu_count()} CPU cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
     print(f"{'run':<36}{'wall s':>9}{'images/s':>10}{'peak MB':>9}{'worker peak MB':>16}{'tree RSS MB':>13}"
           f"{'tree PSS MB':>13}")

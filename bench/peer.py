@@ -7,7 +7,8 @@ Same model size on both sides (4 layers, 4 heads x 32, feed-forward 512, categor
 values, random weights and bytes, fp32): fast-transformers' TransformerEncoderBuilder for the
 training step (forward, cross-entropy, backward) and RecurrentEncoderBuilder for sampling (one
 recurrent step per byte, torch.multinomial), against ImageTransformer's nll + backward and
-model.generation (the project's recurrent sampler: inverse-CDF draw from per-image streams).
+model.generation (the project's recurrent sampler: inverse-CDF draw from per-image streams), eager
+and with --compile (torch.compile's C++ kernels for the step; its one-off build is reported, not timed).
 Each figure is the best of --repeats after one warm-up, both sides in this one process. Ratio =
 ours / theirs (below 1: we are faster). fast-transformers comes from
 scripts/install_fast_transformers.sh; without it the script says so and exits 0.
@@ -77,9 +78,10 @@ def ours(seq_len: int) -> ImageTransformer:
     return ImageTransformer(config)
 
 
-def best_time(function, repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up call."""
-    function()
+def best_time(function, repeats: int, warm: bool = True) -> float:
+    """Best wall time of `repeats` calls, after one warm-up call unless already warm."""
+    if warm:
+        function()
     times = []
     for _ in range(repeats):
         began = time.perf_counter()
@@ -123,11 +125,18 @@ def main(argv=None) -> int:
             rows.append((f"training step (fwd + bwd), L={seq_len}, batch {batch}",
                          best_time(train_ours, args.repeats), best_time(train_reference, args.repeats)))
         if args.only in (None, "sample"):
-            options = SamplingOptions(batch_size=batch, progress=False)
             net.eval()
-            rows.append((f"sample {batch} images x {seq_len} bytes, recurrent",
-                         best_time(lambda: generate_images(net, batch, options), args.repeats),
-                         best_time(lambda: reference.sample(batch, seq_len), args.repeats)))
+            theirs = best_time(lambda: reference.sample(batch, seq_len), args.repeats)
+            for compiled in (False, True):
+                options = SamplingOptions(batch_size=batch, progress=False, compile=compiled)
+                began = time.perf_counter()
+                generate_images(net, batch, options)  # the warm-up; compiled, it also builds the step
+                warmup = time.perf_counter() - began
+                name = f"sample {batch} images x {seq_len} bytes, recurrent"
+                if compiled:
+                    name += f", --compile (first call {warmup:.0f} s)"
+                rows.append((name, best_time(lambda: generate_images(net, batch, options), args.repeats, warm=False),
+                             theirs))
             net.train()
         print(f"  {size} done", flush=True)
     print()

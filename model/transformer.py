@@ -151,8 +151,9 @@ class ImageTransformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def save_pretrained(self, path, image: Optional[dict] = None, step: Optional[int] = None) -> None:
-        """Write the folder `path` (model.safetensors + config.json) atomically; image and step
-        default to this model's image_info and trained_steps."""
+        """Write the folder `path` (model.safetensors + config.json) atomically; image (the data's
+        manifest.image_info()) and step default to this model's image_info and trained_steps, and a
+        model with neither image nor image_info is a ValueError: the folder could not be sampled."""
         write_pretrained(self, path, self.image_info if image is None else image,
                          self.trained_steps if step is None else step)
 

@@ -33,12 +33,11 @@ from accelerate.utils import reduce
 from tqdm import tqdm
 
 from data_prep.errors import DataError
-from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches
 from model.generation import SamplingOptions, generate_images
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
 from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
-from sample.loading import IMAGE_KEYS, load_for_sampling
+from sample.loading import data_manifest, load_for_sampling
 from sample.request import conditional_request
 
 LN2 = math.log(2.0)
@@ -91,18 +90,6 @@ class EvalResult:
     class_names: list = field(default_factory=list)
     agreement: Optional[Agreement] = None
     seconds: float = 0.0
-
-
-def _check_data_fits(manifest, image: dict, data: str, source) -> None:
-    """The prepared data must hold the images the model was trained on (shape, levels, order)."""
-    theirs = {key: image[key] for key in IMAGE_KEYS}
-    ours = {key: getattr(manifest, key) for key in IMAGE_KEYS}
-    if ours != theirs:
-        def describe(values):
-            return (f"{values['height']}x{values['width']}x{values['channels']}, {values['bins']} bins, "
-                    f"{values['order']}")
-        raise SampleUsageError(f"--data {data}: its images ({describe(ours)}) are not the model's "
-                               f"({describe(theirs)}, from {source})")
 
 
 @torch.no_grad()
@@ -162,15 +149,11 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     began = time.perf_counter()
     state = PartialState(cpu=job.device == "cpu")  # one process, or each rank under accelerate launch
     device = torch.device(job.device) if job.device else state.device
-    try:
-        manifest = load_manifest(job.data)
-    except DataError as err:
-        raise SampleUsageError(f"--data: {err}") from None
+    loaded = load_for_sampling(job.checkpoint, device)
+    manifest = data_manifest(loaded, job.data)
     if job.split not in manifest.splits:
         raise SampleUsageError(f"--split {job.split}: {job.data} has no such split "
                                f"(has {', '.join(manifest.splits)})")
-    loaded = load_for_sampling(job.checkpoint, device)
-    _check_data_fits(manifest, loaded.image, job.data, loaded.source)
     net, condition = loaded.net, loaded.net.config.condition
     if condition in ("class", "both") and net.config.n_classes != len(manifest.class_names):
         raise SampleUsageError(f"--data {job.data}: {len(manifest.class_names)} classes, the model has "

@@ -224,13 +224,12 @@ def _write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int, model: ImageTransformer,
-                    extra_files: Optional[Callable[[str], None]] = None) -> str:
+def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int, model: ImageTransformer) -> str:
     """Save the full training state at `step` on every rank; returns the final folder.
 
     Must be called by every rank (save_state writes per-rank RNG states and meets collectives).
-    The main process writes `model` (the weights evaluated and sampled) as the model folder, and
-    extra_files(folder) writes further files (the EMA's state), before their digests go into meta.json.
+    The main process writes `model` (the weights evaluated and sampled: the EMA when it is on, which
+    resuming reads back from there) as the model folder before the digests go into meta.json.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -247,8 +246,6 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
     accelerator.save_state(tmp)
     if accelerator.is_main_process:
         model.save_pretrained(checkpoint_model(tmp), meta["image"], step)
-    if extra_files is not None and accelerator.is_main_process:
-        extra_files(tmp)
     accelerator.wait_for_everyone()  # every rank's files are in tmp
     if accelerator.is_main_process:
         # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a

@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker, on_main_process
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
@@ -35,7 +35,9 @@ from data_prep.grids import grid_tensor, save_png
 from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
 from model import ImageTransformer
-from model.run_layout import export_folder, is_complete
+from model.pretrained import load_weights
+from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
+                              export_folder, is_complete)
 from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
@@ -206,25 +208,19 @@ def sample_grid(net: torch.nn.Module, manifest: Any, n: int, seed: int, device: 
     return grid_tensor(images, columns)  # (3, H', W') float in [0, 1]
 
 
-EMA_NAME = "ema.safetensors"
-
-
-def save_ema(ema: AveragedModel, folder: str) -> None:
-    """The weight average (and its update count) into a checkpoint folder, as safetensors."""
-    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in ema.state_dict().items()},
-              os.path.join(folder, EMA_NAME))
-
-
-def load_ema(ema: AveragedModel, folder: str, net: torch.nn.Module, warn) -> None:
-    """Restore the weight average from a checkpoint; one saved without it starts from net's weights."""
-    path = os.path.join(folder, EMA_NAME)
-    if not os.path.exists(path):
-        warn(f"warning: {folder} holds no {EMA_NAME} (saved with train.ema_decay=0): the average starts "
-             "from the resumed weights")
+def load_ema(ema: AveragedModel, folder: str, saved: dict, net: torch.nn.Module, warn) -> None:
+    """Restore the weight average of a checkpoint: a run that keeps one saves it as the checkpoint's
+    model/ (earlier versions also as ema.safetensors); one saved without it starts from net's weights."""
+    earlier = os.path.join(folder, "ema.safetensors")
+    if os.path.exists(earlier):
+        ema.load_state_dict(load_file(earlier, device=str(ema.n_averaged.device)))
+    elif (saved.get("run") or {}).get("ema_decay"):
+        load_weights(ema.module, checkpoint_model(folder))
+        ema.n_averaged.fill_(1)  # the EMA update reads the count only to copy instead of average at 0
+    else:
+        warn(f"warning: {folder} was saved with train.ema_decay=0: the average starts from the resumed weights")
         ema.n_averaged.zero_()
         ema.update_parameters(net)  # with nothing averaged yet, this copies the resumed weights
-        return
-    ema.load_state_dict(load_file(path, device=str(ema.n_averaged.device)))
 
 
 def _configure_determinism(enabled: bool) -> bool:
@@ -298,7 +294,7 @@ def _train(cfg: TrainConfig, manifest: Any, resume: Optional[str], stop: StopReq
     """The body of train(), after the configuration has been checked."""
     run_dir = cfg.train.run_dir
     # log.with: TensorBoard ours (events in RUN/logs), the other trackers by their accelerate name
-    trackers = [TensorBoardOneFile("logs", run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
+    trackers = [TensorBoardOneFile(LOGS, run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers, project_dir=run_dir)
     lock = RunLock(run_dir)
@@ -328,7 +324,8 @@ class Trainer:
         self.max_steps = resolve_max_steps(cfg, manifest, self.world)
         self.run_record = {"world_size": self.world, "batch_size": cfg.train.batch_size,
                            "grad_accum": cfg.train.grad_accum, "global_batch": self.global_batch,
-                           "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision}
+                           "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision,
+                           "ema_decay": cfg.train.ema_decay}  # > 0: model/ holds the average
         # what meta.json records of the data: enough to notice a resume on other data
         self.data_record = {"dir": os.path.abspath(cfg.data.dir), "dataset": manifest.dataset, "seed": manifest.seed,
                             "splits": {name: {"samples": split.total, "shards": len(split.shards)}
@@ -355,15 +352,15 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(net, optimizer)
         self.net = accelerator.unwrap_model(self.model)  # the same module, for EMA, evaluation and digests
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # torch's own averaging; checkpoints hold it as ema.safetensors (no pickle to load back)
+        # torch's own averaging; checkpoints hold it once, as their model/ (the weights evaluated)
         self.ema = AveragedModel(self.net, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(
             cfg.train.ema_decay)) if cfg.train.ema_decay > 0 else None
         if resume_path is not None:
             self.resume_from(resume_path)
         elif resume == "auto":
-            accelerator.print(f"--resume auto: no complete checkpoint in {self.run_dir}/checkpoints; fresh start")
+            accelerator.print(f"--resume auto: no complete checkpoint in {checkpoints_folder(self.run_dir)}; fresh start")
         accelerator.init_trackers(os.path.basename(os.path.abspath(self.run_dir)), config=flatten_config(cfg),
-                                  init_kwargs={"wandb": {"dir": os.path.join(self.run_dir, "logs")}})
+                                  init_kwargs={"wandb": {"dir": os.path.join(self.run_dir, LOGS)}})
         accelerator.print(f"model: {sum(p.numel() for p in self.params) / 1e6:.2f}M parameters, "
                           f"{cfg.model.n_layers} layers, attention {cfg.model.attention}; {self.world} rank(s), "
                           f"global batch {self.global_batch}, training steps {self.state.step} -> {self.max_steps}, "
@@ -376,8 +373,8 @@ class Trainer:
 
     def prepare_folder(self, resume: Optional[str]) -> Optional[str]:
         """On the main process: the resolved config, no stale temporaries; the checkpoint to resume, if any."""
-        os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)  # the trackers' files (wandb: RUN/logs/wandb)
-        write_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        os.makedirs(os.path.join(self.run_dir, LOGS), exist_ok=True)  # the trackers' files (wandb: RUN/logs/wandb)
+        write_config(self.cfg, os.path.join(self.run_dir, RUN_CONFIG))
         for name in remove_stale_temporaries(self.run_dir):
             self.accelerator.print(f"removed {name}: left by an interrupted checkpoint write")
         # Every file of the checkpoint against its size and digest in meta.json, before loading any.
@@ -395,7 +392,7 @@ class Trainer:
         # runs a whole window, so the count starts again at 0.
         accelerator.step = 0
         if self.ema is not None:
-            load_ema(self.ema, path, self.net, warn=accelerator.print)
+            load_ema(self.ema, path, saved, self.net, warn=accelerator.print)
         accelerator.print(f"resumed from {path} at step {self.state.step}")
         for line in run_changes(saved, self.run_record, self.data_record):
             accelerator.print(f"warning: {path}: {line}")
@@ -517,7 +514,7 @@ class Trainer:
                 for tracker in accelerator.trackers:
                     if hasattr(tracker, "log_images"):  # the trackers that take images
                         tracker.log_images({"samples": grid.unsqueeze(0)}, step=step)
-                save_png(grid, os.path.join(self.run_dir, "samples", f"step_{step:07d}.png"))
+                save_png(grid, os.path.join(self.run_dir, SAMPLES, f"{checkpoint_name(step)}.png"))
             accelerator.log({"eval/bits_per_dim": bits}, step=step)
         self.eval_bits_per_dim.append((step, bits))
         self.last_eval_step = step
@@ -535,8 +532,7 @@ class Trainer:
         with preserved_rng():
             if not export_only:
                 save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.meta(),
-                                self.cfg.train.keep_checkpoints, self.evaluated,
-                                extra_files=None if self.ema is None else lambda folder: save_ema(self.ema, folder))
+                                self.cfg.train.keep_checkpoints, self.evaluated)
                 self.last_checkpoint_step = self.state.step
             if self.accelerator.is_main_process and not (export_only and is_complete(export_path)):
                 self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
@@ -590,7 +586,7 @@ class Trainer:
             if self.last_checkpoint_step != state.step:
                 self.checkpoint()
             accelerator.print(f"stopped by {stopped_by} at step {state.step}; newest checkpoint in "
-                              f"{self.run_dir}/checkpoints; resume with --resume auto (exit {EXIT_STOPPED})")
+                              f"{checkpoints_folder(self.run_dir)}; resume with --resume auto (exit {EXIT_STOPPED})")
             return EXIT_STOPPED
         # A stop request from here on comes too late to matter: the run finishes (exit 0).
         if self.last_eval_step != state.step:

@@ -6,6 +6,7 @@ ImageTransformer.save_pretrained / from_pretrained are the entry points; this mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -40,16 +41,12 @@ def image_problem(image, config: ModelConfig) -> Optional[str]:
 
 def fsync_folder(path) -> None:
     """Make the renames inside a folder durable (best effort: not every file system allows it)."""
-    try:
+    with contextlib.suppress(OSError):
         handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 def publish_folder(temporary, final) -> None:

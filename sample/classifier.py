@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data_prep.codec import decode_sequences
+from data_prep.grids import to_chw
 from data_prep.manifest import Manifest, load_manifest, manifest_path
 from data_prep.reader import eval_batches, train_batches
 from sample.errors import SampleFailure
+from sample.grids import decode
 
 CACHE_FOLDER = "classifier"
 CACHE_NAME = "classifier.pt"
@@ -75,12 +76,9 @@ class SmallCNN(nn.Module):
         return self.classify(self.features(images))
 
 
-def sequences_to_tensor(seqs, manifest_or_image) -> torch.Tensor:
+def sequences_to_tensor(seqs, manifest: Manifest) -> torch.Tensor:
     """Byte sequences [B, L] -> float images [B, C, H, W] in [0, 1] (decoded as the data is displayed)."""
-    info = manifest_or_image if isinstance(manifest_or_image, dict) else manifest_or_image.image_info()
-    images = decode_sequences(seqs, info["height"], info["width"], info["channels"], info["bins"],
-                              info["order"])  # (B, H, W, C) uint8
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
+    return to_chw(decode(seqs, manifest.image_info()))
 
 
 def manifest_digest(data_dir) -> str:

@@ -96,7 +96,6 @@ class EvalResult:
 def bits_per_dim(net, data_dir, split: str, batch_size: int, device, progress: bool = True,
                  rank: int = 0, world_size: int = 1) -> tuple[float, torch.Tensor]:
     """(bits/dim, totals [nats, bytes, images] float64 of this rank) over this rank's share of split."""
-
     batches = eval_batches(data_dir, batch_size, split=split, rank=rank, world_size=world_size)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # (nats, bytes, images)
     bar = tqdm(total=batches.num_samples, desc=f"bits/dim ({split})", unit="img", disable=not progress,
@@ -119,7 +118,6 @@ def _bits(totals: torch.Tensor) -> float:
 
 def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement:
     """Sample n_per_class images of every class and measure how many the classifier names correctly."""
-
     n_classes = len(manifest.class_names)
     settings = ClassifierSettings(steps=job.classifier_steps)
     classifier, info, path, trained = load_or_train(job.data, settings, device, job.classifier_dir,
@@ -140,12 +138,10 @@ def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement
 
 def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     """Run the evaluation; the result on the main process, None on the others."""
-
-
-    if job.n_per_class < 0:
-        raise SampleUsageError(f"--n-per-class {job.n_per_class}: must be >= 0")
-    if job.batch_size < 1:
-        raise SampleUsageError(f"--batch-size {job.batch_size}: must be >= 1")
+    for flag, value, least in (("--n-per-class", job.n_per_class, 0), ("--batch-size", job.batch_size, 1),
+                               ("--classifier-steps", job.classifier_steps, 1), ("--guidance", job.guidance, 0)):
+        if not value >= least:  # a NaN guidance fails too
+            raise SampleUsageError(f"{flag} {value}: must be >= {least}")
     began = time.perf_counter()
     state = PartialState(cpu=job.device == "cpu")  # one process, or each rank under accelerate launch
     device = torch.device(job.device) if job.device else state.device
@@ -248,13 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, evaluate, print the table, write --json; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if not args.guidance >= 0:
-        print(f"lit-eval: error: --guidance {args.guidance}: must be >= 0", file=sys.stderr)
+    if args.threads is not None and args.threads < 1:
+        print(f"lit-eval: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
         return 2
-    for flag, value, least in (("--threads", args.threads, 1), ("--classifier-steps", args.classifier_steps, 1)):
-        if value is not None and value < least:
-            print(f"lit-eval: error: {flag} {value}: must be >= {least}", file=sys.stderr)
-            return 2
     if args.json and not Path(args.json).resolve().parent.is_dir():
         print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
         return 2

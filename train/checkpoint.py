@@ -23,6 +23,8 @@ import secrets
 import shutil
 from typing import Any, Callable, Optional
 
+from accelerate.utils import broadcast_object_list
+
 from data_prep.shards import file_sha256
 from model import ImageTransformer, ModelConfig
 from model.pretrained import publish_folder
@@ -81,11 +83,6 @@ def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
             f"({', '.join(os.path.basename(p) for p in newer)}) that would outlive this run's saves; "
             "use --resume auto, another train.run_dir, or move them away")
     return resume
-
-
-def file_record(path: str) -> dict:
-    """{"size", "sha256"} of one file, as meta.json lists it."""
-    return {"size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
 def checkpoint_damage(path: str) -> Optional[str]:
@@ -214,16 +211,6 @@ def run_changes(meta: dict, run: dict, data: dict) -> list[str]:
     return lines
 
 
-def _write_json_atomic(path: str, payload: dict) -> None:
-    """Write JSON to path through a temporary file, fsync, then os.replace."""
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int, model: ImageTransformer) -> str:
     """Save the full training state at `step` on every rank; returns the final folder.
 
@@ -231,8 +218,6 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
     The main process writes `model` (the weights evaluated and sampled: the EMA when it is on, which
     resuming reads back from there) as the model folder before the digests go into meta.json.
     """
-    from accelerate.utils import broadcast_object_list
-
     folder = checkpoints_folder(run_dir)
     final = os.path.join(folder, checkpoint_name(step))
     # One temporary name for all ranks, chosen by the main process.
@@ -244,10 +229,9 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        model.save_pretrained(checkpoint_model(tmp), meta["image"], step)
     accelerator.wait_for_everyone()  # every rank's files are in tmp
     if accelerator.is_main_process:
+        model.save_pretrained(checkpoint_model(tmp), meta["image"], step)
         # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a
         # folder must not look complete while its weights are still only in the page cache. The same
         # pass records each file's size and sha256, which resuming checks.
@@ -257,9 +241,12 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
                 file = os.path.join(root, name)
                 with open(file, "rb") as stream:
                     os.fsync(stream.fileno())
-                files[os.path.relpath(file, tmp)] = file_record(file)
-        payload = {**meta, "step": step, "files": dict(sorted(files.items()))}
-        _write_json_atomic(os.path.join(tmp, META_NAME), payload)  # last: marks it complete
+                files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
+        # Last: it marks the folder complete, which only its rename to the final name makes visible.
+        with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as handle:
+            json.dump({**meta, "step": step, "files": dict(sorted(files.items()))}, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
         # Saving the same step again (e.g. a stop right after resuming) swaps the folders.
         publish_folder(tmp, final)
         prune_checkpoints(run_dir, keep)

@@ -164,25 +164,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
+    if tp in (int, float):
         try:
-            number = float(value)  # accepts "1e4" and 10000.0
+            number = value if isinstance(value, int) else float(value)  # float() accepts "1e4" and 10000.0
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if not math.isfinite(number) or number != int(number):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            number = None
+        # bool is an int subclass, and an integer field takes only whole finite numbers
+        if isinstance(value, bool) or number is None or \
+                tp is int and not (math.isfinite(number) and number == int(number)):
+            raise ConfigError(f"{where}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
+        return tp(number)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

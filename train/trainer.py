@@ -121,16 +121,12 @@ def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: decay for matrices, none for norms, embeddings and biases."""
-    no_decay_ids = set()
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm)) or "norm" in type(module).__name__.lower():
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
+    """Two optimizer groups: decay for matrices, none for norms, embeddings and biases (norms' and
+    biases' parameters are vectors; embeddings are matrices, found by their module)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -140,11 +136,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     common = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     if cfg.optim.name == "radam":
         return torch.optim.RAdam(groups, decoupled_weight_decay=True, **common)
-    try:
-        # One kernel per step instead of a loop over tensors; CUDA and (torch >= 2.4) CPU have it.
-        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **common)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **common)
+    # One kernel per step instead of a loop over tensors; CUDA and (torch >= 2.4, required) CPU have it.
+    return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **common)
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -196,12 +189,9 @@ def sample_grid(net: torch.nn.Module, manifest: Any, n: int, seed: int, device: 
     rng = random.Random(seed)
     captions = [caption_for(manifest.dataset, manifest.class_names[c], rng) for c in classes] \
         if net.condition.uses_caption else None
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        # the sampler's per-image streams: `lit-sample --seed` with these labels draws the same images
-        seqs = net.generate(n, labels=labels, captions=captions, seed=seed)  # (n, L)
-    net.train(was_training)
+    # in eval mode, without gradients; the sampler's per-image streams: `lit-sample --seed` with these
+    # labels draws the same images
+    seqs = net.generate(n, labels=labels, captions=captions, seed=seed)  # (n, L)
     images = decode_sequences(seqs.cpu(), manifest.height, manifest.width, manifest.channels,
                               manifest.bins, manifest.order)  # (n, H, W, C) uint8
     columns = min(n, n_classes if 0 < n_classes <= 16 else int(math.ceil(math.sqrt(n))))
@@ -253,9 +243,19 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
             check_compatible(resume_path, dataclasses.asdict(cfg.model), manifest.image_info())
 
         previous_deterministic = _configure_determinism(cfg.train.deterministic)
+        lock = RunLock(run_dir)
         try:
-            return _train(cfg, manifest, resume, stop)
+            # log.with: TensorBoard ours (events in RUN/logs), the other trackers by their accelerate name
+            trackers = [TensorBoardOneFile(LOGS, run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
+            accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
+                                      gradient_accumulation_steps=cfg.train.grad_accum, project_dir=run_dir)
+            # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
+            _on_main_then_share(accelerator, lock.acquire)
+            if lock.warning:  # set on the main process only, where accelerator.print prints
+                accelerator.print(lock.warning)
+            return Trainer(cfg, manifest, accelerator, stop).run(resume)
         finally:
+            lock.release()  # a no-op on the ranks that do not hold it
             torch.use_deterministic_algorithms(previous_deterministic)
 
 
@@ -267,15 +267,15 @@ def _on_main_then_share(accelerator: Any, work: Any) -> Any:
     box: list = [None]
     if accelerator.is_main_process:
         try:
-            box[0] = ("ok", work())
+            box[0] = (work(), None)
         except (CheckpointError, RunLockError) as err:
-            box[0] = (type(err).__name__, str(err))
+            box[0] = (None, err)  # pickled to the other ranks with the result
     if accelerator.num_processes > 1:
         broadcast_object_list(box)
-    kind, value = box[0]
-    if kind == "ok":
-        return value
-    raise {"CheckpointError": CheckpointError, "RunLockError": RunLockError}[kind](value)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
 
 
 class TensorBoardOneFile(TensorBoardTracker):
@@ -288,28 +288,6 @@ class TensorBoardOneFile(TensorBoardTracker):
         for summary in hparams(values, metric_dict={}):  # experiment, session start, session end
             self.writer.file_writer.add_summary(summary)
         self.writer.flush()
-
-
-def _train(cfg: TrainConfig, manifest: Any, resume: Optional[str], stop: StopRequest) -> TrainResult:
-    """The body of train(), after the configuration has been checked."""
-    run_dir = cfg.train.run_dir
-    # log.with: TensorBoard ours (events in RUN/logs), the other trackers by their accelerate name
-    trackers = [TensorBoardOneFile(LOGS, run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers, project_dir=run_dir)
-    lock = RunLock(run_dir)
-
-    def take_lock() -> None:
-        lock.acquire()
-        if lock.warning:
-            accelerator.print(lock.warning)
-
-    # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
-    _on_main_then_share(accelerator, take_lock)
-    try:
-        return Trainer(cfg, manifest, accelerator, stop).run(resume)
-    finally:
-        lock.release()
 
 
 class Trainer:

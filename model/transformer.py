@@ -124,7 +124,7 @@ class ImageTransformer(nn.Module):
         d_model = cfg.d_model
         self.condition = ConditionEmbedding(cfg.condition, d_model, cfg.n_classes, cfg.caption_len,
                                             cfg.condition_dropout)
-        self.prefix_len = self.condition.length
+        self.prefix_len = cfg.prefix_len
         self.byte_embedding = nn.Embedding(cfg.bins + 1, d_model)  # index `bins` is the begin token
         self.position_embedding = nn.Embedding(self.prefix_len + cfg.seq_len, d_model)
         # depthwise: each embedding channel learns its own weights over the last conv_kernel bytes
@@ -238,6 +238,22 @@ class ImageTransformer(nn.Module):
             captions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Negative log-likelihood [B, L] in nats per byte, fp32 (divide the mean by ln 2 for bits/dim)."""
         return self(seq, labels, captions, return_nll=True)
+
+    @torch.no_grad()
+    def nll_totals(self, batches) -> torch.Tensor:
+        """float64 [nats, bytes, images] summed over batches (each with .seqs, .labels, .captions), in
+        eval mode: nats / bytes / ln 2 is the exact bits/dim of every byte they hold."""
+        was_training, device = self.training, self.byte_embedding.weight.device
+        self.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        for batch in batches:
+            seqs = batch.seqs.to(device, non_blocking=True).long()  # (B, L)
+            # the model takes the labels and captions its condition uses and ignores the others
+            nll = self.nll(seqs, batch.labels.to(device), batch.captions)  # (B, L) nats
+            totals += torch.stack([nll.double().sum(), totals.new_tensor(seqs.numel()),
+                                   totals.new_tensor(len(seqs))])
+        self.train(was_training)
+        return totals
 
     # ---------------------------------------------------------------- recurrent (sampling) path
     @property

@@ -92,30 +92,6 @@ class EvalResult:
     seconds: float = 0.0
 
 
-@torch.no_grad()
-def bits_per_dim(net, data_dir, split: str, batch_size: int, device, progress: bool = True,
-                 rank: int = 0, world_size: int = 1) -> tuple[float, torch.Tensor]:
-    """(bits/dim, totals [nats, bytes, images] float64 of this rank) over this rank's share of split."""
-    batches = eval_batches(data_dir, batch_size, split=split, rank=rank, world_size=world_size)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # (nats, bytes, images)
-    bar = tqdm(total=batches.num_samples, desc=f"bits/dim ({split})", unit="img", disable=not progress,
-               leave=False)
-    for batch in batches:
-        seqs = batch.seqs.to(device).long()  # (B, L)
-        # the model takes the labels and captions its condition uses and ignores the others
-        nll = net.nll(seqs, batch.labels.to(device), batch.captions)  # (B, L) nats per byte
-        totals += torch.tensor([nll.double().sum().item(), seqs.numel(), seqs.shape[0]],
-                               dtype=torch.float64, device=device)
-        bar.update(seqs.shape[0])
-    bar.close()
-    return _bits(totals), totals
-
-
-def _bits(totals: torch.Tensor) -> float:
-    """nats and bytes -> bits per byte."""
-    return (totals[0] / totals[1]).item() / LN2 if totals[1].item() else float("nan")
-
-
 def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement:
     """Sample n_per_class images of every class and measure how many the classifier names correctly."""
     n_classes = len(manifest.class_names)
@@ -151,23 +127,25 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
         raise SampleUsageError(f"--split {job.split}: {job.data} has no such split "
                                f"(has {', '.join(manifest.splits)})")
     net, condition = loaded.net, loaded.net.config.condition
-    if condition in ("class", "both") and net.config.n_classes != len(manifest.class_names):
+    if net.condition.uses_class and net.config.n_classes != len(manifest.class_names):
         raise SampleUsageError(f"--data {job.data}: {len(manifest.class_names)} classes, the model has "
                                f"{net.config.n_classes}")
     try:
-        _, totals = bits_per_dim(net, job.data, job.split, job.batch_size, device,
-                                 job.progress and state.is_main_process, state.process_index,
-                                 state.num_processes)
+        batches = eval_batches(job.data, job.batch_size, split=job.split, rank=state.process_index,
+                               world_size=state.num_processes)
+        totals = net.nll_totals(tqdm(batches, desc=f"bits/dim ({job.split})", unit="batch", leave=False,
+                                     disable=not (job.progress and state.is_main_process)))
         totals = reduce(totals, reduction="sum")  # every rank read a disjoint share of the shards
     except DataError as err:
         raise SampleFailure(str(err)) from None
-    if totals[1].item() == 0:
+    nats, n_bytes, images = totals.tolist()
+    if n_bytes == 0:
         raise SampleFailure(f"{job.data}: split {job.split!r} is empty; nothing to evaluate")
     if not state.is_main_process:
         return None  # sampling is keyed by position in one request: the main process draws them all
-    result = EvalResult(str(loaded.source), loaded.step, str(job.data), job.split, int(totals[2].item()),
-                        int(totals[1].item()), _bits(totals), condition, list(manifest.class_names))
-    if condition in ("class", "both") and job.n_per_class > 0:
+    result = EvalResult(str(loaded.source), loaded.step, str(job.data), job.split, int(images), int(n_bytes),
+                        nats / n_bytes / LN2, condition, list(manifest.class_names))
+    if net.condition.uses_class and job.n_per_class > 0:
         try:
             result.agreement = class_agreement(net, manifest, job, device, log)
         except DataError as err:

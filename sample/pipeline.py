@@ -107,9 +107,8 @@ def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         batch = read_samples(job.data, indices, split=job.split)
     except DataError as err:
         raise SampleUsageError(str(err)) from None
-    condition = loaded.net.config.condition
-    labels = batch.labels if condition in ("class", "both") else None
-    captions = list(batch.captions) if condition in ("caption", "both") else None
+    labels = batch.labels if loaded.net.condition.uses_class else None
+    captions = list(batch.captions) if loaded.net.condition.uses_caption else None
     return completion_request(batch.seqs, labels, captions, indices, job.offset, job.n)
 
 

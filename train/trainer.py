@@ -157,24 +157,15 @@ def resolve_max_steps(cfg: TrainConfig, manifest: Any, world_size: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * manifest.splits["train"].total / global_batch))
 
 
-def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig) -> float:
+def evaluate(accelerator: Any, net: ImageTransformer, cfg: TrainConfig) -> float:
     """Exact bits/dim over the whole test split: each rank its disjoint part, totals summed over ranks.
 
     Runs the unwrapped model so that no DDP collective happens inside the loop (ranks may hold
     different numbers of test batches).
     """
-    was_training = net.training
-    net.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (nats, bytes)
-    with torch.no_grad(), accelerator.autocast():
-        for batch in eval_batches(cfg.data.dir, cfg.train.eval_batch_size, split="test",
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes):
-            seqs = batch.seqs.to(accelerator.device, non_blocking=True).long()  # (B, L)
-            # the model takes the labels and captions its condition uses and ignores the others
-            nll = net.nll(seqs, batch.labels.to(accelerator.device), batch.captions)  # (B, L) nats
-            total[0] += nll.double().sum()
-            total[1] += seqs.numel()
-    net.train(was_training)
+    with accelerator.autocast():
+        total = net.nll_totals(eval_batches(cfg.data.dir, cfg.train.eval_batch_size, split="test",
+                                            rank=accelerator.process_index, world_size=accelerator.num_processes))
     total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
     if total[1].item() == 0:
         raise TrainingError(f"{cfg.data.dir}: the test split is empty; cannot evaluate")

@@ -36,16 +36,12 @@ class RecurrentState:
     # the byte convolution
     recent_embeddings: Optional[torch.Tensor] = None
 
-    def tensors(self) -> list:
-        """All tensors held by the state."""
+    def nbytes(self) -> int:
+        """Memory held by the state's tensors, in bytes."""
         held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
                 if isinstance(getattr(layer, f.name), torch.Tensor)]
         held += [t for t in (self.condition_input, self.recent_embeddings) if t is not None]
-        return held + list(self.condition_biases or [])
-
-    def nbytes(self) -> int:
-        """Memory held by the state, in bytes."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(t.numel() * t.element_size() for t in held + list(self.condition_biases or []))
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +68,6 @@ class Block(nn.Module):
         self.feed_forward = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
                                           nn.Linear(cfg.d_ff, cfg.d_model))
         self.dropout = nn.Dropout(cfg.dropout)
-
-    def condition_bias(self, condition: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(B, d_model) this block adds at every position for condition vector (B, d_model), or None."""
-        if self.condition_projection is None or condition is None:
-            return None
-        return self.condition_projection(condition)
 
     @staticmethod
     def _film(normed: torch.Tensor, modulation: Optional[tuple]) -> torch.Tensor:
@@ -203,8 +193,9 @@ class ImageTransformer(nn.Module):
     def _condition_biases(self, condition: Optional[torch.Tensor]) -> Optional[list]:
         """What each block adds at every position for condition vector (B, d_model): a (B, d_model)
         per block, or None where the condition does not enter the blocks."""
-        biases = [block.condition_bias(condition) for block in self.blocks]
-        return None if biases[0] is None else biases
+        if condition is None or self.blocks[0].condition_projection is None:
+            return None
+        return [block.condition_projection(condition) for block in self.blocks]
 
     def _trunk(self, x: torch.Tensor, biases: Optional[list], states: Optional[list] = None):
         """Run the blocks and the final norm over (B, T, d_model); fill states when given."""

@@ -1,17 +1,15 @@
-"""Checkpoints: complete or absent.
+"""Checkpoints: complete or absent (folder names and completeness: model.run_layout).
 
-Layout (model.run_layout): RUN/checkpoints/step_0000500/ holds accelerate's `save_state` output, the
-model folder model/ (the weights evaluated and sampled) and meta.json ({"step", "model_config",
-"image", "train_state", "run", "data", "files"}): `files` lists every other file of the folder with
-its size and sha256, and resuming checks them before loading anything. Every rank writes into
-RUN/checkpoints/step_0000500.tmp-XXXX/
-(save_state must run on every rank: it saves each rank's RNG state and waits on collectives); the
-main process writes meta.json last and renames the folder to its final name once all ranks are done.
-A crash at any point leaves either the previous checkpoints untouched or a `.tmp-` folder, which is
-never taken for a checkpoint and is cleared by the next run. A complete folder whose files no longer
-match meta.json (a flipped bit, a truncated copy) is "damaged": `--resume auto` moves it aside to
-`step_N.damaged-XXXX` (kept for inspection, never pruned, never resumed) and falls back to the
-previous complete one; `--resume PATH` refuses it.
+A checkpoint folder holds accelerate's `save_state` output, the model folder model/ and meta.json
+({"step", "model_config", "image", "train_state", "run", "data", "files"}): `files` lists every other
+file with its size and sha256, and resuming checks them before loading anything. Every rank writes
+into step_N.tmp-XXXX/ (save_state must run on every rank: it saves each rank's RNG state and waits on
+collectives); the main process writes meta.json last and renames the folder once all ranks are done.
+A crash leaves the previous checkpoints untouched or a `.tmp-` folder, which is never taken for a
+checkpoint and is cleared by the next run. A complete folder whose files no longer match meta.json (a
+flipped bit, a truncated copy) is "damaged": `--resume auto` moves it aside to `step_N.damaged-XXXX`
+(kept for inspection, never pruned or resumed) and falls back to the previous one; `--resume PATH`
+refuses it.
 """
 
 from __future__ import annotations

@@ -428,18 +428,17 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             # The scaler skipped the update (overflow): a bad step like any other, so that a run
             # that never steps cannot end with exit 0.
             nonfinite = bool(accelerator.optimizer_step_was_skipped)
-            if not nonfinite:
-                if self.ema is not None:
-                    self.ema.update_parameters(self.net)
-                state.bad_in_a_row = 0
-                self.window_loss += mean_loss
-                self.window_steps += 1
-        if nonfinite:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not nonfinite:
+            if self.ema is not None:
+                self.ema.update_parameters(self.net)
+            state.bad_in_a_row = 0
+            self.window_loss += mean_loss
+            self.window_steps += 1
+        else:
             state.bad_in_a_row += 1
             state.bad_total += 1
             accelerator.print(f"step {state.step}: non-finite loss or gradient (or fp16 overflow), update skipped "

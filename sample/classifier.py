@@ -133,18 +133,16 @@ def train_classifier(data_dir, settings: ClassifierSettings, device="cpu", progr
                             shuffle_buffer=min(1000, manifest.splits["train"].total))
     began = time.perf_counter()
     net.train()
-    bar = tqdm(total=settings.steps, desc="training classifier", unit="step", disable=not progress, leave=False)
-    for step, batch in zip(range(settings.steps), batches):
+    bar = tqdm(range(settings.steps), desc="training classifier", unit="step", disable=not progress, leave=False)
+    for step, batch in zip(bar, batches):  # the steps first: the bar closes when they run out
         images = sequences_to_tensor(batch.seqs, manifest).to(device)  # (B, C, H, W)
         loss = nn.functional.cross_entropy(net(images), batch.labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
     seconds = time.perf_counter() - began
     accuracy, images, per_class = test_accuracy(net, data_dir, manifest, device, progress)
     info = ClassifierInfo(FORMAT_VERSION, digest, asdict(settings), manifest.channels, manifest.height,

@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -170,15 +170,12 @@ def format_table(result: EvalResult) -> str:
         lines.append(f"class agreement  {agreement.overall:.1%}  ({agreement.n_per_class} samples per class, "
                      f"seed {agreement.seed}, guidance {agreement.guidance:g}; classifier test accuracy "
                      f"{classifier['test_accuracy']:.1%} on {classifier['test_images']:,} images)")
-        lines.append("")
-        lines.append(f"{'class':<16} {'agreement':>9}  most often taken for (count)")
+        lines += ["", f"{'class':<16} {'agreement':>9}  most often taken for (count)"]
         for index, (name, share, row) in enumerate(zip(result.class_names, agreement.per_class,
                                                        agreement.confusion)):
             others = [(count, k) for k, count in enumerate(row) if k != index and count]
-            taken = ""
-            if others:
-                count, k = max(others)
-                taken = f"{result.class_names[k]} ({count})"
+            count, k = max(others, default=(0, 0))  # the class most often named instead
+            taken = f"{result.class_names[k]} ({count})" if others else ""
             lines.append(f"{index:>2} {name:<13} {share:>9.1%}  {taken}".rstrip())
     lines.append(f"took {result.seconds:.1f} s")
     return "\n".join(lines)
@@ -229,10 +226,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or 1)
-    job = EvalJob(checkpoint=args.checkpoint, data=args.data, split=args.split, n_per_class=args.n_per_class,
-                  batch_size=args.batch_size, seed=args.seed, guidance=args.guidance, device=args.device,
-                  classifier_steps=args.classifier_steps, classifier_dir=args.classifier_dir,
-                  retrain_classifier=args.retrain_classifier, progress=not args.no_progress)
+    # every field but progress is the flag of the same name
+    job = EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
+                  progress=not args.no_progress)
     result, code = run_reporting_errors("lit-eval", lambda: evaluate(job))
     if result is None:  # an error (code 1 or 2), or not the main process (0)
         return code

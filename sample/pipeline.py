@@ -129,9 +129,8 @@ def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         check_caption(caption, config.caption_len)
     if job.classes is None and job.captions is None:
         return unconditional_request(job.n, job.columns)
-    classes = None
-    if job.classes is not None:
-        classes = parse_int_ranges(job.classes, "--classes", loaded.image.get("class_names") or ())
+    classes = None if job.classes is None else \
+        parse_int_ranges(job.classes, "--classes", loaded.image.get("class_names") or ())
     return conditional_request(classes, job.captions, job.n, config.n_classes)
 
 

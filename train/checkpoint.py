@@ -200,9 +200,7 @@ def run_changes(meta: dict, run: dict, data: dict) -> list[str]:
     if "seed" in saved_run and saved_run["seed"] != run["seed"]:
         lines.append(f"train.seed {saved_run['seed']} -> {run['seed']}: the data order and dropout differ "
                      "from an uninterrupted run")
-    before = (saved_data.get("dataset"), saved_data.get("seed"), saved_data.get("splits"))
-    after = (data.get("dataset"), data.get("seed"), data.get("splits"))
-    if saved_data and before != after:
+    if saved_data and any(saved_data.get(key) != data.get(key) for key in ("dataset", "seed", "splits")):
         lines.append(f"trained on {saved_data.get('dir')} ({saved_data.get('dataset')}, prep seed "
                      f"{saved_data.get('seed')}, {saved_data.get('splits')}), now {data.get('dir')} "
                      f"({data.get('dataset')}, prep seed {data.get('seed')}, {data.get('splits')})")

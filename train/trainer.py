@@ -172,11 +172,11 @@ def evaluate(accelerator: Any, net: ImageTransformer, cfg: TrainConfig) -> float
     return (total[0] / total[1]).item() / LN2
 
 
-def sample_grid(net: torch.nn.Module, manifest: Any, n: int, seed: int, device: torch.device) -> torch.Tensor:
+def sample_grid(net: ImageTransformer, manifest: Any, n: int, seed: int) -> torch.Tensor:
     """A float grid (3, H', W') of n recurrent samples, one class per column where the data has classes."""
     n_classes = len(manifest.class_names)
     classes = [i % n_classes for i in range(n)] if n_classes else []
-    labels = torch.tensor(classes, dtype=torch.long, device=device) if classes else None  # unused if unconditional
+    labels = torch.tensor(classes, dtype=torch.long) if classes else None  # unused if unconditional
     rng = random.Random(seed)
     captions = [caption_for(manifest.dataset, manifest.class_names[c], rng) for c in classes] \
         if net.condition.uses_caption else None
@@ -477,8 +477,7 @@ class Trainer:
             except DataError as err:  # a short or unreadable test shard: never a partial bits/dim
                 raise TrainingError(str(err)) from None
             if accelerator.is_main_process and with_samples and cfg.train.n_samples > 0:
-                grid = sample_grid(self.evaluated, self.manifest, cfg.train.n_samples, cfg.train.seed,
-                                   self.device)  # (3, H', W')
+                grid = sample_grid(self.evaluated, self.manifest, cfg.train.n_samples, cfg.train.seed)  # (3, H', W')
                 for tracker in accelerator.trackers:
                     if hasattr(tracker, "log_images"):  # the trackers that take images
                         tracker.log_images({"samples": grid.unsqueeze(0)}, step=step)

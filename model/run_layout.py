@@ -58,15 +58,10 @@ def is_complete(folder) -> bool:
 def complete_checkpoints(run_dir) -> list[tuple[int, str]]:
     """(step, path) of every complete checkpoint in RUN/checkpoints, oldest first."""
     folder = checkpoints_folder(run_dir)
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        match = STEP_FOLDER.match(name)
-        path = os.path.join(folder, name)
-        if match and os.path.isfile(os.path.join(path, META_NAME)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    matches = [(STEP_FOLDER.match(name), os.path.join(folder, name)) for name in names]
+    return sorted((int(match.group(1)), path) for match, path in matches
+                  if match and os.path.isfile(os.path.join(path, META_NAME)))
 
 
 def _stored_model(checkpoint: str) -> str:

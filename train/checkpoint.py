@@ -60,20 +60,19 @@ def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
 
     A run folder that already has checkpoints is never silently overwritten by a fresh start.
     """
+    existing = complete_checkpoints(run_dir)
     if resume is None:
-        existing = complete_checkpoints(run_dir)
         if existing:
             raise CheckpointError(
                 f"{run_dir}: already has checkpoints (newest {os.path.basename(existing[-1][1])}); "
                 "pass --resume auto to continue it, or choose another train.run_dir")
         return None
     if resume == "auto":
-        existing = complete_checkpoints(run_dir)
         return existing[-1][1] if existing else None
     step = read_meta(resume)["step"]  # raises for a missing or incomplete folder
     # keep_checkpoints prunes by step: a newer checkpoint left in this run folder would outlive the
     # resumed run's own saves and be what `--resume auto` picks next, so refuse rather than lose them.
-    newer = [path for saved_step, path in complete_checkpoints(run_dir)
+    newer = [path for saved_step, path in existing
              if saved_step > step and os.path.realpath(path) != os.path.realpath(resume)]
     if newer:
         raise CheckpointError(

@@ -9,7 +9,6 @@ manifest.json: a re-prepared folder (new manifest) or different training setting
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data_prep.grids import to_chw
+from data_prep.grids import atomic_file, to_chw
 from data_prep.manifest import Manifest, load_manifest, manifest_path
 from data_prep.reader import eval_batches, train_batches
 from sample.errors import SampleFailure
@@ -195,12 +194,10 @@ def load_or_train(data_dir, settings: ClassifierSettings = ClassifierSettings(),
         why = "--retrain-classifier"
     log(f"classifier: training on the train split ({why}; {settings.steps} steps, once per data folder)")
     net, info = train_classifier(data_dir, settings, device, progress)
+    state = {key: value.cpu() for key, value in net.state_dict().items()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
-        state = {key: value.cpu() for key, value in net.state_dict().items()}
-        torch.save({"info": asdict(info), "state_dict": state}, temporary)
-        os.replace(temporary, path)  # readers see the old cache or the new one, never half of one
+        with atomic_file(path) as stream:  # readers see the old cache or the new one, never half of one
+            torch.save({"info": asdict(info), "state_dict": state}, stream)
     except OSError as err:
         raise SampleFailure(f"{path}: cannot cache the classifier ({err.strerror}); "
                             "pass --classifier-dir to put it elsewhere") from None

@@ -359,13 +359,13 @@ HANG_IN_CHECKPOINT = """
 import os, sys, time
 import train.checkpoint as checkpoint
 from train.run import main
-real = checkpoint._write_json_atomic
+real = checkpoint._write_meta
 def hang(path, payload):
     if payload["step"] == int(os.environ["HANG_AT_STEP"]):
         open(os.environ["HANG_SENTINEL"], "w").close()
         time.sleep(600)
     real(path, payload)
-checkpoint._write_json_atomic = hang
+checkpoint._write_meta = hang
 sys.exit(main(sys.argv[1:]))
 """
 

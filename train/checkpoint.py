@@ -28,6 +28,7 @@ from model import ImageTransformer, ModelConfig
 from model.pretrained import publish_folder
 from model.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
                               complete_checkpoints, is_complete)
+from train.run_lock import RunLockError
 
 # Model config keys that choose an implementation, not the weights: a checkpoint trained with the
 # fast-transformers backend resumes with the torch one.
@@ -206,6 +207,33 @@ def run_changes(meta: dict, run: dict, data: dict) -> list[str]:
     return lines
 
 
+def on_main_then_share(accelerator: Any, work: Any) -> Any:
+    """Run work() on the main process and hand its result (or its error) to every rank.
+
+    Raises on every rank what work() raised on the main one (CheckpointError, RunLockError).
+    """
+    box: list = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = (work(), None)
+        except (CheckpointError, RunLockError) as err:
+            box[0] = (None, err)  # pickled to the other ranks with the result
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def _write_meta(folder: str, payload: dict) -> None:
+    """meta.json into a temporary checkpoint folder, on disk before the rename that makes it visible."""
+    with open(os.path.join(folder, META_NAME), "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int, model: ImageTransformer) -> str:
     """Save the full training state at `step` on every rank; returns the final folder.
 
@@ -216,10 +244,7 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
     folder = checkpoints_folder(run_dir)
     final = os.path.join(folder, checkpoint_name(step))
     # One temporary name for all ranks, chosen by the main process.
-    token = [secrets.token_hex(4) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(token)
-    tmp = f"{final}.tmp-{token[0]}"
+    tmp = f"{final}.tmp-{on_main_then_share(accelerator, lambda: secrets.token_hex(4))}"
     if accelerator.is_main_process:
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -237,11 +262,7 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
                 with open(file, "rb") as stream:
                     os.fsync(stream.fileno())
                 files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
-        # Last: it marks the folder complete, which only its rename to the final name makes visible.
-        with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as handle:
-            json.dump({**meta, "step": step, "files": dict(sorted(files.items()))}, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_meta(tmp, {**meta, "step": step, "files": dict(sorted(files.items()))})  # last: marks it complete
         # Saving the same step again (e.g. a stop right after resuming) swaps the folders.
         publish_folder(tmp, final)
         prune_checkpoints(run_dir, keep)

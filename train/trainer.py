@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker, on_main_process
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard.summary import hparams
@@ -38,10 +38,10 @@ from model import ImageTransformer
 from model.pretrained import load_weights
 from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
                               export_folder, is_complete)
-from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, remove_stale_temporaries,
+from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_share, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
-from train.run_lock import RunLock, RunLockError
+from train.run_lock import RunLock
 from train.schedule import learning_rate
 from train.stop_request import EXIT_STOPPED, StopRequest
 
@@ -241,32 +241,13 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
             accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
                                       gradient_accumulation_steps=cfg.train.grad_accum, project_dir=run_dir)
             # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
-            _on_main_then_share(accelerator, lock.acquire)
+            on_main_then_share(accelerator, lock.acquire)
             if lock.warning:  # set on the main process only, where accelerator.print prints
                 accelerator.print(lock.warning)
             return Trainer(cfg, manifest, accelerator, stop).run(resume)
         finally:
             lock.release()  # a no-op on the ranks that do not hold it
             torch.use_deterministic_algorithms(previous_deterministic)
-
-
-def _on_main_then_share(accelerator: Any, work: Any) -> Any:
-    """Run work() on the main process and hand its result (or its error) to every rank.
-
-    Raises on every rank what work() raised on the main one (CheckpointError, RunLockError).
-    """
-    box: list = [None]
-    if accelerator.is_main_process:
-        try:
-            box[0] = (work(), None)
-        except (CheckpointError, RunLockError) as err:
-            box[0] = (None, err)  # pickled to the other ranks with the result
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box)
-    value, error = box[0]
-    if error is not None:
-        raise error
-    return value
 
 
 class TensorBoardOneFile(TensorBoardTracker):
@@ -311,7 +292,7 @@ class Trainer:
         if self.device.type == "cpu" and cfg.train.cpu_threads is not None:
             # More threads than free cores makes OpenMP spin: measured 5x slower steps on a busy 2-core box.
             torch.set_num_threads(cfg.train.cpu_threads)
-        resume_path = _on_main_then_share(accelerator, lambda: self.prepare_folder(resume))
+        resume_path = on_main_then_share(accelerator, lambda: self.prepare_folder(resume))
         # Same seed on every rank for the weights (DDP also broadcasts them), then a per-rank seed so
         # that dropout and condition dropout differ between ranks.
         set_seed(cfg.train.seed)

@@ -112,7 +112,7 @@ CHOICES = {
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
 }
 POSITIVE = {
-    ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"),
+    ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"), ("train", "epochs"),
     ("train", "eval_batch_size"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
     ("train", "max_bad_steps"), ("train", "cpu_threads"), ("log", "every"), ("optim", "lr"),
 }
@@ -279,13 +279,11 @@ def _type_of(dotted: str) -> Any:
 
 
 def _check_consistency(cfg: TrainConfig, source: str) -> None:
-    """Checks that involve more than one key."""
+    """Checks of the final values: one that involves two keys, and ranges other than > 0 (POSITIVE)."""
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         raise ConfigError(f"{source}: set train.max_steps or train.epochs")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
         raise ConfigError(f"{source}: train.max_steps must be >= 0, got {cfg.train.max_steps}")
-    if cfg.train.epochs is not None and not cfg.train.epochs > 0:
-        raise ConfigError(f"{source}: train.epochs must be > 0, got {cfg.train.epochs}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"{source}: optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.optim.warmup_steps < 0:

@@ -24,21 +24,15 @@ class AttentionLayer(nn.Module):
         self.out_projection = nn.Linear(n_heads * d_value, d_model)
         self.inner_attention, self.recurrent_attention = build_attention(attention, **params)
 
-    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L, d_model) -> q, k (B, H, L, Dk) and v (B, H, L, Dv)."""
-        batch, length, _ = x.shape
-        q = self.query_projection(x).view(batch, length, self.n_heads, self.d_query).transpose(1, 2)
-        k = self.key_projection(x).view(batch, length, self.n_heads, self.d_query).transpose(1, 2)
-        v = self.value_projection(x).view(batch, length, self.n_heads, self.d_value).transpose(1, 2)
-        return q, k, v
-
     def forward(self, x: torch.Tensor, state=None):
         """Attend over x (B, L, d_model); when a layer state is given, also fill it from this pass."""
-        q, k, v = self._project(x)
+        batch, length, heads = x.shape[0], x.shape[1], self.n_heads
+        q, k, v = (projection(x).view(batch, length, heads, -1).transpose(1, 2)  # (B, H, L, Dk or Dv)
+                   for projection in (self.query_projection, self.key_projection, self.value_projection))
         out = self.inner_attention(q, k, v)  # (B, H, L, Dv)
         if state is not None:
             state = self.recurrent_attention.fill(state, k, v)
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.d_value)
+        out = out.transpose(1, 2).reshape(batch, length, heads * self.d_value)
         return self.out_projection(out), state
 
     def init_state(self, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):

@@ -46,11 +46,6 @@ class ConditionEmbedding(nn.Module):
         if self.uses_caption:
             self.caption_embedding = nn.Embedding(258, d_model)  # bytes, pad, null
 
-    @property
-    def length(self) -> int:
-        """Number of prefix tokens P."""
-        return int(self.uses_class) + (self.caption_len if self.uses_caption else 0)
-
     def _dropped(self, batch: int, device: torch.device, drop: Optional[torch.Tensor]) -> torch.Tensor:
         """Which samples lose this condition now: (B,) bool; condition dropout in train mode only,
         plus the rows `drop` asks for (the unconditional rows of classifier-free guidance)."""

@@ -6,6 +6,7 @@ ImageTransformer.save_pretrained / from_pretrained are the entry points; this mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,20 +25,28 @@ from model.linear_backends import backend_available
 FORMAT = 2  # format 1 was a torch pickle (export/model.pt)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+IMAGE_KEYS = ("height", "width", "channels", "bins", "order")  # what turns a sequence back into an image
+
+
+def image_problem(image, config: ModelConfig) -> Optional[str]:
+    """Why image info cannot decode the sequences of a model of this config; None when it can."""
+    if not isinstance(image, dict) or any(key not in image for key in IMAGE_KEYS):
+        return f"image info lacks one of {', '.join(IMAGE_KEYS)}"
+    length = image["height"] * image["width"] * image["channels"]
+    if length != config.seq_len or image["bins"] != config.bins:
+        return (f"image info ({length} bytes, {image['bins']} bins) does not match the model "
+                f"({config.seq_len} bytes, {config.bins} bins)")
+    return None
 
 
 def fsync_folder(path) -> None:
     """Make the renames inside a folder durable (best effort: not every file system allows it)."""
-    try:
+    with contextlib.suppress(OSError):
         handle = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 def publish_folder(temporary, final) -> None:
@@ -60,6 +69,10 @@ def publish_folder(temporary, final) -> None:
 
 def write_pretrained(net: nn.Module, path, image: Optional[dict], step: int) -> None:
     """Write net's weights and net.config as the folder `path` (built in PATH.tmp-XXXX, then renamed)."""
+    problem = image_problem(image, net.config)
+    if problem:  # the sampler could not read the folder back: refuse now, not at sampling time
+        raise ValueError(f"save_pretrained({path}): {problem}; pass image=, the data's image info "
+                         "(manifest.image_info())")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(f"{path}.tmp-{secrets.token_hex(4)}")

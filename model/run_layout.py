@@ -1,5 +1,8 @@
 """The run folder's layout, known only here: the trainer writes it, the sampler reads it.
 
+    RUN/config.yaml                      the resolved training config
+    RUN/logs/                            the trackers' files (TensorBoard events; wandb in logs/wandb)
+    RUN/samples/step_0000500.png         the sample grid of an evaluation
     RUN/checkpoints/step_0000500/        accelerate's save_state files (exact resume) + meta.json
     RUN/checkpoints/step_0000500/model/  the weights evaluated and sampled (a model folder)
     RUN/export/                          the newest model (a model folder)
@@ -20,6 +23,9 @@ CHECKPOINTS = "checkpoints"
 EXPORT = "export"
 MODEL = "model"  # the model folder inside a checkpoint
 META_NAME = "meta.json"
+RUN_CONFIG = "config.yaml"
+LOGS = "logs"
+SAMPLES = "samples"
 STEP_FOLDER = re.compile(r"^step_(\d{7,})$")  # checkpoint_name's 7 digits, or more
 SIDE_FOLDER = re.compile(r"^(step_\d{7,}|export)\.(tmp|replaced|deleting|damaged)-")
 
@@ -52,15 +58,10 @@ def is_complete(folder) -> bool:
 def complete_checkpoints(run_dir) -> list[tuple[int, str]]:
     """(step, path) of every complete checkpoint in RUN/checkpoints, oldest first."""
     folder = checkpoints_folder(run_dir)
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        match = STEP_FOLDER.match(name)
-        path = os.path.join(folder, name)
-        if match and os.path.isfile(os.path.join(path, META_NAME)):
-            found.append((int(match.group(1)), path))
-    return sorted(found)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    matches = [(STEP_FOLDER.match(name), os.path.join(folder, name)) for name in names]
+    return sorted((int(match.group(1)), path) for match, path in matches
+                  if match and os.path.isfile(os.path.join(path, META_NAME)))
 
 
 def _stored_model(checkpoint: str) -> str:

@@ -7,13 +7,6 @@ from typing import Optional
 import torch
 
 
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide logits by a positive temperature (lower is greedier)."""
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0 (0, greedy, is handled by the caller)")
-    return logits if temperature == 1 else logits / temperature  # 1: no op at all (once per byte)
-
-
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of the last dimension; the others become -inf."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -39,8 +32,11 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                   top_p: Optional[float] = None) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, on logits or log-probabilities (..., V)."""
-    logits = apply_temperature(logits, temperature)
+    """Temperature (lower is greedier), then top-k, then top-p, on logits or log-probabilities (..., V)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0 (0, greedy, is handled by the caller)")
+    if temperature != 1:  # 1: no op at all (this runs once per byte)
+        logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:

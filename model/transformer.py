@@ -36,16 +36,12 @@ class RecurrentState:
     # the byte convolution
     recent_embeddings: Optional[torch.Tensor] = None
 
-    def tensors(self) -> list:
-        """All tensors held by the state."""
+    def nbytes(self) -> int:
+        """Memory held by the state's tensors, in bytes."""
         held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
                 if isinstance(getattr(layer, f.name), torch.Tensor)]
         held += [t for t in (self.condition_input, self.recent_embeddings) if t is not None]
-        return held + list(self.condition_biases or [])
-
-    def nbytes(self) -> int:
-        """Memory held by the state, in bytes."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(t.numel() * t.element_size() for t in held + list(self.condition_biases or []))
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +68,6 @@ class Block(nn.Module):
         self.feed_forward = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(),
                                           nn.Linear(cfg.d_ff, cfg.d_model))
         self.dropout = nn.Dropout(cfg.dropout)
-
-    def condition_bias(self, condition: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """(B, d_model) this block adds at every position for condition vector (B, d_model), or None."""
-        if self.condition_projection is None or condition is None:
-            return None
-        return self.condition_projection(condition)
 
     @staticmethod
     def _film(normed: torch.Tensor, modulation: Optional[tuple]) -> torch.Tensor:
@@ -124,7 +114,7 @@ class ImageTransformer(nn.Module):
         d_model = cfg.d_model
         self.condition = ConditionEmbedding(cfg.condition, d_model, cfg.n_classes, cfg.caption_len,
                                             cfg.condition_dropout)
-        self.prefix_len = self.condition.length
+        self.prefix_len = cfg.prefix_len
         self.byte_embedding = nn.Embedding(cfg.bins + 1, d_model)  # index `bins` is the begin token
         self.position_embedding = nn.Embedding(self.prefix_len + cfg.seq_len, d_model)
         # depthwise: each embedding channel learns its own weights over the last conv_kernel bytes
@@ -151,8 +141,9 @@ class ImageTransformer(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
 
     def save_pretrained(self, path, image: Optional[dict] = None, step: Optional[int] = None) -> None:
-        """Write the folder `path` (model.safetensors + config.json) atomically; image and step
-        default to this model's image_info and trained_steps."""
+        """Write the folder `path` (model.safetensors + config.json) atomically; image (the data's
+        manifest.image_info()) and step default to this model's image_info and trained_steps, and a
+        model with neither image nor image_info is a ValueError: the folder could not be sampled."""
         write_pretrained(self, path, self.image_info if image is None else image,
                          self.trained_steps if step is None else step)
 
@@ -202,8 +193,9 @@ class ImageTransformer(nn.Module):
     def _condition_biases(self, condition: Optional[torch.Tensor]) -> Optional[list]:
         """What each block adds at every position for condition vector (B, d_model): a (B, d_model)
         per block, or None where the condition does not enter the blocks."""
-        biases = [block.condition_bias(condition) for block in self.blocks]
-        return None if biases[0] is None else biases
+        if condition is None or self.blocks[0].condition_projection is None:
+            return None
+        return [block.condition_projection(condition) for block in self.blocks]
 
     def _trunk(self, x: torch.Tensor, biases: Optional[list], states: Optional[list] = None):
         """Run the blocks and the final norm over (B, T, d_model); fill states when given."""
@@ -237,6 +229,22 @@ class ImageTransformer(nn.Module):
             captions: Optional[Sequence[str]] = None) -> torch.Tensor:
         """Negative log-likelihood [B, L] in nats per byte, fp32 (divide the mean by ln 2 for bits/dim)."""
         return self(seq, labels, captions, return_nll=True)
+
+    @torch.no_grad()
+    def nll_totals(self, batches) -> torch.Tensor:
+        """float64 [nats, bytes, images] summed over batches (each with .seqs, .labels, .captions), in
+        eval mode: nats / bytes / ln 2 is the exact bits/dim of every byte they hold."""
+        was_training, device = self.training, self.byte_embedding.weight.device
+        self.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
+        for batch in batches:
+            seqs = batch.seqs.to(device, non_blocking=True).long()  # (B, L)
+            # the model takes the labels and captions its condition uses and ignores the others
+            nll = self.nll(seqs, batch.labels.to(device), batch.captions)  # (B, L) nats
+            totals += torch.stack([nll.double().sum(), totals.new_tensor(seqs.numel()),
+                                   totals.new_tensor(len(seqs))])
+        self.train(was_training)
+        return totals
 
     # ---------------------------------------------------------------- recurrent (sampling) path
     @property

@@ -9,7 +9,6 @@ manifest.json: a re-prepared folder (new manifest) or different training setting
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,10 +19,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data_prep.codec import decode_sequences
+from data_prep.grids import atomic_file, to_chw
 from data_prep.manifest import Manifest, load_manifest, manifest_path
 from data_prep.reader import eval_batches, train_batches
 from sample.errors import SampleFailure
+from sample.grids import decode
 
 CACHE_FOLDER = "classifier"
 CACHE_NAME = "classifier.pt"
@@ -75,12 +75,9 @@ class SmallCNN(nn.Module):
         return self.classify(self.features(images))
 
 
-def sequences_to_tensor(seqs, manifest_or_image) -> torch.Tensor:
+def sequences_to_tensor(seqs, manifest: Manifest) -> torch.Tensor:
     """Byte sequences [B, L] -> float images [B, C, H, W] in [0, 1] (decoded as the data is displayed)."""
-    info = manifest_or_image if isinstance(manifest_or_image, dict) else manifest_or_image.image_info()
-    images = decode_sequences(seqs, info["height"], info["width"], info["channels"], info["bins"],
-                              info["order"])  # (B, H, W, C) uint8
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)  # (B, C, H, W)
+    return to_chw(decode(seqs, manifest.image_info()))
 
 
 def manifest_digest(data_dir) -> str:
@@ -135,18 +132,16 @@ def train_classifier(data_dir, settings: ClassifierSettings, device="cpu", progr
                             shuffle_buffer=min(1000, manifest.splits["train"].total))
     began = time.perf_counter()
     net.train()
-    bar = tqdm(total=settings.steps, desc="training classifier", unit="step", disable=not progress, leave=False)
-    for step, batch in zip(range(settings.steps), batches):
+    bar = tqdm(range(settings.steps), desc="training classifier", unit="step", disable=not progress, leave=False)
+    for step, batch in zip(bar, batches):  # the steps first: the bar closes when they run out
         images = sequences_to_tensor(batch.seqs, manifest).to(device)  # (B, C, H, W)
         loss = nn.functional.cross_entropy(net(images), batch.labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
     seconds = time.perf_counter() - began
     accuracy, images, per_class = test_accuracy(net, data_dir, manifest, device, progress)
     info = ClassifierInfo(FORMAT_VERSION, digest, asdict(settings), manifest.channels, manifest.height,
@@ -199,12 +194,10 @@ def load_or_train(data_dir, settings: ClassifierSettings = ClassifierSettings(),
         why = "--retrain-classifier"
     log(f"classifier: training on the train split ({why}; {settings.steps} steps, once per data folder)")
     net, info = train_classifier(data_dir, settings, device, progress)
+    state = {key: value.cpu() for key, value in net.state_dict().items()}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + f".tmp-{os.getpid()}")
-        state = {key: value.cpu() for key, value in net.state_dict().items()}
-        torch.save({"info": asdict(info), "state_dict": state}, temporary)
-        os.replace(temporary, path)  # readers see the old cache or the new one, never half of one
+        with atomic_file(path) as stream:  # readers see the old cache or the new one, never half of one
+            torch.save({"info": asdict(info), "state_dict": state}, stream)
     except OSError as err:
         raise SampleFailure(f"{path}: cannot cache the classifier ({err.strerror}); "
                             "pass --classifier-dir to put it elsewhere") from None

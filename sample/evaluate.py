@@ -23,7 +23,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,12 +33,11 @@ from accelerate.utils import reduce
 from tqdm import tqdm
 
 from data_prep.errors import DataError
-from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches
 from model.generation import SamplingOptions, generate_images
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
 from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
-from sample.loading import IMAGE_KEYS, load_for_sampling
+from sample.loading import data_manifest, load_for_sampling
 from sample.request import conditional_request
 
 LN2 = math.log(2.0)
@@ -93,46 +92,8 @@ class EvalResult:
     seconds: float = 0.0
 
 
-def _check_data_fits(manifest, image: dict, data: str, source) -> None:
-    """The prepared data must hold the images the model was trained on (shape, levels, order)."""
-    theirs = {key: image[key] for key in IMAGE_KEYS}
-    ours = {key: getattr(manifest, key) for key in IMAGE_KEYS}
-    if ours != theirs:
-        def describe(values):
-            return (f"{values['height']}x{values['width']}x{values['channels']}, {values['bins']} bins, "
-                    f"{values['order']}")
-        raise SampleUsageError(f"--data {data}: its images ({describe(ours)}) are not the model's "
-                               f"({describe(theirs)}, from {source})")
-
-
-@torch.no_grad()
-def bits_per_dim(net, data_dir, split: str, batch_size: int, device, progress: bool = True,
-                 rank: int = 0, world_size: int = 1) -> tuple[float, torch.Tensor]:
-    """(bits/dim, totals [nats, bytes, images] float64 of this rank) over this rank's share of split."""
-
-    batches = eval_batches(data_dir, batch_size, split=split, rank=rank, world_size=world_size)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # (nats, bytes, images)
-    bar = tqdm(total=batches.num_samples, desc=f"bits/dim ({split})", unit="img", disable=not progress,
-               leave=False)
-    for batch in batches:
-        seqs = batch.seqs.to(device).long()  # (B, L)
-        # the model takes the labels and captions its condition uses and ignores the others
-        nll = net.nll(seqs, batch.labels.to(device), batch.captions)  # (B, L) nats per byte
-        totals += torch.tensor([nll.double().sum().item(), seqs.numel(), seqs.shape[0]],
-                               dtype=torch.float64, device=device)
-        bar.update(seqs.shape[0])
-    bar.close()
-    return _bits(totals), totals
-
-
-def _bits(totals: torch.Tensor) -> float:
-    """nats and bytes -> bits per byte."""
-    return (totals[0] / totals[1]).item() / LN2 if totals[1].item() else float("nan")
-
-
 def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement:
     """Sample n_per_class images of every class and measure how many the classifier names correctly."""
-
     n_classes = len(manifest.class_names)
     settings = ClassifierSettings(steps=job.classifier_steps)
     classifier, info, path, trained = load_or_train(job.data, settings, device, job.classifier_dir,
@@ -153,42 +114,38 @@ def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement
 
 def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     """Run the evaluation; the result on the main process, None on the others."""
-
-
-    if job.n_per_class < 0:
-        raise SampleUsageError(f"--n-per-class {job.n_per_class}: must be >= 0")
-    if job.batch_size < 1:
-        raise SampleUsageError(f"--batch-size {job.batch_size}: must be >= 1")
+    for flag, value, least in (("--n-per-class", job.n_per_class, 0), ("--batch-size", job.batch_size, 1),
+                               ("--classifier-steps", job.classifier_steps, 1), ("--guidance", job.guidance, 0)):
+        if not value >= least:  # a NaN guidance fails too
+            raise SampleUsageError(f"{flag} {value}: must be >= {least}")
     began = time.perf_counter()
     state = PartialState(cpu=job.device == "cpu")  # one process, or each rank under accelerate launch
     device = torch.device(job.device) if job.device else state.device
-    try:
-        manifest = load_manifest(job.data)
-    except DataError as err:
-        raise SampleUsageError(f"--data: {err}") from None
+    loaded = load_for_sampling(job.checkpoint, device)
+    manifest = data_manifest(loaded, job.data)
     if job.split not in manifest.splits:
         raise SampleUsageError(f"--split {job.split}: {job.data} has no such split "
                                f"(has {', '.join(manifest.splits)})")
-    loaded = load_for_sampling(job.checkpoint, device)
-    _check_data_fits(manifest, loaded.image, job.data, loaded.source)
     net, condition = loaded.net, loaded.net.config.condition
-    if condition in ("class", "both") and net.config.n_classes != len(manifest.class_names):
+    if net.condition.uses_class and net.config.n_classes != len(manifest.class_names):
         raise SampleUsageError(f"--data {job.data}: {len(manifest.class_names)} classes, the model has "
                                f"{net.config.n_classes}")
     try:
-        _, totals = bits_per_dim(net, job.data, job.split, job.batch_size, device,
-                                 job.progress and state.is_main_process, state.process_index,
-                                 state.num_processes)
+        batches = eval_batches(job.data, job.batch_size, split=job.split, rank=state.process_index,
+                               world_size=state.num_processes)
+        totals = net.nll_totals(tqdm(batches, desc=f"bits/dim ({job.split})", unit="batch", leave=False,
+                                     disable=not (job.progress and state.is_main_process)))
         totals = reduce(totals, reduction="sum")  # every rank read a disjoint share of the shards
     except DataError as err:
         raise SampleFailure(str(err)) from None
-    if totals[1].item() == 0:
+    nats, n_bytes, images = totals.tolist()
+    if n_bytes == 0:
         raise SampleFailure(f"{job.data}: split {job.split!r} is empty; nothing to evaluate")
     if not state.is_main_process:
         return None  # sampling is keyed by position in one request: the main process draws them all
-    result = EvalResult(str(loaded.source), loaded.step, str(job.data), job.split, int(totals[2].item()),
-                        int(totals[1].item()), _bits(totals), condition, list(manifest.class_names))
-    if condition in ("class", "both") and job.n_per_class > 0:
+    result = EvalResult(str(loaded.source), loaded.step, str(job.data), job.split, int(images), int(n_bytes),
+                        nats / n_bytes / LN2, condition, list(manifest.class_names))
+    if net.condition.uses_class and job.n_per_class > 0:
         try:
             result.agreement = class_agreement(net, manifest, job, device, log)
         except DataError as err:
@@ -213,15 +170,12 @@ def format_table(result: EvalResult) -> str:
         lines.append(f"class agreement  {agreement.overall:.1%}  ({agreement.n_per_class} samples per class, "
                      f"seed {agreement.seed}, guidance {agreement.guidance:g}; classifier test accuracy "
                      f"{classifier['test_accuracy']:.1%} on {classifier['test_images']:,} images)")
-        lines.append("")
-        lines.append(f"{'class':<16} {'agreement':>9}  most often taken for (count)")
+        lines += ["", f"{'class':<16} {'agreement':>9}  most often taken for (count)"]
         for index, (name, share, row) in enumerate(zip(result.class_names, agreement.per_class,
                                                        agreement.confusion)):
             others = [(count, k) for k, count in enumerate(row) if k != index and count]
-            taken = ""
-            if others:
-                count, k = max(others)
-                taken = f"{result.class_names[k]} ({count})"
+            count, k = max(others, default=(0, 0))  # the class most often named instead
+            taken = f"{result.class_names[k]} ({count})" if others else ""
             lines.append(f"{index:>2} {name:<13} {share:>9.1%}  {taken}".rstrip())
     lines.append(f"took {result.seconds:.1f} s")
     return "\n".join(lines)
@@ -265,21 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, evaluate, print the table, write --json; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if not args.guidance >= 0:
-        print(f"lit-eval: error: --guidance {args.guidance}: must be >= 0", file=sys.stderr)
+    if args.threads is not None and args.threads < 1:
+        print(f"lit-eval: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
         return 2
-    for flag, value, least in (("--threads", args.threads, 1), ("--classifier-steps", args.classifier_steps, 1)):
-        if value is not None and value < least:
-            print(f"lit-eval: error: {flag} {value}: must be >= {least}", file=sys.stderr)
-            return 2
     if args.json and not Path(args.json).resolve().parent.is_dir():
         print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or 1)
-    job = EvalJob(checkpoint=args.checkpoint, data=args.data, split=args.split, n_per_class=args.n_per_class,
-                  batch_size=args.batch_size, seed=args.seed, guidance=args.guidance, device=args.device,
-                  classifier_steps=args.classifier_steps, classifier_dir=args.classifier_dir,
-                  retrain_classifier=args.retrain_classifier, progress=not args.no_progress)
+    # every field but progress is the flag of the same name
+    job = EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
+                  progress=not args.no_progress)
     result, code = run_reporting_errors("lit-eval", lambda: evaluate(job))
     if result is None:  # an error (code 1 or 2), or not the main process (0)
         return code

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from data_prep.errors import DataError
+from data_prep.manifest import Manifest, load_manifest
 from model import ImageTransformer
+from model.pretrained import IMAGE_KEYS, image_problem
 from model.run_layout import model_folder
 from sample.errors import SampleFailure, SampleUsageError
-
-IMAGE_KEYS = ("height", "width", "channels", "bins", "order")
 
 
 @dataclass
@@ -33,12 +34,20 @@ def load_for_sampling(path: str | Path, device: str | torch.device = "cpu") -> L
         raise SampleUsageError(f"--checkpoint {err}") from None
     except ValueError as err:
         raise SampleFailure(str(err)) from None
-    image, config = net.image_info, net.config
-    # the image info must name the shape and quantization that decode_sequences needs
-    if not isinstance(image, dict) or any(key not in image for key in IMAGE_KEYS):
-        raise SampleFailure(f"{folder}: image info lacks one of {', '.join(IMAGE_KEYS)}")
-    length = image["height"] * image["width"] * image["channels"]
-    if length != config.seq_len or image["bins"] != config.bins:
-        raise SampleFailure(f"{folder}: image info ({length} bytes, {image['bins']} bins) does not match "
-                            f"the model ({config.seq_len} bytes, {config.bins} bins)")
-    return LoadedModel(net, image, net.trained_steps, folder)
+    problem = image_problem(net.image_info, net.config)  # a folder written elsewhere or edited by hand
+    if problem:
+        raise SampleFailure(f"{folder}: {problem}")
+    return LoadedModel(net, net.image_info, net.trained_steps, folder)
+
+
+def data_manifest(loaded: LoadedModel, data) -> Manifest:
+    """The manifest of the prepared folder --data, after checking it holds the model's images."""
+    try:
+        manifest = load_manifest(data)
+    except DataError as err:
+        raise SampleUsageError(f"--data: {err}") from None
+    differ = [f"{key}={getattr(manifest, key)!r} but the model was trained on {key}={loaded.image[key]!r}"
+              for key in IMAGE_KEYS if getattr(manifest, key) != loaded.image[key]]
+    if differ:
+        raise SampleUsageError(f"--data {data}: {'; '.join(differ)} ({loaded.source})")
+    return manifest

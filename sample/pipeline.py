@@ -8,11 +8,13 @@ from typing import Optional
 
 import torch
 
+from data_prep.errors import DataError
 from data_prep.grids import save_grid
+from data_prep.reader import read_samples
 from model.generation import GenerationStats, SamplingOptions, generate_images
 from sample.errors import SampleFailure, SampleUsageError
 from sample.grids import decode, save_npz, save_per_image
-from sample.loading import LoadedModel, load_for_sampling
+from sample.loading import LoadedModel, data_manifest, load_for_sampling
 from sample.request import (SampleRequest, check_caption, check_conditioning, completion_request,
                             conditional_request, parse_int_ranges, unconditional_request)
 
@@ -91,10 +93,6 @@ def check_layout(job: "SampleJob") -> None:
 
 def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
     """Read the real test images named by --index and ask for completions of their first K bytes."""
-    from data_prep.errors import DataError
-    from data_prep.manifest import load_manifest
-    from data_prep.reader import read_samples
-
     if job.offset is None:
         raise SampleUsageError("--index needs --offset K (how many bytes of each real image to keep)")
     if job.data is None:
@@ -104,18 +102,13 @@ def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         raise SampleUsageError("--index completes real images under their own label and caption; "
                                "drop --classes / --caption")
     indices = parse_int_ranges(job.index, "--index")
+    data_manifest(loaded, job.data)
     try:
-        info = load_manifest(job.data).image_info()
-        for key in ("height", "width", "channels", "bins", "order"):
-            if info[key] != loaded.image[key]:
-                raise SampleUsageError(f"--data {job.data}: {key}={info[key]!r} but the model was trained "
-                                       f"on {key}={loaded.image[key]!r}")
         batch = read_samples(job.data, indices, split=job.split)
     except DataError as err:
         raise SampleUsageError(str(err)) from None
-    condition = loaded.net.config.condition
-    labels = batch.labels if condition in ("class", "both") else None
-    captions = list(batch.captions) if condition in ("caption", "both") else None
+    labels = batch.labels if loaded.net.condition.uses_class else None
+    captions = list(batch.captions) if loaded.net.condition.uses_caption else None
     return completion_request(batch.seqs, labels, captions, indices, job.offset, job.n)
 
 
@@ -136,9 +129,8 @@ def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         check_caption(caption, config.caption_len)
     if job.classes is None and job.captions is None:
         return unconditional_request(job.n, job.columns)
-    classes = None
-    if job.classes is not None:
-        classes = parse_int_ranges(job.classes, "--classes", loaded.image.get("class_names") or ())
+    classes = None if job.classes is None else \
+        parse_int_ranges(job.classes, "--classes", loaded.image.get("class_names") or ())
     return conditional_request(classes, job.captions, job.n, config.n_classes)
 
 

@@ -114,8 +114,7 @@ def job_from_args(args: argparse.Namespace):
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, batch_size=args.batch_size, mode=args.mode,
                               bf16=args.bf16, progress=not args.no_progress, compile=args.compile,
-                              guidance=args.guidance,
-                              cuda_graph=not args.no_cuda_graph)
+                              guidance=args.guidance, cuda_graph=not args.no_cuda_graph)
     return SampleJob(checkpoint=args.checkpoint, out=args.out, n=args.n, columns=args.columns,
                      classes=args.classes, captions=args.caption, index=args.index,
                      offset=args.offset, data=args.data, split=args.split, options=options,

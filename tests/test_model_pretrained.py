@@ -167,3 +167,12 @@ def test_folder_written_before_condition_inject_existed_loads_as_prefix_only(tmp
     assert loaded.config.condition_inject == "prefix"
     seq = torch.randint(0, 16, (2, 6))
     assert torch.equal(loaded(seq, torch.tensor([0, 2])), net(seq, torch.tensor([0, 2])))
+
+
+def test_saving_without_image_info_fails_at_once_and_writes_nothing(tmp_path):
+    """A folder without the data's image format cannot be sampled: say so when saving, not when sampling."""
+    with pytest.raises(ValueError, match="image info lacks one of height, width, channels, bins, order.*image="):
+        tiny().save_pretrained(tmp_path / "plain")  # a fresh model knows no image format
+    with pytest.raises(ValueError, match=r"does not match the model \(6 bytes, 16 bins\)"):
+        tiny().save_pretrained(tmp_path / "plain", {**IMAGE, "height": 3}, 1)
+    assert list(tmp_path.iterdir()) == []

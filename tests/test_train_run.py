@@ -186,7 +186,8 @@ def test_ema_turned_on_at_resume_starts_from_the_resumed_weights_and_checkpoints
     raw = train_in_process(digits16, tmp_path / "ema", *extra, "train.max_steps=8", "train.ema_decay=0.9")
     exported = parameter_digest(ImageTransformer.from_pretrained(tmp_path / "ema" / "export"))
     folder = tmp_path / "ema" / "checkpoints" / "step_0000008"
-    assert {"model.safetensors", "optimizer.bin", "ema.safetensors"} <= {p.name for p in folder.iterdir()}
+    assert {"model.safetensors", "optimizer.bin"} <= {p.name for p in folder.iterdir()}
+    assert not (folder / "ema.safetensors").exists()  # the average is kept once: model/ serves resume too
     for file in folder.iterdir():
         if file.is_file() and file.name != "meta.json":
             file.unlink()
@@ -195,6 +196,24 @@ def test_ema_turned_on_at_resume_starts_from_the_resumed_weights_and_checkpoints
     from sample.run import main as sample_main
     assert sample_main(["--checkpoint", str(folder), "--out", str(tmp_path / "ema.png"), "--n", "2",
                         "--no-progress", "--device", "cpu"]) == 0
+
+
+def test_ema_of_a_checkpoint_of_an_earlier_version_loads_from_its_ema_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from test_sample_helpers import tiny_model
+    from train.trainer import load_ema, parameter_digest
+
+    def average(seed):
+        return AveragedModel(tiny_model(seed=seed), use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+
+    saved = average(1)
+    saved.n_averaged.fill_(5)
+    save_file({k: v.contiguous() for k, v in saved.state_dict().items()}, str(tmp_path / "ema.safetensors"))
+    ema = average(2)
+    load_ema(ema, str(tmp_path), {"run": {}}, tiny_model(seed=2), warn=print)  # meta.json had no ema_decay
+    assert parameter_digest(ema.module) == parameter_digest(saved.module) and ema.n_averaged.item() == 5
 
 
 def test_bf16_on_cpu_trains_with_finite_loss(digits16, tmp_path, fresh_accelerate):
@@ -340,13 +359,13 @@ HANG_IN_CHECKPOINT = """
 import os, sys, time
 import train.checkpoint as checkpoint
 from train.run import main
-real = checkpoint._write_json_atomic
+real = checkpoint._write_meta
 def hang(path, payload):
     if payload["step"] == int(os.environ["HANG_AT_STEP"]):
         open(os.environ["HANG_SENTINEL"], "w").close()
         time.sleep(600)
     real(path, payload)
-checkpoint._write_json_atomic = hang
+checkpoint._write_meta = hang
 sys.exit(main(sys.argv[1:]))
 """
 

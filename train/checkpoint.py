@@ -1,17 +1,15 @@
-"""Checkpoints: complete or absent.
+"""Checkpoints: complete or absent (folder names and completeness: model.run_layout).
 
-Layout (model.run_layout): RUN/checkpoints/step_0000500/ holds accelerate's `save_state` output, the
-model folder model/ (the weights evaluated and sampled) and meta.json ({"step", "model_config",
-"image", "train_state", "run", "data", "files"}): `files` lists every other file of the folder with
-its size and sha256, and resuming checks them before loading anything. Every rank writes into
-RUN/checkpoints/step_0000500.tmp-XXXX/
-(save_state must run on every rank: it saves each rank's RNG state and waits on collectives); the
-main process writes meta.json last and renames the folder to its final name once all ranks are done.
-A crash at any point leaves either the previous checkpoints untouched or a `.tmp-` folder, which is
-never taken for a checkpoint and is cleared by the next run. A complete folder whose files no longer
-match meta.json (a flipped bit, a truncated copy) is "damaged": `--resume auto` moves it aside to
-`step_N.damaged-XXXX` (kept for inspection, never pruned, never resumed) and falls back to the
-previous complete one; `--resume PATH` refuses it.
+A checkpoint folder holds accelerate's `save_state` output, the model folder model/ and meta.json
+({"step", "model_config", "image", "train_state", "run", "data", "files"}): `files` lists every other
+file with its size and sha256, and resuming checks them before loading anything. Every rank writes
+into step_N.tmp-XXXX/ (save_state must run on every rank: it saves each rank's RNG state and waits on
+collectives); the main process writes meta.json last and renames the folder once all ranks are done.
+A crash leaves the previous checkpoints untouched or a `.tmp-` folder, which is never taken for a
+checkpoint and is cleared by the next run. A complete folder whose files no longer match meta.json (a
+flipped bit, a truncated copy) is "damaged": `--resume auto` moves it aside to `step_N.damaged-XXXX`
+(kept for inspection, never pruned or resumed) and falls back to the previous one; `--resume PATH`
+refuses it.
 """
 
 from __future__ import annotations
@@ -23,11 +21,14 @@ import secrets
 import shutil
 from typing import Any, Callable, Optional
 
+from accelerate.utils import broadcast_object_list
+
 from data_prep.shards import file_sha256
 from model import ImageTransformer, ModelConfig
 from model.pretrained import publish_folder
 from model.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
                               complete_checkpoints, is_complete)
+from train.run_lock import RunLockError
 
 # Model config keys that choose an implementation, not the weights: a checkpoint trained with the
 # fast-transformers backend resumes with the torch one.
@@ -60,20 +61,19 @@ def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
 
     A run folder that already has checkpoints is never silently overwritten by a fresh start.
     """
+    existing = complete_checkpoints(run_dir)
     if resume is None:
-        existing = complete_checkpoints(run_dir)
         if existing:
             raise CheckpointError(
                 f"{run_dir}: already has checkpoints (newest {os.path.basename(existing[-1][1])}); "
                 "pass --resume auto to continue it, or choose another train.run_dir")
         return None
     if resume == "auto":
-        existing = complete_checkpoints(run_dir)
         return existing[-1][1] if existing else None
     step = read_meta(resume)["step"]  # raises for a missing or incomplete folder
     # keep_checkpoints prunes by step: a newer checkpoint left in this run folder would outlive the
     # resumed run's own saves and be what `--resume auto` picks next, so refuse rather than lose them.
-    newer = [path for saved_step, path in complete_checkpoints(run_dir)
+    newer = [path for saved_step, path in existing
              if saved_step > step and os.path.realpath(path) != os.path.realpath(resume)]
     if newer:
         raise CheckpointError(
@@ -81,11 +81,6 @@ def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
             f"({', '.join(os.path.basename(p) for p in newer)}) that would outlive this run's saves; "
             "use --resume auto, another train.run_dir, or move them away")
     return resume
-
-
-def file_record(path: str) -> dict:
-    """{"size", "sha256"} of one file, as meta.json lists it."""
-    return {"size": os.path.getsize(path), "sha256": file_sha256(path)}
 
 
 def checkpoint_damage(path: str) -> Optional[str]:
@@ -205,52 +200,58 @@ def run_changes(meta: dict, run: dict, data: dict) -> list[str]:
     if "seed" in saved_run and saved_run["seed"] != run["seed"]:
         lines.append(f"train.seed {saved_run['seed']} -> {run['seed']}: the data order and dropout differ "
                      "from an uninterrupted run")
-    before = (saved_data.get("dataset"), saved_data.get("seed"), saved_data.get("splits"))
-    after = (data.get("dataset"), data.get("seed"), data.get("splits"))
-    if saved_data and before != after:
+    if saved_data and any(saved_data.get(key) != data.get(key) for key in ("dataset", "seed", "splits")):
         lines.append(f"trained on {saved_data.get('dir')} ({saved_data.get('dataset')}, prep seed "
                      f"{saved_data.get('seed')}, {saved_data.get('splits')}), now {data.get('dir')} "
                      f"({data.get('dataset')}, prep seed {data.get('seed')}, {data.get('splits')})")
     return lines
 
 
-def _write_json_atomic(path: str, payload: dict) -> None:
-    """Write JSON to path through a temporary file, fsync, then os.replace."""
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-    with open(tmp, "w", encoding="utf-8") as handle:
+def on_main_then_share(accelerator: Any, work: Any) -> Any:
+    """Run work() on the main process and hand its result (or its error) to every rank.
+
+    Raises on every rank what work() raised on the main one (CheckpointError, RunLockError).
+    """
+    box: list = [None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = (work(), None)
+        except (CheckpointError, RunLockError) as err:
+            box[0] = (None, err)  # pickled to the other ranks with the result
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def _write_meta(folder: str, payload: dict) -> None:
+    """meta.json into a temporary checkpoint folder, on disk before the rename that makes it visible."""
+    with open(os.path.join(folder, META_NAME), "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int, model: ImageTransformer,
-                    extra_files: Optional[Callable[[str], None]] = None) -> str:
+def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int, model: ImageTransformer) -> str:
     """Save the full training state at `step` on every rank; returns the final folder.
 
     Must be called by every rank (save_state writes per-rank RNG states and meets collectives).
-    The main process writes `model` (the weights evaluated and sampled) as the model folder, and
-    extra_files(folder) writes further files (the EMA's state), before their digests go into meta.json.
+    The main process writes `model` (the weights evaluated and sampled: the EMA when it is on, which
+    resuming reads back from there) as the model folder before the digests go into meta.json.
     """
-    from accelerate.utils import broadcast_object_list
-
     folder = checkpoints_folder(run_dir)
     final = os.path.join(folder, checkpoint_name(step))
     # One temporary name for all ranks, chosen by the main process.
-    token = [secrets.token_hex(4) if accelerator.is_main_process else None]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(token)
-    tmp = f"{final}.tmp-{token[0]}"
+    tmp = f"{final}.tmp-{on_main_then_share(accelerator, lambda: secrets.token_hex(4))}"
     if accelerator.is_main_process:
         os.makedirs(tmp, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
-    if accelerator.is_main_process:
-        model.save_pretrained(checkpoint_model(tmp), meta["image"], step)
-    if extra_files is not None and accelerator.is_main_process:
-        extra_files(tmp)
     accelerator.wait_for_everyone()  # every rank's files are in tmp
     if accelerator.is_main_process:
+        model.save_pretrained(checkpoint_model(tmp), meta["image"], step)
         # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a
         # folder must not look complete while its weights are still only in the page cache. The same
         # pass records each file's size and sha256, which resuming checks.
@@ -260,9 +261,8 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
                 file = os.path.join(root, name)
                 with open(file, "rb") as stream:
                     os.fsync(stream.fileno())
-                files[os.path.relpath(file, tmp)] = file_record(file)
-        payload = {**meta, "step": step, "files": dict(sorted(files.items()))}
-        _write_json_atomic(os.path.join(tmp, META_NAME), payload)  # last: marks it complete
+                files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
+        _write_meta(tmp, {**meta, "step": step, "files": dict(sorted(files.items()))})  # last: marks it complete
         # Saving the same step again (e.g. a stop right after resuming) swaps the folders.
         publish_folder(tmp, final)
         prune_checkpoints(run_dir, keep)

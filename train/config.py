@@ -112,7 +112,7 @@ CHOICES = {
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
 }
 POSITIVE = {
-    ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"),
+    ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"), ("train", "epochs"),
     ("train", "eval_batch_size"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
     ("train", "max_bad_steps"), ("train", "cpu_threads"), ("log", "every"), ("optim", "lr"),
 }
@@ -164,25 +164,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
+    if tp in (int, float):
         try:
-            number = float(value)  # accepts "1e4" and 10000.0
+            number = value if isinstance(value, int) else float(value)  # float() accepts "1e4" and 10000.0
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if not math.isfinite(number) or number != int(number):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            number = None
+        # bool is an int subclass, and an integer field takes only whole finite numbers
+        if isinstance(value, bool) or number is None or \
+                tp is int and not (math.isfinite(number) and number == int(number)):
+            raise ConfigError(f"{where}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
+        return tp(number)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -288,13 +279,11 @@ def _type_of(dotted: str) -> Any:
 
 
 def _check_consistency(cfg: TrainConfig, source: str) -> None:
-    """Checks that involve more than one key."""
+    """Checks of the final values: one that involves two keys, and ranges other than > 0 (POSITIVE)."""
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         raise ConfigError(f"{source}: set train.max_steps or train.epochs")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
         raise ConfigError(f"{source}: train.max_steps must be >= 0, got {cfg.train.max_steps}")
-    if cfg.train.epochs is not None and not cfg.train.epochs > 0:
-        raise ConfigError(f"{source}: train.epochs must be > 0, got {cfg.train.epochs}")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"{source}: optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if cfg.optim.warmup_steps < 0:

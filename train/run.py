@@ -71,12 +71,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume, config_source=args.config)
-    except (ConfigError, CheckpointError, DataError, RunLockError) as err:
+    except (ConfigError, CheckpointError, DataError, RunLockError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
+        return EXIT_FAILED if isinstance(err, TrainingError) else EXIT_USAGE
     return result.exit_code
 
 

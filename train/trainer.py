@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import TensorBoardTracker, on_main_process
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from safetensors.torch import load_file, save_file
+from accelerate.utils import gather_object, set_seed
+from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
@@ -35,11 +35,13 @@ from data_prep.grids import grid_tensor, save_png
 from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
 from model import ImageTransformer
-from model.run_layout import export_folder, is_complete
-from train.checkpoint import (CheckpointError, check_compatible, choose_checkpoint, remove_stale_temporaries,
+from model.pretrained import load_weights
+from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
+                              export_folder, is_complete)
+from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_share, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
-from train.run_lock import RunLock, RunLockError
+from train.run_lock import RunLock
 from train.schedule import learning_rate
 from train.stop_request import EXIT_STOPPED, StopRequest
 
@@ -119,16 +121,12 @@ def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: decay for matrices, none for norms, embeddings and biases."""
-    no_decay_ids = set()
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm)) or "norm" in type(module).__name__.lower():
-            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
+    """Two optimizer groups: decay for matrices, none for norms, embeddings and biases (norms' and
+    biases' parameters are vectors; embeddings are matrices, found by their module)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -138,11 +136,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     common = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
     if cfg.optim.name == "radam":
         return torch.optim.RAdam(groups, decoupled_weight_decay=True, **common)
-    try:
-        # One kernel per step instead of a loop over tensors; CUDA and (torch >= 2.4) CPU have it.
-        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **common)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, **common)
+    # One kernel per step instead of a loop over tensors; CUDA and (torch >= 2.4, required) CPU have it.
+    return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **common)
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -162,69 +157,51 @@ def resolve_max_steps(cfg: TrainConfig, manifest: Any, world_size: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * manifest.splits["train"].total / global_batch))
 
 
-def evaluate(accelerator: Any, net: torch.nn.Module, cfg: TrainConfig) -> float:
+def evaluate(accelerator: Any, net: ImageTransformer, cfg: TrainConfig) -> float:
     """Exact bits/dim over the whole test split: each rank its disjoint part, totals summed over ranks.
 
     Runs the unwrapped model so that no DDP collective happens inside the loop (ranks may hold
     different numbers of test batches).
     """
-    was_training = net.training
-    net.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (nats, bytes)
-    with torch.no_grad(), accelerator.autocast():
-        for batch in eval_batches(cfg.data.dir, cfg.train.eval_batch_size, split="test",
-                                  rank=accelerator.process_index, world_size=accelerator.num_processes):
-            seqs = batch.seqs.to(accelerator.device, non_blocking=True).long()  # (B, L)
-            # the model takes the labels and captions its condition uses and ignores the others
-            nll = net.nll(seqs, batch.labels.to(accelerator.device), batch.captions)  # (B, L) nats
-            total[0] += nll.double().sum()
-            total[1] += seqs.numel()
-    net.train(was_training)
+    with accelerator.autocast():
+        total = net.nll_totals(eval_batches(cfg.data.dir, cfg.train.eval_batch_size, split="test",
+                                            rank=accelerator.process_index, world_size=accelerator.num_processes))
     total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
     if total[1].item() == 0:
         raise TrainingError(f"{cfg.data.dir}: the test split is empty; cannot evaluate")
     return (total[0] / total[1]).item() / LN2
 
 
-def sample_grid(net: torch.nn.Module, manifest: Any, n: int, seed: int, device: torch.device) -> torch.Tensor:
+def sample_grid(net: ImageTransformer, manifest: Any, n: int, seed: int) -> torch.Tensor:
     """A float grid (3, H', W') of n recurrent samples, one class per column where the data has classes."""
     n_classes = len(manifest.class_names)
     classes = [i % n_classes for i in range(n)] if n_classes else []
-    labels = torch.tensor(classes, dtype=torch.long, device=device) if classes else None  # unused if unconditional
+    labels = torch.tensor(classes, dtype=torch.long) if classes else None  # unused if unconditional
     rng = random.Random(seed)
     captions = [caption_for(manifest.dataset, manifest.class_names[c], rng) for c in classes] \
         if net.condition.uses_caption else None
-    was_training = net.training
-    net.eval()
-    with torch.no_grad():
-        # the sampler's per-image streams: `lit-sample --seed` with these labels draws the same images
-        seqs = net.generate(n, labels=labels, captions=captions, seed=seed)  # (n, L)
-    net.train(was_training)
+    # in eval mode, without gradients; the sampler's per-image streams: `lit-sample --seed` with these
+    # labels draws the same images
+    seqs = net.generate(n, labels=labels, captions=captions, seed=seed)  # (n, L)
     images = decode_sequences(seqs.cpu(), manifest.height, manifest.width, manifest.channels,
                               manifest.bins, manifest.order)  # (n, H, W, C) uint8
     columns = min(n, n_classes if 0 < n_classes <= 16 else int(math.ceil(math.sqrt(n))))
     return grid_tensor(images, columns)  # (3, H', W') float in [0, 1]
 
 
-EMA_NAME = "ema.safetensors"
-
-
-def save_ema(ema: AveragedModel, folder: str) -> None:
-    """The weight average (and its update count) into a checkpoint folder, as safetensors."""
-    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in ema.state_dict().items()},
-              os.path.join(folder, EMA_NAME))
-
-
-def load_ema(ema: AveragedModel, folder: str, net: torch.nn.Module, warn) -> None:
-    """Restore the weight average from a checkpoint; one saved without it starts from net's weights."""
-    path = os.path.join(folder, EMA_NAME)
-    if not os.path.exists(path):
-        warn(f"warning: {folder} holds no {EMA_NAME} (saved with train.ema_decay=0): the average starts "
-             "from the resumed weights")
+def load_ema(ema: AveragedModel, folder: str, saved: dict, net: torch.nn.Module, warn) -> None:
+    """Restore the weight average of a checkpoint: a run that keeps one saves it as the checkpoint's
+    model/ (earlier versions also as ema.safetensors); one saved without it starts from net's weights."""
+    earlier = os.path.join(folder, "ema.safetensors")
+    if os.path.exists(earlier):
+        ema.load_state_dict(load_file(earlier, device=str(ema.n_averaged.device)))
+    elif (saved.get("run") or {}).get("ema_decay"):
+        load_weights(ema.module, checkpoint_model(folder))
+        ema.n_averaged.fill_(1)  # the EMA update reads the count only to copy instead of average at 0
+    else:
+        warn(f"warning: {folder} was saved with train.ema_decay=0: the average starts from the resumed weights")
         ema.n_averaged.zero_()
         ema.update_parameters(net)  # with nothing averaged yet, this copies the resumed weights
-        return
-    ema.load_state_dict(load_file(path, device=str(ema.n_averaged.device)))
 
 
 def _configure_determinism(enabled: bool) -> bool:
@@ -257,29 +234,20 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
             check_compatible(resume_path, dataclasses.asdict(cfg.model), manifest.image_info())
 
         previous_deterministic = _configure_determinism(cfg.train.deterministic)
+        lock = RunLock(run_dir)
         try:
-            return _train(cfg, manifest, resume, stop)
+            # log.with: TensorBoard ours (events in RUN/logs), the other trackers by their accelerate name
+            trackers = [TensorBoardOneFile(LOGS, run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
+            accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
+                                      gradient_accumulation_steps=cfg.train.grad_accum, project_dir=run_dir)
+            # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
+            on_main_then_share(accelerator, lock.acquire)
+            if lock.warning:  # set on the main process only, where accelerator.print prints
+                accelerator.print(lock.warning)
+            return Trainer(cfg, manifest, accelerator, stop).run(resume)
         finally:
+            lock.release()  # a no-op on the ranks that do not hold it
             torch.use_deterministic_algorithms(previous_deterministic)
-
-
-def _on_main_then_share(accelerator: Any, work: Any) -> Any:
-    """Run work() on the main process and hand its result (or its error) to every rank.
-
-    Raises on every rank what work() raised on the main one (CheckpointError, RunLockError).
-    """
-    box: list = [None]
-    if accelerator.is_main_process:
-        try:
-            box[0] = ("ok", work())
-        except (CheckpointError, RunLockError) as err:
-            box[0] = (type(err).__name__, str(err))
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box)
-    kind, value = box[0]
-    if kind == "ok":
-        return value
-    raise {"CheckpointError": CheckpointError, "RunLockError": RunLockError}[kind](value)
 
 
 class TensorBoardOneFile(TensorBoardTracker):
@@ -294,28 +262,6 @@ class TensorBoardOneFile(TensorBoardTracker):
         self.writer.flush()
 
 
-def _train(cfg: TrainConfig, manifest: Any, resume: Optional[str], stop: StopRequest) -> TrainResult:
-    """The body of train(), after the configuration has been checked."""
-    run_dir = cfg.train.run_dir
-    # log.with: TensorBoard ours (events in RUN/logs), the other trackers by their accelerate name
-    trackers = [TensorBoardOneFile("logs", run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.train.grad_accum, log_with=trackers, project_dir=run_dir)
-    lock = RunLock(run_dir)
-
-    def take_lock() -> None:
-        lock.acquire()
-        if lock.warning:
-            accelerator.print(lock.warning)
-
-    # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
-    _on_main_then_share(accelerator, take_lock)
-    try:
-        return Trainer(cfg, manifest, accelerator, stop).run(resume)
-    finally:
-        lock.release()
-
-
 class Trainer:
     """One run on this rank, after the run lock: set_up, then loop over step, evaluate and
     checkpoint, then finish. cfg.model is the model config, bins/seq_len/n_classes from the data."""
@@ -328,7 +274,8 @@ class Trainer:
         self.max_steps = resolve_max_steps(cfg, manifest, self.world)
         self.run_record = {"world_size": self.world, "batch_size": cfg.train.batch_size,
                            "grad_accum": cfg.train.grad_accum, "global_batch": self.global_batch,
-                           "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision}
+                           "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision,
+                           "ema_decay": cfg.train.ema_decay}  # > 0: model/ holds the average
         # what meta.json records of the data: enough to notice a resume on other data
         self.data_record = {"dir": os.path.abspath(cfg.data.dir), "dataset": manifest.dataset, "seed": manifest.seed,
                             "splits": {name: {"samples": split.total, "shards": len(split.shards)}
@@ -345,7 +292,7 @@ class Trainer:
         if self.device.type == "cpu" and cfg.train.cpu_threads is not None:
             # More threads than free cores makes OpenMP spin: measured 5x slower steps on a busy 2-core box.
             torch.set_num_threads(cfg.train.cpu_threads)
-        resume_path = _on_main_then_share(accelerator, lambda: self.prepare_folder(resume))
+        resume_path = on_main_then_share(accelerator, lambda: self.prepare_folder(resume))
         # Same seed on every rank for the weights (DDP also broadcasts them), then a per-rank seed so
         # that dropout and condition dropout differ between ranks.
         set_seed(cfg.train.seed)
@@ -355,15 +302,15 @@ class Trainer:
         self.model, self.optimizer = accelerator.prepare(net, optimizer)
         self.net = accelerator.unwrap_model(self.model)  # the same module, for EMA, evaluation and digests
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        # torch's own averaging; checkpoints hold it as ema.safetensors (no pickle to load back)
+        # torch's own averaging; checkpoints hold it once, as their model/ (the weights evaluated)
         self.ema = AveragedModel(self.net, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(
             cfg.train.ema_decay)) if cfg.train.ema_decay > 0 else None
         if resume_path is not None:
             self.resume_from(resume_path)
         elif resume == "auto":
-            accelerator.print(f"--resume auto: no complete checkpoint in {self.run_dir}/checkpoints; fresh start")
+            accelerator.print(f"--resume auto: no complete checkpoint in {checkpoints_folder(self.run_dir)}; fresh start")
         accelerator.init_trackers(os.path.basename(os.path.abspath(self.run_dir)), config=flatten_config(cfg),
-                                  init_kwargs={"wandb": {"dir": os.path.join(self.run_dir, "logs")}})
+                                  init_kwargs={"wandb": {"dir": os.path.join(self.run_dir, LOGS)}})
         accelerator.print(f"model: {sum(p.numel() for p in self.params) / 1e6:.2f}M parameters, "
                           f"{cfg.model.n_layers} layers, attention {cfg.model.attention}; {self.world} rank(s), "
                           f"global batch {self.global_batch}, training steps {self.state.step} -> {self.max_steps}, "
@@ -376,8 +323,8 @@ class Trainer:
 
     def prepare_folder(self, resume: Optional[str]) -> Optional[str]:
         """On the main process: the resolved config, no stale temporaries; the checkpoint to resume, if any."""
-        os.makedirs(os.path.join(self.run_dir, "logs"), exist_ok=True)  # the trackers' files (wandb: RUN/logs/wandb)
-        write_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        os.makedirs(os.path.join(self.run_dir, LOGS), exist_ok=True)  # the trackers' files (wandb: RUN/logs/wandb)
+        write_config(self.cfg, os.path.join(self.run_dir, RUN_CONFIG))
         for name in remove_stale_temporaries(self.run_dir):
             self.accelerator.print(f"removed {name}: left by an interrupted checkpoint write")
         # Every file of the checkpoint against its size and digest in meta.json, before loading any.
@@ -395,7 +342,7 @@ class Trainer:
         # runs a whole window, so the count starts again at 0.
         accelerator.step = 0
         if self.ema is not None:
-            load_ema(self.ema, path, self.net, warn=accelerator.print)
+            load_ema(self.ema, path, saved, self.net, warn=accelerator.print)
         accelerator.print(f"resumed from {path} at step {self.state.step}")
         for line in run_changes(saved, self.run_record, self.data_record):
             accelerator.print(f"warning: {path}: {line}")
@@ -462,18 +409,17 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             # The scaler skipped the update (overflow): a bad step like any other, so that a run
             # that never steps cannot end with exit 0.
             nonfinite = bool(accelerator.optimizer_step_was_skipped)
-            if not nonfinite:
-                if self.ema is not None:
-                    self.ema.update_parameters(self.net)
-                state.bad_in_a_row = 0
-                self.window_loss += mean_loss
-                self.window_steps += 1
-        if nonfinite:
-            self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not nonfinite:
+            if self.ema is not None:
+                self.ema.update_parameters(self.net)
+            state.bad_in_a_row = 0
+            self.window_loss += mean_loss
+            self.window_steps += 1
+        else:
             state.bad_in_a_row += 1
             state.bad_total += 1
             accelerator.print(f"step {state.step}: non-finite loss or gradient (or fp16 overflow), update skipped "
@@ -512,12 +458,11 @@ class Trainer:
             except DataError as err:  # a short or unreadable test shard: never a partial bits/dim
                 raise TrainingError(str(err)) from None
             if accelerator.is_main_process and with_samples and cfg.train.n_samples > 0:
-                grid = sample_grid(self.evaluated, self.manifest, cfg.train.n_samples, cfg.train.seed,
-                                   self.device)  # (3, H', W')
+                grid = sample_grid(self.evaluated, self.manifest, cfg.train.n_samples, cfg.train.seed)  # (3, H', W')
                 for tracker in accelerator.trackers:
                     if hasattr(tracker, "log_images"):  # the trackers that take images
                         tracker.log_images({"samples": grid.unsqueeze(0)}, step=step)
-                save_png(grid, os.path.join(self.run_dir, "samples", f"step_{step:07d}.png"))
+                save_png(grid, os.path.join(self.run_dir, SAMPLES, f"{checkpoint_name(step)}.png"))
             accelerator.log({"eval/bits_per_dim": bits}, step=step)
         self.eval_bits_per_dim.append((step, bits))
         self.last_eval_step = step
@@ -535,8 +480,7 @@ class Trainer:
         with preserved_rng():
             if not export_only:
                 save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.meta(),
-                                self.cfg.train.keep_checkpoints, self.evaluated,
-                                extra_files=None if self.ema is None else lambda folder: save_ema(self.ema, folder))
+                                self.cfg.train.keep_checkpoints, self.evaluated)
                 self.last_checkpoint_step = self.state.step
             if self.accelerator.is_main_process and not (export_only and is_complete(export_path)):
                 self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
@@ -590,7 +534,7 @@ class Trainer:
             if self.last_checkpoint_step != state.step:
                 self.checkpoint()
             accelerator.print(f"stopped by {stopped_by} at step {state.step}; newest checkpoint in "
-                              f"{self.run_dir}/checkpoints; resume with --resume auto (exit {EXIT_STOPPED})")
+                              f"{checkpoints_folder(self.run_dir)}; resume with --resume auto (exit {EXIT_STOPPED})")
             return EXIT_STOPPED
         # A stop request from here on comes too late to matter: the run finishes (exit 0).
         if self.last_eval_step != state.step:

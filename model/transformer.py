@@ -117,6 +117,9 @@ class ImageTransformer(nn.Module):
         self.prefix_len = cfg.prefix_len
         self.byte_embedding = nn.Embedding(cfg.bins + 1, d_model)  # index `bins` is the begin token
         self.position_embedding = nn.Embedding(self.prefix_len + cfg.seq_len, d_model)
+        if cfg.row_len:
+            self.row_embedding = nn.Embedding(-(-cfg.seq_len // cfg.row_len), d_model)
+            self.column_embedding = nn.Embedding(cfg.row_len, d_model)
         # depthwise: each embedding channel learns its own weights over the last conv_kernel bytes
         self.byte_conv = (nn.Conv1d(d_model, d_model, cfg.conv_kernel, groups=d_model, bias=False)
                           if cfg.conv_kernel else None)
@@ -188,7 +191,15 @@ class ImageTransformer(nn.Module):
         if condition is not None and self.config.condition_inject == "input":
             x = x + condition.unsqueeze(1)
         positions = torch.arange(x.shape[1], device=x.device)
-        return self.dropout(x + self.position_embedding(positions)), condition
+        return self.dropout(x + self._position_vectors(positions)), condition
+
+    def _position_vectors(self, positions: torch.Tensor) -> torch.Tensor:
+        """Token positions (T,) -> (T, d_model); token prefix_len + t predicts byte t of the image."""
+        x = self.position_embedding(positions)
+        if self.config.row_len:
+            byte = (positions - self.prefix_len).clamp(min=0)  # the prefix shares byte 0's row and column
+            x = x + self.row_embedding(byte // self.config.row_len) + self.column_embedding(byte % self.config.row_len)
+        return x
 
     def _condition_biases(self, condition: Optional[torch.Tensor]) -> Optional[list]:
         """What each block adds at every position for condition vector (B, d_model): a (B, d_model)
@@ -295,8 +306,8 @@ class ImageTransformer(nn.Module):
             raise ValueError(f"the recurrent state is at position {state.position}: the image is complete")
         # No value check here: it would cost two device->host syncs per byte, and the bytes fed back
         # by generate() come from the model itself. User-given bytes are checked once, in prefill().
-        logits = self._step_logits(byte.reshape(-1).long(), self.position_embedding.weight[state.position],
-                                   state)
+        position = torch.tensor(state.position, device=byte.device)
+        logits = self._step_logits(byte.reshape(-1).long(), self._position_vectors(position), state)
         state.position += 1
         return logits, state
 
@@ -304,7 +315,7 @@ class ImageTransformer(nn.Module):
         """step() for CUDA graphs: byte [B] long at token `position` (a 0-dim long tensor on the model's
         device) -> logits [B, head_dim]. No checks and no host sync; the layer states are updated in
         place and state.position is left for the caller to keep."""
-        return self._step_logits(byte, self.position_embedding(position), state)
+        return self._step_logits(byte, self._position_vectors(position), state)
 
     def _step_logits(self, byte: torch.Tensor, position_vector: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         x = self.byte_embedding(byte)  # (B, d)

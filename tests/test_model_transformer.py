@@ -134,6 +134,41 @@ def test_recurrent_twin_matches_parallel_with_the_byte_convolution(attention, ba
         assert (step_logits - logits[:, t + 1]).abs().max() < 1e-4, t
 
 
+@pytest.mark.parametrize("given", [0, 1, 6])
+@pytest.mark.parametrize("attention,backend", KINDS)
+def test_recurrent_twin_matches_parallel_with_row_and_column_embeddings(attention, backend, given):
+    net = tiny(attention, backend, condition="class", row_len=5)
+    with torch.no_grad():  # give the row and column tables weight, as training would
+        net.row_embedding.weight.normal_()
+        net.column_embedding.weight.normal_()
+    seq, labels, _ = batch_inputs()
+    logits = net(seq, labels)
+    step_logits, state = net.prefill(net.init_state(3), labels, prefix=seq[:, :given] if given else None)
+    assert (step_logits - logits[:, given]).abs().max() < 1e-4
+    for t in range(given, LENGTH - 1):
+        step_logits, state = net.step(seq[:, t], state)
+        assert (step_logits - logits[:, t + 1]).abs().max() < 1e-4, t
+
+
+def test_row_and_column_embeddings_follow_the_image_layout():
+    # Token prefix_len + t predicts byte t: bytes one row apart share a column vector, bytes in one
+    # row share a row vector, and the table has a row for a last, partial row (21 bytes, rows of 5).
+    net = tiny(condition="class", row_len=5)
+    assert net.row_embedding.num_embeddings == 5
+    with torch.no_grad():
+        net.position_embedding.weight.zero_()
+        net.row_embedding.weight.zero_()
+        net.column_embedding.weight.normal_()
+        columns = net._position_vectors(torch.arange(net.max_len))[net.prefix_len:]  # (21, d), byte order
+        net.column_embedding.weight.zero_()
+        net.row_embedding.weight.normal_()
+        rows = net._position_vectors(torch.arange(net.max_len))[net.prefix_len:]
+    assert torch.equal(columns[3], columns[8]) and torch.equal(columns[3], columns[18])
+    assert not torch.equal(columns[3], columns[4])
+    assert torch.equal(rows[5], rows[9]) and not torch.equal(rows[4], rows[5])
+    assert torch.equal(rows[20], net.row_embedding.weight[4])
+
+
 @pytest.mark.parametrize("kernel", [1, 5])
 def test_byte_convolution_reaches_exactly_its_window_and_stays_causal(kernel):
     # With every attention output cut, the logits at t see only the convolution's window: bytes

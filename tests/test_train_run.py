@@ -422,7 +422,7 @@ def finished_run(digits16, tmp_path_factory):
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing data folder", "resume path missing",
                                   "resume path incomplete", "model config mismatch", "existing run without resume",
                                   "ema decay of one", "negative read timeout", "bad model value",
-                                  "bins not the data's"])
+                                  "bins not the data's", "row length not the data's"])
 def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path, capsys):
     run = str(finished_run)
     step4 = os.path.join(run, "checkpoints", "step_0000004")
@@ -436,6 +436,8 @@ def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path
         "bad model value": (cli_args(digits16, run, "model.n_layers=0"), ["--set model.n_layers=0: model.n_layers=0 must be >= 1"]),
         "bins not the data's": (cli_args(digits16, run, "model.bins=256"),
                                 ["model.bins=256", "has 16", "leave model.bins out"]),
+        "row length not the data's": (cli_args(digits16, run, "model.row_len=27"),
+                                      ["model.row_len=27", "is 28 bytes", "width 28 x 1 channels"]),
         "missing data folder": (cli_args(str(tmp_path / "nowhere"), run), ["digits.yaml", "data.dir", "nowhere"]),
         "resume path missing": (cli_args(digits16, run) + ["--resume", str(tmp_path / "step_0000123")],
                                 ["step_0000123", "no such checkpoint"]),

@@ -117,6 +117,10 @@ def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]
         if f"model.{key}" in cfg.keys_set and getattr(cfg.model, key) != value:
             raise ConfigError(f"{source}: model.{key}={getattr(cfg.model, key)!r} but data.dir {cfg.data.dir!r} "
                               f"has {value} (leave model.{key} out: the data sets it)")
+    row = manifest.width * manifest.channels
+    if cfg.model.row_len and manifest.order == "raster" and cfg.model.row_len != row:
+        raise ConfigError(f"{source}: model.row_len={cfg.model.row_len} but a row of data.dir {cfg.data.dir!r} "
+                          f"is {row} bytes (width {manifest.width} x {manifest.channels} channels)")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **data)), manifest
 
 

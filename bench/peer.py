@@ -9,7 +9,8 @@ training step (forward, cross-entropy, backward) and RecurrentEncoderBuilder for
 recurrent step per byte, torch.multinomial), against ImageTransformer's nll + backward and
 model.generation (the project's recurrent sampler: inverse-CDF draw from per-image streams), eager
 and with --compile (torch.compile's C++ kernels for the step; its one-off build is reported, not timed).
-Each figure is the best of --repeats after one warm-up, both sides in this one process. Ratio =
+Each figure is the best of --repeats rounds after one warm-up, both sides in this one process, the
+rounds alternating between the sides. Ratio =
 ours / theirs (below 1: we are faster). fast-transformers comes from
 scripts/install_fast_transformers.sh; without it the script says so and exits 0.
 """
@@ -78,16 +79,22 @@ def ours(seq_len: int) -> ImageTransformer:
     return ImageTransformer(config)
 
 
-def best_time(function, repeats: int, warm: bool = True) -> float:
-    """Best wall time of `repeats` calls, after one warm-up call unless already warm."""
-    if warm:
-        function()
-    times = []
-    for _ in range(repeats):
+def best_times(functions: dict, repeats: int) -> dict:
+    """Best wall time of each function over `repeats` rounds, after one warm-up call each (its time
+    also returned, as "NAME warm-up"). The rounds interleave the functions, so a slow spell of a
+    shared machine slows every side alike instead of one."""
+    times = {name: [] for name in functions}
+    warmups = {}
+    for name, function in functions.items():
         began = time.perf_counter()
         function()
-        times.append(time.perf_counter() - began)
-    return min(times)
+        warmups[f"{name} warm-up"] = time.perf_counter() - began
+    for _ in range(repeats):
+        for name, function in functions.items():
+            began = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - began)
+    return {**{name: min(values) for name, values in times.items()}, **warmups}
 
 
 def main(argv=None) -> int:
@@ -122,21 +129,20 @@ def main(argv=None) -> int:
                 reference.zero_grad(set_to_none=True)
                 reference.loss(seq).backward()
 
-            rows.append((f"training step (fwd + bwd), L={seq_len}, batch {batch}",
-                         best_time(train_ours, args.repeats), best_time(train_reference, args.repeats)))
+            best = best_times({"ours": train_ours, "theirs": train_reference}, args.repeats)
+            rows.append((f"training step (fwd + bwd), L={seq_len}, batch {batch}", best["ours"], best["theirs"]))
         if args.only in (None, "sample"):
             net.eval()
-            theirs = best_time(lambda: reference.sample(batch, seq_len), args.repeats)
-            for compiled in (False, True):
-                options = SamplingOptions(batch_size=batch, progress=False, compile=compiled)
-                began = time.perf_counter()
-                generate_images(net, batch, options)  # the warm-up; compiled, it also builds the step
-                warmup = time.perf_counter() - began
-                name = f"sample {batch} images x {seq_len} bytes, recurrent"
-                if compiled:
-                    name += f", --compile (first call {warmup:.0f} s)"
-                rows.append((name, best_time(lambda: generate_images(net, batch, options), args.repeats, warm=False),
-                             theirs))
+            eager = SamplingOptions(batch_size=batch, progress=False)
+            compiled = SamplingOptions(batch_size=batch, progress=False, compile=True)
+            best = best_times({"theirs": lambda: reference.sample(batch, seq_len),
+                               "eager": lambda: generate_images(net, batch, eager),
+                               "compiled": lambda: generate_images(net, batch, compiled)}, args.repeats)
+            name = f"sample {batch} images x {seq_len} bytes, recurrent"
+            rows.append((name, best["eager"], best["theirs"]))
+            # the compiled step's warm-up call also builds it (once per process and shape)
+            rows.append((f"{name}, --compile (first call {best['compiled warm-up']:.0f} s)", best["compiled"],
+                         best["theirs"]))
             net.train()
         print(f"  {size} done", flush=True)
     print()

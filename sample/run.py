@@ -94,9 +94,10 @@ def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
                      help="bf16 autocast (for GPUs; the recurrent state stays fp32)")
     how.add_argument("--compile", action="store_true",
                      help="recurrent mode: fuse each step's kernels with torch.compile (a one-off "
-                          "compilation of ~15 s per batch size on a GPU, then 1.5-1.8x the images/s on an "
-                          "H200; worth it for thousands of images). Bytes may differ from the uncompiled "
-                          "run where fused arithmetic rounds differently")
+                          "compilation per batch size: ~15 s on a GPU, then 1.5-1.8x the images/s on an "
+                          "H200; 5-13 s on a 2-core CPU, then about 2x; worth it for a few hundred images "
+                          "or more). Bytes may differ from the uncompiled run where fused arithmetic "
+                          "rounds differently")
     how.add_argument("--no-cuda-graph", action="store_true",
                      help="recurrent mode on CUDA: launch each step's kernels one by one instead of "
                           "replaying one captured CUDA graph per byte (4-5x slower; for debugging)")

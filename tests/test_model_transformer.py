@@ -24,7 +24,7 @@ def tiny(attention="causal-linear", backend="torch", head="categorical", conditi
     net = ImageTransformer(ModelConfig(**values)).eval()
     with torch.no_grad():  # the per-block condition projections and the byte convolution start at
         for name, parameter in net.named_parameters():  # zero: give them weight
-            if "condition_projection" in name or "byte_conv" in name:
+            if "condition_projection" in name or "byte_conv" in name or name.startswith(("row_", "column_")):
                 parameter.normal_(0.0, 0.5)
     return net
 
@@ -122,25 +122,10 @@ def test_no_logit_sees_its_own_or_a_later_byte(attention, backend, condition):
 
 
 @pytest.mark.parametrize("given", [0, 1, 6])
+@pytest.mark.parametrize("extra", [{"conv_kernel": 5}, {"row_len": 5}], ids=["byte-convolution", "rows"])
 @pytest.mark.parametrize("attention,backend", KINDS)
-def test_recurrent_twin_matches_parallel_with_the_byte_convolution(attention, backend, given):
-    net = tiny(attention, backend, condition="class", conv_kernel=5)
-    seq, labels, _ = batch_inputs()
-    logits = net(seq, labels)
-    step_logits, state = net.prefill(net.init_state(3), labels, prefix=seq[:, :given] if given else None)
-    assert (step_logits - logits[:, given]).abs().max() < 1e-4
-    for t in range(given, LENGTH - 1):
-        step_logits, state = net.step(seq[:, t], state)
-        assert (step_logits - logits[:, t + 1]).abs().max() < 1e-4, t
-
-
-@pytest.mark.parametrize("given", [0, 1, 6])
-@pytest.mark.parametrize("attention,backend", KINDS)
-def test_recurrent_twin_matches_parallel_with_row_and_column_embeddings(attention, backend, given):
-    net = tiny(attention, backend, condition="class", row_len=5)
-    with torch.no_grad():  # give the row and column tables weight, as training would
-        net.row_embedding.weight.normal_()
-        net.column_embedding.weight.normal_()
+def test_recurrent_twin_matches_parallel_with_the_byte_convolution_or_rows(attention, backend, extra, given):
+    net = tiny(attention, backend, condition="class", **extra)
     seq, labels, _ = batch_inputs()
     logits = net(seq, labels)
     step_logits, state = net.prefill(net.init_state(3), labels, prefix=seq[:, :given] if given else None)

@@ -332,7 +332,8 @@ def test_trainer_and_sampler_need_no_change_for_a_prepared_folder(folders, tmp_p
     sets = ["data.dir=" + str(out), "train.run_dir=" + str(run), "train.max_steps=3", "train.eval_every=3",
             "train.checkpoint_every=3", "train.n_samples=2", "train.batch_size=4", "train.eval_batch_size=4",
             "model.n_layers=1", "model.n_heads=2", "model.d_query=4", "model.d_ff=16", "log.progress_bar=false",
-            "data.num_workers=0", "data.shuffle_buffer=10", "train.eval_at_start=false"]
+            "data.num_workers=0", "data.shuffle_buffer=10", "train.eval_at_start=false",
+            "model.row_len=24"]  # the demo config's row embeddings, for rows of 8 RGB pixels
     command = [sys.executable, str(repo / "train" / "run.py"), "--config", str(repo / "configs" / "digits.yaml")]
     for value in sets:
         command += ["--set", value]

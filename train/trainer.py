@@ -120,7 +120,8 @@ def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]
     row = manifest.width * manifest.channels
     if cfg.model.row_len and manifest.order == "raster" and cfg.model.row_len != row:
         raise ConfigError(f"{source}: model.row_len={cfg.model.row_len} but a row of data.dir {cfg.data.dir!r} "
-                          f"is {row} bytes (width {manifest.width} x {manifest.channels} channels)")
+                          f"is {row} bytes (width {manifest.width} x {manifest.channels} channels): set "
+                          f"model.row_len={row}, or 0 for no row embeddings")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **data)), manifest
 
 

@@ -306,7 +306,7 @@ class ImageTransformer(nn.Module):
             raise ValueError(f"the recurrent state is at position {state.position}: the image is complete")
         # No value check here: it would cost two device->host syncs per byte, and the bytes fed back
         # by generate() come from the model itself. User-given bytes are checked once, in prefill().
-        position = torch.tensor(state.position, device=byte.device)
+        position = torch.arange(state.position, state.position + 1, device=byte.device)  # no host copy
         logits = self._step_logits(byte.reshape(-1).long(), self._position_vectors(position), state)
         state.position += 1
         return logits, state

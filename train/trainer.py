@@ -119,9 +119,8 @@ def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]
                               f"has {value} (leave model.{key} out: the data sets it)")
     row = manifest.width * manifest.channels
     if cfg.model.row_len and manifest.order == "raster" and cfg.model.row_len != row:
-        raise ConfigError(f"{source}: model.row_len={cfg.model.row_len} but a row of data.dir {cfg.data.dir!r} "
-                          f"is {row} bytes (width {manifest.width} x {manifest.channels} channels): set "
-                          f"model.row_len={row}, or 0 for no row embeddings")
+        raise ConfigError(f"{source}: model.row_len={cfg.model.row_len} but a row of {cfg.data.dir!r} is {row} bytes "
+                          f"(width {manifest.width} x {manifest.channels} channels): set model.row_len={row}, or 0")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **data)), manifest
 
 

@@ -116,6 +116,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from model.linear_backends import backend_available
 
     from train.config import load_config
+    from train.precision import native_bf16
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -129,7 +130,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="auto: bf16 where the device supports it (CUDA), fp32 otherwise")
+                        help="auto: bf16 where the device runs it natively (as train.mixed_precision: auto), "
+                             "fp32 otherwise")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU, if not known")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write every row to this JSON file")
@@ -138,8 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
-                                        and torch.cuda.is_bf16_supported())
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and native_bf16(device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; precision: {'bf16 autocast' if bf16 else 'fp32'}; "
           f"{args.warmup} warm-up + {args.steps} timed steps per row; torch {torch.__version__}")

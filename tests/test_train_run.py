@@ -227,6 +227,32 @@ def test_bf16_on_cpu_trains_with_finite_loss(digits16, tmp_path, fresh_accelerat
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_trains_in_bf16_only_where_the_cpu_runs_it_natively(native, digits16, tmp_path,
+                                                                            fresh_accelerate, monkeypatch, capsys):
+    import torch
+
+    from model import ImageTransformer
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # this machine's answer, replaced
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    autocast_seen = []
+    forward = ImageTransformer.forward
+
+    def spying_forward(self, *args, **kwargs):
+        autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageTransformer, "forward", spying_forward)
+    result = train_in_process(digits16, tmp_path / "run", "train.mixed_precision=auto", "train.max_steps=2",
+                              "train.eval_at_start=false", "train.n_samples=0")
+    expected = "bf16" if native else "no"
+    assert result.exit_code == 0 and f"mixed precision {expected}" in capsys.readouterr().out
+    assert autocast_seen and all(seen == native for seen in autocast_seen[:2])  # the two training steps
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert meta["run"]["mixed_precision"] == expected
+
+
 def test_non_finite_losses_are_skipped_then_stop(digits16, tmp_path, fresh_accelerate, monkeypatch):
     from model import ImageTransformer
     from train.trainer import TrainingError

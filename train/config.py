@@ -67,7 +67,7 @@ class TrainSection:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     seed: int = 0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 | fp16 | auto (bf16 where the device runs it natively, else no)
     deterministic: bool = False  # torch.use_deterministic_algorithms: N + resume N == 2N exactly
     max_bad_steps: int = 20  # stop after this many non-finite losses in a row
     # Exponential moving average of the weights (0 = off): evaluation, sample grids and the export
@@ -109,7 +109,7 @@ class TrainConfig:
 TRAINING_DEFAULTS = {"model": {"condition": "class"}}
 CHOICES = {
     ("optim", "name"): ("adamw", "radam"),
-    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),
 }
 POSITIVE = {
     ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"), ("train", "epochs"),

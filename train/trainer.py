@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.tracking import TensorBoardTracker, on_main_process
 from accelerate.utils import gather_object, set_seed
 from safetensors.torch import load_file
@@ -41,6 +41,7 @@ from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, check
 from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_share, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
+from train.precision import resolve_precision
 from train.run_lock import RunLock
 from train.schedule import learning_rate
 from train.stop_request import EXIT_STOPPED, StopRequest
@@ -242,7 +243,8 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
         try:
             # log.with: TensorBoard ours (events in RUN/logs), the other trackers by their accelerate name
             trackers = [TensorBoardOneFile(LOGS, run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
-            accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=trackers,
+            precision = resolve_precision(cfg.train.mixed_precision, PartialState().device)
+            accelerator = Accelerator(mixed_precision=precision, log_with=trackers,
                                       gradient_accumulation_steps=cfg.train.grad_accum, project_dir=run_dir)
             # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
             on_main_then_share(accelerator, lock.acquire)
@@ -278,7 +280,7 @@ class Trainer:
         self.max_steps = resolve_max_steps(cfg, manifest, self.world)
         self.run_record = {"world_size": self.world, "batch_size": cfg.train.batch_size,
                            "grad_accum": cfg.train.grad_accum, "global_batch": self.global_batch,
-                           "seed": cfg.train.seed, "mixed_precision": cfg.train.mixed_precision,
+                           "seed": cfg.train.seed, "mixed_precision": accelerator.mixed_precision,
                            "ema_decay": cfg.train.ema_decay}  # > 0: model/ holds the average
         # what meta.json records of the data: enough to notice a resume on other data
         self.data_record = {"dir": os.path.abspath(cfg.data.dir), "dataset": manifest.dataset, "seed": manifest.seed,
@@ -318,7 +320,7 @@ class Trainer:
         accelerator.print(f"model: {sum(p.numel() for p in self.params) / 1e6:.2f}M parameters, "
                           f"{cfg.model.n_layers} layers, attention {cfg.model.attention}; {self.world} rank(s), "
                           f"global batch {self.global_batch}, training steps {self.state.step} -> {self.max_steps}, "
-                          f"mixed precision {cfg.train.mixed_precision}")
+                          f"mixed precision {accelerator.mixed_precision}")
         if resume_path is not None:
             self.last_checkpoint_step = self.state.step
         elif cfg.train.eval_at_start and self.max_steps > 0:

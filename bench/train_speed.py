@@ -62,7 +62,7 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
     """Time a few training steps of one (config, attention, backend) on random bytes."""
     from model import ImageTransformer, ModelConfig
 
-    from train.trainer import build_optimizer
+    from train.optimizers import build_optimizers
 
     section = dataclasses.replace(cfg.model, attention=attention, backend=backend)
     if args.layers:
@@ -72,7 +72,7 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
     model_config = ModelConfig.from_dict({**values, "bins": 256, "seq_len": seq_len, "n_classes": 10})
     torch.manual_seed(0)
     net = ImageTransformer(model_config).to(device)
-    optimizer = build_optimizer(net, cfg, device)
+    optimizers = build_optimizers(net, cfg, device)
     batch = args.batch_size or cfg.train.batch_size
     seqs = torch.randint(0, 256, (batch, seq_len), device=device)  # (B, L)
     labels = torch.randint(0, 10, (batch,), device=device)
@@ -85,8 +85,9 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
             loss = net.nll(seqs, **kwargs).mean()  # as the trainer: only the target level is evaluated
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -225,7 +225,7 @@ def test_no_weight_decay_on_norms_embeddings_and_biases():
     import torch
 
     from model import ImageTransformer, ModelConfig
-    from train.trainer import parameter_groups
+    from train.optimizers import parameter_groups
 
     net = ImageTransformer(ModelConfig(bins=16, seq_len=12, n_layers=1, n_heads=2, d_query=4, d_ff=8,
                                        condition="class"))
@@ -239,6 +239,29 @@ def test_no_weight_decay_on_norms_embeddings_and_biases():
     assert embeddings and norms
     assert not ({id(p) for p in decay["params"]} & (embeddings | norms))
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(net.parameters()))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(tmp_path):
+    import torch
+
+    from model import ImageTransformer
+    from train.optimizers import build_optimizers
+
+    cfg = load_config(write(tmp_path, "train:\n  max_steps: 5\noptim:\n  name: muon\n  lr: 2e-3\n"),
+                      ["model.bins=16", "model.seq_len=12", "model.n_classes=10", "model.n_layers=2", "model.d_ff=8",
+                       "model.condition_inject=film"])
+    net = ImageTransformer(cfg.model)
+    muon, adamw = build_optimizers(net, cfg, torch.device("cpu"))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    names = {id(p): n for n, p in net.named_parameters()}
+    in_muon = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    in_adamw = {names[id(p)] for group in adamw.param_groups for p in group["params"]}
+    assert not in_muon & in_adamw and in_muon | in_adamw == set(names.values())
+    # 2 blocks x (attention: query, key, value, out; feed-forward: 2; the condition projection)
+    assert len(in_muon) == 14 and all(n.startswith("blocks.") and n.endswith(".weight") for n in in_muon)
+    assert sum("condition_projection" in n for n in in_muon) == 2
+    assert not any("embedding" in n or n.startswith("head") for n in in_muon)
+    assert all(group["lr"] == 2e-3 for group in muon.param_groups + adamw.param_groups)
 
 
 def test_imagenet_configs_load_for_one_node_of_eight():

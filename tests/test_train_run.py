@@ -137,11 +137,12 @@ def test_one_process_learns(digits16, tmp_path, fresh_accelerate):
     assert meta["step"] == 200 and meta["model_config"]["n_layers"] == 1 and meta["image"]["height"] == 28
 
 
-def test_resume_equals_uninterrupted(digits16, tmp_path, fresh_accelerate):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: two optimizers, both states restored
+def test_resume_equals_uninterrupted(optimizer, digits16, tmp_path, fresh_accelerate):
     # Dropout and condition dropout on, so that restored RNG states matter; constant lr after
     # warmup, so that the schedule does not depend on max_steps.
     extra = ["train.deterministic=true", "model.dropout=0.1", "optim.warmup_steps=5", "optim.min_lr_ratio=1.0",
-             "train.eval_at_start=false"]
+             "train.eval_at_start=false", f"optim.name={optimizer}"]
     whole = train_in_process(digits16, tmp_path / "whole", *extra, "train.max_steps=24")
     first = train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=12")
     second = train_in_process(digits16, tmp_path / "split", *extra, "train.max_steps=24", resume="auto")
@@ -448,7 +449,7 @@ def finished_run(digits16, tmp_path_factory):
 @pytest.mark.parametrize("case", ["unknown key", "wrong type", "missing data folder", "resume path missing",
                                   "resume path incomplete", "model config mismatch", "existing run without resume",
                                   "ema decay of one", "negative read timeout", "bad model value",
-                                  "bins not the data's", "row length not the data's"])
+                                  "bins not the data's", "row length not the data's", "another optimizer"])
 def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path, capsys):
     run = str(finished_run)
     step4 = os.path.join(run, "checkpoints", "step_0000004")
@@ -473,6 +474,8 @@ def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path
                                   ["step_0000004", "n_layers: checkpoint 1 != config 2",
                                    "d_ff: checkpoint 32 != config 64"]),
         "existing run without resume": (cli_args(digits16, run), ["already has checkpoints", "--resume auto"]),
+        "another optimizer": (cli_args(digits16, run, "optim.name=muon") + ["--resume", step4],
+                              ["step_0000004", "optim.name=adamw", "optim.name=muon"]),
     }[case]
     assert run_main(argv) == 2
     err = capsys.readouterr().err.strip()

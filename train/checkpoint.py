@@ -165,13 +165,19 @@ def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_compatible(path: str, model_config: dict, image: Optional[dict] = None) -> dict:
-    """meta.json of path, after refusing a checkpoint whose model config or image format differs.
+def check_compatible(path: str, model_config: dict, image: Optional[dict] = None,
+                     optimizer: Optional[str] = None) -> dict:
+    """meta.json of path, after refusing a checkpoint whose model config, image format or optimizer differs.
 
     The image format (dataset, shape, bins, order, classes) decides what the bytes mean: weights
-    trained on one cannot continue on another, even where the shapes happen to fit.
+    trained on one cannot continue on another, even where the shapes happen to fit. An optimizer's
+    state does not carry over to another (checkpoints before optim.name was recorded had one optimizer).
     """
     meta = read_meta(path)
+    saved_optimizer = (meta.get("run") or {}).get("optimizer", optimizer if optimizer != "muon" else "adamw")
+    if optimizer is not None and saved_optimizer != optimizer:
+        raise CheckpointError(f"{path}: trained with optim.name={saved_optimizer}, this run has optim.name={optimizer}: "
+                              "resume with the checkpoint's optimizer, or start a new train.run_dir")
     differences = model_config_differences(meta["model_config"], model_config)
     if image is not None and isinstance(meta.get("image"), dict):
         differences += [f"data {key}: checkpoint {meta['image'].get(key)!r} != data.dir {value!r}"

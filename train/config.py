@@ -40,7 +40,7 @@ class DataConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule (linear warmup, then cosine down to lr * min_lr_ratio)."""
 
-    name: str = "adamw"  # adamw | radam
+    name: str = "adamw"  # adamw | radam | muon (Muon for the blocks' matrices, AdamW for the rest)
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -108,7 +108,7 @@ class TrainConfig:
 # config that leaves model.condition out should not silently train an unconditional model.
 TRAINING_DEFAULTS = {"model": {"condition": "class"}}
 CHOICES = {
-    ("optim", "name"): ("adamw", "radam"),
+    ("optim", "name"): ("adamw", "radam", "muon"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),
 }
 POSITIVE = {

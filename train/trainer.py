@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.tracking import TensorBoardTracker, on_main_process
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import gather_object, parse_flag_from_env, set_seed
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard.summary import hparams
@@ -41,6 +41,7 @@ from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, check
 from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_share, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
+from train.optimizers import build_optimizers
 from train.precision import resolve_precision
 from train.run_lock import RunLock
 from train.schedule import learning_rate
@@ -123,26 +124,6 @@ def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]
         raise ConfigError(f"{source}: model.row_len={cfg.model.row_len} but a row of {cfg.data.dir!r} is {row} bytes "
                           f"(width {manifest.width} x {manifest.channels} channels): set model.row_len={row}, or 0")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **data)), manifest
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two optimizer groups: decay for matrices, none for norms, embeddings and biases (norms' and
-    biases' parameters are vectors; embeddings are matrices, found by their module)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in params if p.ndim < 2 or id(p) in embeddings]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused where the device supports it) or RAdam, with decoupled weight decay."""
-    groups = parameter_groups(model, cfg.optim.weight_decay)
-    common = dict(lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
-    if cfg.optim.name == "radam":
-        return torch.optim.RAdam(groups, decoupled_weight_decay=True, **common)
-    # One kernel per step instead of a loop over tensors; CUDA and (torch >= 2.4, required) CPU have it.
-    return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **common)
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -236,14 +217,16 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
         # --resume auto the newest checkpoint may turn out damaged, so its turn comes after them).
         resume_path = resolve_resume(run_dir, resume)
         if resume_path is not None and resume != "auto":
-            check_compatible(resume_path, dataclasses.asdict(cfg.model), manifest.image_info())
+            check_compatible(resume_path, dataclasses.asdict(cfg.model), manifest.image_info(), cfg.optim.name)
 
         previous_deterministic = _configure_determinism(cfg.train.deterministic)
         lock = RunLock(run_dir)
         try:
             # log.with: TensorBoard ours (events in RUN/logs), the other trackers by their accelerate name
             trackers = [TensorBoardOneFile(LOGS, run_dir) if name == "tensorboard" else name for name in cfg.log.with_]
-            precision = resolve_precision(cfg.train.mixed_precision, PartialState().device)
+            # the process state Accelerator would build (it reads ACCELERATE_USE_CPU itself), for its device
+            state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+            precision = resolve_precision(cfg.train.mixed_precision, state.device)
             accelerator = Accelerator(mixed_precision=precision, log_with=trackers,
                                       gradient_accumulation_steps=cfg.train.grad_accum, project_dir=run_dir)
             # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
@@ -280,7 +263,7 @@ class Trainer:
         self.max_steps = resolve_max_steps(cfg, manifest, self.world)
         self.run_record = {"world_size": self.world, "batch_size": cfg.train.batch_size,
                            "grad_accum": cfg.train.grad_accum, "global_batch": self.global_batch,
-                           "seed": cfg.train.seed, "mixed_precision": accelerator.mixed_precision,
+                           "seed": cfg.train.seed, "mixed_precision": accelerator.mixed_precision, "optimizer": cfg.optim.name,
                            "ema_decay": cfg.train.ema_decay}  # > 0: model/ holds the average
         # what meta.json records of the data: enough to notice a resume on other data
         self.data_record = {"dir": os.path.abspath(cfg.data.dir), "dataset": manifest.dataset, "seed": manifest.seed,
@@ -303,9 +286,9 @@ class Trainer:
         # that dropout and condition dropout differ between ranks.
         set_seed(cfg.train.seed)
         net = ImageTransformer(cfg.model)
-        optimizer = build_optimizer(net, cfg, self.device)
+        optimizers = build_optimizers(net, cfg, self.device)
         set_seed(cfg.train.seed + self.rank)
-        self.model, self.optimizer = accelerator.prepare(net, optimizer)
+        self.model, *self.optimizers = accelerator.prepare(net, *optimizers)
         self.net = accelerator.unwrap_model(self.model)  # the same module, for EMA, evaluation and digests
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         # torch's own averaging; checkpoints hold it once, as their model/ (the weights evaluated)
@@ -339,7 +322,8 @@ class Trainer:
     def resume_from(self, path: str) -> None:
         """Weights, optimizer, RNG states, counters and EMA of the checkpoint folder at path."""
         accelerator = self.accelerator
-        saved = check_compatible(path, dataclasses.asdict(self.cfg.model), self.manifest.image_info())
+        saved = check_compatible(path, dataclasses.asdict(self.cfg.model), self.manifest.image_info(),
+                                 self.cfg.optim.name)
         accelerator.load_state(path)
         self.state = TrainState.from_meta(saved, self.cfg.train.grad_accum)
         # accelerate restores its micro-step counter too, and decides "last micro-batch of the
@@ -412,13 +396,15 @@ class Trainer:
             # skip, counted below; without one (fp16 on CPU has none) it would be applied.
             nonfinite = not math.isfinite(grad_norm) and accelerator.scaler is None
         if not nonfinite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+            for optimizer in self.optimizers:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
             # The scaler skipped the update (overflow): a bad step like any other, so that a run
             # that never steps cannot end with exit 0.
             nonfinite = bool(accelerator.optimizer_step_was_skipped)
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         if not nonfinite:
             if self.ema is not None:
                 self.ema.update_parameters(self.net)

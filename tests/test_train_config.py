@@ -54,6 +54,7 @@ def test_overrides_win_and_are_coerced(tmp_path):
     ("train:\n  max_steps: 5\noptim:\n  lr: fast\n", [], ["c.yaml", "optim.lr", "'fast'"]),
     ("train:\n  max_steps: 5\n  deterministic: maybe\n", [], ["c.yaml", "train.deterministic"]),
     ("train:\n  max_steps: 5\n  mixed_precision: fp8\n", [], ["c.yaml", "train.mixed_precision", "fp8"]),
+    ("train:\n  max_steps: 5\n  mixed_precision: fp16\noptim:\n  name: muon\n", [], ["c.yaml", "muon", "fp16"]),
     ("train:\n  max_steps: 5\noptim:\n  betas: [0.9]\n", [], ["c.yaml", "optim.betas"]),
     ("train:\n  max_steps: 5\n", ["train.batch_size=0"], ["--set train.batch_size=0", "> 0"]),
     ("train:\n  max_steps: 5\n", ["train.nope=1"], ["--set train.nope=1", "unknown key"]),

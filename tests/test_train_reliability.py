@@ -275,8 +275,8 @@ def test_fp16_without_a_scaler_never_applies_a_non_finite_gradient(digits16, tmp
         return logits
 
     monkeypatch.setattr(ImageTransformer, "forward", poisoned)
-    result = train_in_process(digits16, tmp_path / "run", "train.mixed_precision=fp16", "train.max_steps=6",
-                              "train.max_bad_steps=3", "train.eval_at_start=false")
+    result = train_in_process(digits16, tmp_path / "run", "train.mixed_precision=fp16", "optim.name=adamw",
+                              "train.max_steps=6", "train.max_bad_steps=3", "train.eval_at_start=false")
     assert "step 0: non-finite loss or gradient" in capsys.readouterr().out
     assert result.exit_code == 0 and result.bad_total == 1
     net = ImageTransformer.from_pretrained(tmp_path / "run" / "export")

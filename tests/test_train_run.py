@@ -332,7 +332,7 @@ def test_two_cpu_ranks_train_in_lockstep(digits16, tmp_path):
     assert "parameters identical on all 2 rank(s)" in output
     assert complete_steps(run) == [10, 20]
     assert sorted(os.listdir(run / "checkpoints" / "step_0000020")) == [
-        "meta.json", "model", "model.safetensors", "optimizer.bin",
+        "meta.json", "model", "model.safetensors", "optimizer.bin", "optimizer_1.bin",  # the config's Muon, then AdamW
         "random_states_0.pkl", "random_states_1.pkl"]
     assert sorted(os.listdir(run / "checkpoints" / "step_0000020" / "model")) == ["config.json", "model.safetensors"]
     files, accumulator = read_scalars(str(run))
@@ -474,8 +474,8 @@ def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path
                                   ["step_0000004", "n_layers: checkpoint 1 != config 2",
                                    "d_ff: checkpoint 32 != config 64"]),
         "existing run without resume": (cli_args(digits16, run), ["already has checkpoints", "--resume auto"]),
-        "another optimizer": (cli_args(digits16, run, "optim.name=muon") + ["--resume", step4],
-                              ["step_0000004", "optim.name=adamw", "optim.name=muon"]),
+        "another optimizer": (cli_args(digits16, run, "optim.name=adamw") + ["--resume", step4],  # trained: muon
+                              ["step_0000004", "trained with optim.name=muon", "this run has optim.name=adamw"]),
     }[case]
     assert run_main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -292,6 +292,8 @@ def _check_consistency(cfg: TrainConfig, source: str) -> None:
         raise ConfigError(f"{source}: data.read_timeout must be >= 0 (0 = no limit), got {cfg.data.read_timeout}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"{source}: train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
+    if cfg.optim.name == "muon" and cfg.train.mixed_precision == "fp16":  # accelerate would scale the loss per optimizer
+        raise ConfigError(f"{source}: optim.name=muon trains with train.mixed_precision no, bf16 or auto, not fp16")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

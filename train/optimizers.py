@@ -22,9 +22,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
     """Muon's share: the weight matrices of the blocks' linear layers (attention, feed-forward and
     the condition projections). The embeddings, the output head and every vector stay with AdamW,
-    as Muon's authors advise for the first and last layers and for gains. The condition projections
-    belong with Muon: left to AdamW, the condition lagged behind the faster-learning blocks (demo,
-    2,600 steps: 89.8% of unguided samples showed the class asked for, against 94.4% with them in Muon)."""
+    as Muon's authors advise for the first and last layers and for gains. (The condition projections
+    measured the same either way on the demo: 98.0% against 97.8% unguided agreement, 2,300 steps.)"""
     return [module.weight for name, module in model.named_modules()
             if isinstance(module, nn.Linear) and name.startswith("blocks.")]
 
@@ -41,8 +40,6 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig, device: torch.device) -
         return [torch.optim.AdamW(groups, fused=fused, **common)]
     if not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"optim.name=muon needs torch.optim.Muon (torch >= 2.9); this is torch {torch.__version__}")
-    if cfg.train.mixed_precision == "fp16":  # accelerate would update the fp16 loss scale once per optimizer
-        raise ConfigError("optim.name=muon trains with train.mixed_precision no, bf16 or auto, not fp16")
     matrices = {id(p) for p in muon_matrices(model)}
     rest = [dict(group, params=[p for p in group["params"] if id(p) not in matrices]) for group in groups]
     # match_rms_adamw scales each orthogonalised update to AdamW's size (0.2 sqrt(max(rows, cols))),

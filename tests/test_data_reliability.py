@@ -1,0 +1,98 @@
+"""Data from someone else never runs code, never miscounts and never ends in a traceback: symlink loops
+in image folders, planted CIFAR pickles, bytes outside the levels in a shard, edited stored files."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_prep.errors import DataError
+from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)
+from test_sample_helpers import tiny_model, write_export
+from test_train_run import cli_args, fresh_accelerate  # noqa: F401  (fixture)
+
+
+def set_a_byte_beyond_the_levels(shard: str, value: int = 255) -> str:
+    """Rewrite a tar shard with the first byte of its second sample set to `value`; returns that sample's key."""
+    with tarfile.open(shard) as archive:
+        members = [(member, archive.extractfile(member).read()) for member in archive.getmembers()]
+    keys = sorted({member.name.split(".")[0] for member, _ in members})
+    key = keys[1]
+    with tarfile.open(shard + ".new", "w") as archive:
+        for member, data in members:
+            if member.name == f"{key}.seq.bin":
+                data = bytes([value]) + data[1:]
+            archive.addfile(member, io.BytesIO(data))
+    os.replace(shard + ".new", shard)
+    return key
+
+
+@pytest.fixture(scope="module")
+def digits8(tmp_path_factory) -> str:
+    """Digits at 8 levels: 64 train / 16 test images, 16 a shard."""
+    from data_prep.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("levels") / "digits8"
+    prepare(PrepareConfig(dataset="digits", out=str(out), bins=8, train_size=64, test_size=16, shard_size=16,
+                          workers=1, progress=False))
+    return str(out)
+
+
+@pytest.fixture
+def beyond_levels(digits8, tmp_path) -> tuple[str, str, str]:
+    """A copy of digits8 with value 255 in one sample of one train and one test shard: (folder, train key, test key)."""
+    data = str(tmp_path / "data")
+    shutil.copytree(digits8, data)
+    train_key = set_a_byte_beyond_the_levels(os.path.join(data, "train-000001.tar"))
+    test_key = set_a_byte_beyond_the_levels(os.path.join(data, "test-000000.tar"))
+    return data, train_key, test_key
+
+
+# 6. bytes outside the manifest's levels ---------------------------------------------------------
+
+def test_reader_names_the_shard_and_sample_of_a_byte_beyond_the_levels(beyond_levels):
+    from data_prep.reader import eval_batches, read_samples, train_batches
+
+    data, train_key, test_key = beyond_levels
+    where = rf"test-000000.tar: sample {test_key} has value 255, outside the manifest's 8 levels"
+    with pytest.raises(DataError, match=where):
+        list(eval_batches(data, 4))
+    with pytest.raises(DataError, match=where) as caught:
+        list(eval_batches(data, 4, num_workers=2))
+    assert "Traceback" not in str(caught.value)
+    with pytest.raises(DataError, match=where):
+        read_samples(data, range(16))
+    with pytest.raises(DataError, match=rf"train-000001.tar: sample {train_key} has value 255"):
+        for _ in train_batches(data, 8, num_workers=0, shuffle_buffer=4, epoch_batches=20):
+            pass
+
+
+def test_training_stops_with_one_line_naming_the_shard(beyond_levels, tmp_path, capsys, fresh_accelerate):
+    from train.run import main as train_main
+
+    data, train_key, _ = beyond_levels
+    code = train_main(cli_args(data, tmp_path / "run", "train.max_steps=40", "train.eval_at_start=false",
+                               "data.num_workers=0"))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 1, err[-2000:]
+    assert len(errors) == 1 and f"train-000001.tar: sample {train_key} has value 255" in errors[0], err[-2000:]
+
+
+def test_lit_eval_exits_1_naming_the_shard(beyond_levels, tmp_path, capsys):
+    from data_prep.manifest import load_manifest
+    from sample.evaluate import main as eval_main
+
+    data, _, test_key = beyond_levels
+    net = tiny_model(0, bins=8, seq_len=784, n_layers=1, d_ff=16, condition="class", n_classes=10)
+    export = write_export(tmp_path / "export", net, 1, load_manifest(data).image_info())
+    code = eval_main(["--checkpoint", str(export), "--data", data, "--n-per-class", "0", "--no-progress",
+                      "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"test-000000.tar: sample {test_key} has value 255" in err and "Traceback" not in err, err

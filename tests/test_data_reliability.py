@@ -96,3 +96,79 @@ def test_lit_eval_exits_1_naming_the_shard(beyond_levels, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1, err
     assert f"test-000000.tar: sample {test_key} has value 255" in err and "Traceback" not in err, err
+
+
+# 2. links in image folders ----------------------------------------------------------------------
+
+def two_classes(root, per_class: int = 10):
+    """root/a and root/b, per_class 4x4 PNGs each, class a all dark and class b all light."""
+    from PIL import Image
+
+    for name, value in (("a", 20), ("b", 230)):
+        (root / name).mkdir(parents=True)
+        for index in range(per_class):
+            Image.new("L", (4, 4), value + index).save(root / name / f"{index:02d}.png")
+    return root
+
+
+def prepare_folder(root, out, *extra) -> int:
+    from data_prep.prepare import main as prepare_main
+
+    return prepare_main(["--dataset", "folder", "--root", str(root), "--size", "4x4", "--channels", "1",
+                         "--out", str(out), "--no-progress", *map(str, extra)])
+
+
+def test_a_link_loop_is_walked_once_and_labels_stay_right(tmp_path):
+    from data_prep.manifest import load_manifest
+    from data_prep.reader import read_samples
+
+    root = two_classes(tmp_path / "images")
+    os.symlink("..", root / "a" / "loop")  # a/loop/a/loop/... and a/loop/b: b's images under a
+    os.symlink("00.png", root / "a" / "again.png")  # the same image twice in its class
+    (root / "a" / "notes.txt").write_text("not an image")
+    assert prepare_folder(root, tmp_path / "out", "--test-fraction", "0.2") == 0
+    manifest = load_manifest(tmp_path / "out")
+    assert (manifest.splits["train"].total, manifest.splits["test"].total) == (16, 4)
+    assert manifest.source["ignored_files"] == 2  # notes.txt and the second link to 00.png
+    labels, dark = [], []
+    for split in ("train", "test"):
+        batch = read_samples(tmp_path / "out", range(manifest.splits[split].total), split=split)
+        labels += batch.labels.tolist()
+        dark += (batch.seqs.numpy().max(axis=1) < 128).tolist()
+        # every image differs (value + index per class): a repeat would show as two equal rows
+    assert sorted(labels) == [0] * 10 + [1] * 10
+    assert dark == [label == 0 for label in labels]  # class b's light images never labelled a
+    seqs = np.concatenate([read_samples(tmp_path / "out", range(manifest.splits[s].total), split=s).seqs.numpy()
+                           for s in ("train", "test")])
+    assert len(np.unique(seqs, axis=0)) == 20  # test and train disjoint, nothing counted twice
+
+
+def test_one_image_in_two_classes_is_refused(tmp_path, capsys):
+    root = two_classes(tmp_path / "images", per_class=3)
+    os.symlink(os.path.join("..", "a", "01.png"), root / "b" / "borrowed.png")
+    assert prepare_folder(root, tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "b/borrowed.png is the image" in err[0] and "a/01.png" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_class_folder_linking_to_the_root_is_refused(tmp_path, capsys):
+    root = two_classes(tmp_path / "images", per_class=3)
+    os.symlink(".", root / "c")
+    assert prepare_folder(root, tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "images/c: a link to" in err[0], err
+
+
+@pytest.mark.parametrize("overlap", ["same folder", "linked image"])
+def test_test_root_sharing_images_with_root_is_refused(overlap, tmp_path, capsys):
+    root = two_classes(tmp_path / "images", per_class=3)
+    if overlap == "same folder":
+        test = root
+    else:
+        test = two_classes(tmp_path / "test", per_class=2)
+        os.symlink(root / "b" / "02.png", test / "b" / "02-linked.png")
+    assert prepare_folder(root, tmp_path / "out", "--test-root", test) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "share" in err[0] and "test images must not be trained on" in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -172,3 +172,84 @@ def test_test_root_sharing_images_with_root_is_refused(overlap, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "share" in err[0] and "test images must not be trained on" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+# 5. CIFAR-10 batches from someone else ----------------------------------------------------------
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a planted CIFAR batch can do to a plain pickle.load."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch as Python 2's cPickle.dump(entry, file, 2) writes it (the official files' format):
+    byte strings as BINSTRING, numpy.core names, the array's bytes as one BINSTRING."""
+    import struct
+
+    def text(value: bytes) -> bytes:
+        return b"U" + bytes([len(value)]) + value
+
+    def small(value: int) -> bytes:
+        return b"K" + bytes([value]) if value < 256 else b"M" + struct.pack("<H", value)
+
+    dtype = (b"cnumpy\ndtype\n" + text(b"u1") + small(0) + small(1) + b"\x87R"
+             + b"(" + small(3) + text(b"|") + b"NNN" + b"J\xff\xff\xff\xff" * 2 + small(0) + b"tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + small(0) + b"\x85" + text(b"b")
+             + b"\x87R(" + small(1) + small(data.shape[0]) + small(data.shape[1]) + b"\x86" + dtype + b"\x89"
+             + b"T" + struct.pack("<I", data.nbytes) + data.tobytes() + b"tb")
+    return (b"\x80\x02}(" + text(b"batch_label") + text(b"training batch 1 of 5") + text(b"data") + array
+            + text(b"labels") + b"](" + b"".join(small(label) for label in labels) + b"eu.")
+
+
+def test_a_python2_batch_in_the_official_format_loads(tiny_cifar, tmp_path):
+    from data_prep.sources import load_cifar10
+
+    root = tmp_path / "src"
+    shutil.copytree(tiny_cifar.root, root)
+    rng = np.random.default_rng(5)
+    chw = rng.integers(0, 256, size=(10, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=10).tolist()
+    (root / "cifar-10-batches-py" / "data_batch_2").write_bytes(python2_batch(chw.reshape(10, 3072), labels))
+    source = load_cifar10(str(root))
+    assert np.array_equal(source.splits["train"].images[10:20], chw.transpose(0, 2, 3, 1))
+    assert source.splits["train"].labels[10:20].tolist() == labels
+    assert np.array_equal(source.splits["test"].images, tiny_cifar.splits["test"][0])
+
+
+@pytest.mark.parametrize("name", ["data_batch_3", "batches.meta"])
+def test_a_planted_cifar_batch_runs_no_code(name, tiny_cifar, tmp_path, capsys):
+    import pickle
+
+    from data_prep.prepare import main as prepare_main
+
+    root = tmp_path / "src"
+    shutil.copytree(tiny_cifar.root, root)
+    planted = root / "cifar-10-batches-py" / name
+    marker = tmp_path / "ran"
+    entry = {"label_names": [str(i) for i in range(10)], "data": np.zeros((10, 3072), np.uint8),
+             "labels": [0] * 10, "extra": _RunsCode(str(marker))}
+    planted.write_bytes(pickle.dumps(entry, protocol=2))
+    code = prepare_main(["--dataset", "cifar10", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists(), "unpickling the planted batch ran its code"
+    assert code == 1 and len(err) == 1, err
+    assert str(planted) in err[0] and "refused posix.system" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_download_leaves_the_md5_check_to_torchvision_and_reads_with_the_safe_reader(tiny_cifar_root, monkeypatch):
+    import torchvision
+
+    from data_prep import sources
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", lambda root, **kwargs: calls.append((root, kwargs)))
+    monkeypatch.setattr(sources.pickle, "load", None)  # a plain unpickle anywhere would fail here
+    source = sources.load_cifar10(str(tiny_cifar_root), download=True)
+    assert calls == [(str(tiny_cifar_root), {"train": False, "download": True})]
+    assert len(source.splits["train"].labels) == 50 and len(source.splits["test"].labels) == 20

@@ -253,3 +253,58 @@ def test_download_leaves_the_md5_check_to_torchvision_and_reads_with_the_safe_re
     source = sources.load_cifar10(str(tiny_cifar_root), download=True)
     assert calls == [(str(tiny_cifar_root), {"train": False, "download": True})]
     assert len(source.splits["train"].labels) == 50 and len(source.splits["test"].labels) == 20
+
+
+# 5. every other file a user may receive: nothing in it is run ------------------------------------
+
+def test_a_planted_object_in_an_imagenet_npz_is_refused(tmp_path, capsys):
+    from data_prep.prepare import main as prepare_main
+    from test_data_imagenet import make_imagenet
+
+    root = tmp_path / "src"
+    make_imagenet(root, 32, per_batch=1, n_val=1)
+    planted = root / "Imagenet32_train_npz" / "train_data_batch_3.npz"
+    marker = tmp_path / "ran"
+    np.savez(planted, data=np.zeros((1, 3072), np.uint8), labels=np.array([_RunsCode(str(marker))], dtype=object))
+    code = prepare_main(["--dataset", "imagenet32", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not marker.exists()
+    assert code == 1 and len(err) == 1 and str(planted) in err[0], err
+
+
+def test_a_config_file_naming_python_code_is_refused(tmp_path):
+    from train.config import ConfigError, load_config
+
+    marker = tmp_path / "ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"train:\n  run_dir: !!python/object/apply:os.system [\"touch {marker}\"]\n")
+    with pytest.raises(ConfigError, match="evil.yaml"):
+        load_config(str(config))
+    assert not marker.exists()
+
+
+def test_a_planted_classifier_cache_is_not_unpickled(tmp_path):
+    import torch
+
+    from sample.classifier import ClassifierSettings, _load_cached
+
+    marker = tmp_path / "ran"
+    cache = tmp_path / "classifier.pt"
+    torch.save({"info": _RunsCode(str(marker)), "state_dict": {}}, cache)
+    net, _, why = _load_cached(cache, "digest", ClassifierSettings(), "cpu")
+    assert net is None and why.startswith("unreadable cache") and not marker.exists()
+
+
+def test_accelerate_load_state_reads_checkpoint_files_weights_only(tmp_path):
+    """accelerate.load_state reads optimizer.bin, scheduler.bin, random_states_N.pkl ... through
+    accelerate.utils.load, which defaults to torch.load(weights_only=True); a version that changes
+    that would unpickle a planted checkpoint file."""
+    import torch
+    from accelerate.utils import load
+
+    marker = tmp_path / "ran"
+    planted = tmp_path / "optimizer.bin"
+    torch.save({"state": _RunsCode(str(marker))}, planted)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        load(planted, map_location="cpu")
+    assert not marker.exists()

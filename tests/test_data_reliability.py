@@ -308,3 +308,49 @@ def test_accelerate_load_state_reads_checkpoint_files_weights_only(tmp_path):
     with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
         load(planted, map_location="cpu")
     assert not marker.exists()
+
+
+# 8. stored files a user can edit: manifest.json -------------------------------------------------
+
+@pytest.mark.parametrize("key, value, message", [
+    ("bins", 300, "bins must be in 2..256, got 300"),  # was accepted: a model of 300 levels over bytes
+    ("channels", 2, "channels must be 1 or 3"),
+    ("height", 0, "height must be at least 1"),
+    ("dataset", "mystery", "dataset must be one of"),
+    ("class_names", "0123456789", "class_names must be a list of strings"),  # was 10 classes, one a letter
+    ("source", [1], "source must be an object"),
+    ("counts", ["x"], "count 'x' of test-000000.tar must be an integer"),  # was a ValueError traceback
+    ("counts", [16.7], "count 16.7 of test-000000.tar"),  # was read as 16
+    ("shards", 5, "shards, counts and sha256 must be lists"),  # was a TypeError traceback
+    ("shards", ["/etc/hostname"], "shard '/etc/hostname' must be a file name in the folder"),
+    ("shards", ["../digits8/test-000000.tar"], "must be a file name in the folder"),
+])
+def test_an_edited_manifest_is_named_by_verify(key, value, message, digits8, tmp_path, capsys):
+    import json
+
+    from data_prep.verify import main as verify_main
+
+    data = tmp_path / "data"
+    shutil.copytree(digits8, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (manifest["splits"]["test"] if key in ("counts", "shards") else manifest)[key] = value
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_main([str(data)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "manifest.json" in err[0] and message in err[0], err
+
+
+def test_the_trainer_names_an_edited_manifest_before_training(digits8, tmp_path, capsys, fresh_accelerate):
+    import json
+
+    from train.run import main as train_main
+
+    data = tmp_path / "data"
+    shutil.copytree(digits8, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["bins"] = 300  # the bytes are < 256 < 300: before, a 300-level model trained without a word
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert train_main(cli_args(str(data), tmp_path / "run", "train.max_steps=2")) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json: bins must be in 2..256, got 300" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()

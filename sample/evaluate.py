@@ -33,6 +33,7 @@ from accelerate.utils import reduce
 from tqdm import tqdm
 
 from data_prep.errors import DataError
+from data_prep.grids import check_writable, writable_message
 from data_prep.reader import eval_batches
 from model.generation import SamplingOptions, generate_images
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
@@ -224,6 +225,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.json and not Path(args.json).resolve().parent.is_dir():
         print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
+        return 2
+    try:  # found now, not after the evaluation
+        if args.json:
+            check_writable(Path(args.json).resolve().parent)
+    except OSError as err:
+        print(f"lit-eval: error: {writable_message('--json', args.json, err)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or 1)
     # every field but progress is the flag of the same name

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from data_prep.errors import DataError
-from data_prep.grids import save_grid
+from data_prep.grids import check_writable, save_grid, writable_message
 from data_prep.reader import read_samples
 from model.generation import GenerationStats, SamplingOptions, generate_images
 from sample.errors import SampleFailure, SampleUsageError
@@ -89,6 +89,12 @@ def check_layout(job: "SampleJob") -> None:
         raise SampleUsageError(f"--out {out}: must name a .png file")
     if out.is_dir():
         raise SampleUsageError(f"--out {out}: is a folder; name the grid's .png file")
+    if job.per_image and out.with_suffix("").exists() and not out.with_suffix("").is_dir():
+        raise SampleUsageError(f"--per-image: {out.with_suffix('')} exists and is not a folder")
+    try:  # found now, not after the images are drawn
+        check_writable(out.parent)
+    except OSError as err:
+        raise SampleUsageError(writable_message("--out", out, err)) from None
 
 
 def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
@@ -163,16 +169,19 @@ def run_job(job: SampleJob) -> SampleResult:
         grid_seqs, columns = _completion_rows(request, seqs, loaded.image["bins"])
     else:
         grid_seqs, columns = seqs, request.columns
-    grid_size = save_grid(decode(grid_seqs, loaded.image), out, columns, job.padding)
-    written = [out]
-    if job.per_image:
-        folder = out.with_suffix("")
-        save_per_image(decode(seqs, loaded.image), folder, request.names)
-        if request.real is not None:
-            save_per_image(decode(request.real, loaded.image), folder, request.real_names)
-        written.append(folder)
-    if job.npz:
-        npz_path = out.with_suffix(".npz")
-        save_npz(npz_path, seqs, loaded.image, request.labels, request.captions, request.names)
-        written.append(npz_path)
+    try:  # a full disk or a folder removed meanwhile: one line, the files written so far stay whole
+        grid_size = save_grid(decode(grid_seqs, loaded.image), out, columns, job.padding)
+        written = [out]
+        if job.per_image:
+            folder = out.with_suffix("")
+            save_per_image(decode(seqs, loaded.image), folder, request.names)
+            if request.real is not None:
+                save_per_image(decode(request.real, loaded.image), folder, request.real_names)
+            written.append(folder)
+        if job.npz:
+            npz_path = out.with_suffix(".npz")
+            save_npz(npz_path, seqs, loaded.image, request.labels, request.captions, request.names)
+            written.append(npz_path)
+    except OSError as err:
+        raise SampleFailure(writable_message("--out", out, err)) from None
     return SampleResult(seqs, out, grid_size, stats, loaded, written)

@@ -354,3 +354,60 @@ def test_the_trainer_names_an_edited_manifest_before_training(digits8, tmp_path,
     err = capsys.readouterr().err
     assert "manifest.json: bins must be in 2..256, got 300" in err and "Traceback" not in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# 8. outputs that cannot be written: found before the work, one line, exit 2 -----------------------
+
+def test_prepare_out_that_cannot_be_written_is_refused_before_reading(tmp_path, capsys, monkeypatch):
+    from data_prep import prepare as prepare_module
+
+    (tmp_path / "afile").write_text("a file, not a folder")
+    monkeypatch.setattr(prepare_module, "load_source", None)  # reading the source would fail here
+    code = prepare_module.main(["--dataset", "digits", "--out", str(tmp_path / "afile" / "sub"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--out" in err[0] and "cannot write there (not a folder" in err[0] and "afile" in err[0], err
+
+
+@pytest.fixture(scope="module")
+def digits8_export(digits8, tmp_path_factory):
+    """A tiny class-conditional model over digits8's images."""
+    from data_prep.manifest import load_manifest
+
+    net = tiny_model(0, bins=8, seq_len=784, n_layers=1, d_ff=16, condition="class", n_classes=10)
+    return write_export(tmp_path_factory.mktemp("export") / "export", net, 1, load_manifest(digits8).image_info())
+
+
+@pytest.mark.parametrize("where", ["under a file", "per-image folder is a file", "unwritable"])
+def test_lit_sample_out_that_cannot_be_written_is_refused_before_sampling(where, digits8_export, tmp_path, capsys,
+                                                                         monkeypatch):
+    from sample import pipeline
+    from sample.run import main as sample_main
+
+    (tmp_path / "afile").write_text("a file, not a folder")
+    extra = []
+    if where == "under a file":
+        out = tmp_path / "afile" / "grid.png"
+    elif where == "per-image folder is a file":
+        out, extra = tmp_path / "afile.png", ["--per-image"]
+    else:
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs /proc (a folder nobody, root included, can create files in)")
+        out = "/proc/grid.png"
+    monkeypatch.setattr(pipeline, "generate_images", None)  # sampling would fail here
+    code = sample_main(["--checkpoint", str(digits8_export), "--out", str(out), "--n", "2", "--no-progress",
+                        "--device", "cpu", *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and str(out).removesuffix(".png") in err[0], err
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (unwritable even for root)")
+def test_lit_eval_json_that_cannot_be_written_is_refused_before_evaluating(digits8, digits8_export, capsys,
+                                                                          monkeypatch):
+    from sample import evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate", None)  # evaluating would fail here
+    code = evaluate.main(["--checkpoint", str(digits8_export), "--data", digits8, "--json", "/proc/eval.json",
+                          "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--json /proc/eval.json: cannot write there" in err[0], err

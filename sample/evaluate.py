@@ -39,6 +39,7 @@ from model.generation import SamplingOptions, generate_images
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
 from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
 from sample.loading import data_manifest, load_for_sampling
+from sample.pipeline import pick_device
 from sample.request import conditional_request
 
 LN2 = math.log(2.0)
@@ -121,7 +122,7 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
             raise SampleUsageError(f"{flag} {value}: must be >= {least}")
     began = time.perf_counter()
     state = PartialState(cpu=job.device == "cpu")  # one process, or each rank under accelerate launch
-    device = torch.device(job.device) if job.device else state.device
+    device = pick_device(job.device) if job.device else state.device  # the sampler's checks: one line, exit 2
     loaded = load_for_sampling(job.checkpoint, device)
     manifest = data_manifest(loaded, job.data)
     if job.split not in manifest.splits:

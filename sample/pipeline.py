@@ -59,9 +59,12 @@ def pick_device(name: Optional[str]) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SampleUsageError(f"--device {name}: no CUDA device on this machine (use --device cpu)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise SampleUsageError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SampleUsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def check_options(options: SamplingOptions) -> None:

@@ -411,3 +411,36 @@ def test_lit_eval_json_that_cannot_be_written_is_refused_before_evaluating(digit
                           "--no-progress", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--json /proc/eval.json: cannot write there" in err[0], err
+
+
+# 8. values accepted in one spelling and refused in another ---------------------------------------
+
+@pytest.mark.parametrize("name, text", [
+    ("captions.csv", "image,caption\r\na/00.png,a dark square\r\nb/01.png,a light square\r\n"),
+    ("captions.jsonl", '{"image": "a/00.png", "caption": "a dark square"}\n'
+                       '{"image": "b/01.png", "caption": "a light square"}\n'),
+])
+def test_a_captions_file_saved_as_utf8_with_a_byte_order_mark_reads_like_one_without(name, text, tmp_path):
+    from data_prep.captions import read_captions_file
+
+    plain, marked = tmp_path / name, tmp_path / f"bom-{name}"
+    plain.write_text(text, encoding="utf-8", newline="")
+    marked.write_text(text, encoding="utf-8-sig", newline="")  # Excel's "CSV UTF-8", Notepad's "UTF-8 with BOM"
+    expected = {"a/00.png": "a dark square", "b/01.png": "a light square"}
+    for path in (plain, marked):
+        assert {key: caption for key, (caption, _) in read_captions_file(str(path)).items()} == expected
+
+
+@pytest.mark.parametrize("device, message", [("CPU", "--device 'CPU': not a torch device"),
+                                             ("cuda:7", "--device cuda:7: ")])
+def test_lit_eval_device_is_checked_like_lit_sample(device, message, digits8, digits8_export, capsys):
+    import torch
+
+    from sample.evaluate import main as eval_main
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    code = eval_main(["--checkpoint", str(digits8_export), "--data", digits8, "--n-per-class", "0",
+                      "--no-progress", "--device", device])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err

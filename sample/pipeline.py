@@ -111,11 +111,17 @@ def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         raise SampleUsageError("--index completes real images under their own label and caption; "
                                "drop --classes / --caption")
     indices = parse_int_ranges(job.index, "--index")
-    data_manifest(loaded, job.data)
+    splits = data_manifest(loaded, job.data).splits
+    if job.split not in splits:
+        raise SampleUsageError(f"--split {job.split}: {job.data} has no such split (has {', '.join(splits)})")
+    total = splits[job.split].total
+    wrong = [index for index in indices if not 0 <= index < total]
+    if wrong:
+        raise SampleUsageError(f"--index {wrong[0]}: out of range for split {job.split!r} of {job.data} (0..{total - 1})")
     try:
         batch = read_samples(job.data, indices, split=job.split)
-    except DataError as err:
-        raise SampleUsageError(str(err)) from None
+    except DataError as err:  # a damaged shard: a failure (exit 1), as in lit-eval and training
+        raise SampleFailure(str(err)) from None
     labels = batch.labels if loaded.net.condition.uses_class else None
     captions = list(batch.captions) if loaded.net.condition.uses_caption else None
     return completion_request(batch.seqs, labels, captions, indices, job.offset, job.n)

@@ -444,3 +444,17 @@ def test_lit_eval_device_is_checked_like_lit_sample(device, message, digits8, di
                       "--no-progress", "--device", device])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_lit_sample_completing_a_sample_beyond_the_levels_fails_naming_the_shard(beyond_levels, digits8_export,
+                                                                                 tmp_path, capsys):
+    from sample.run import main as sample_main
+
+    data, _, test_key = beyond_levels
+    args = ["--checkpoint", str(digits8_export), "--data", data, "--offset", "10", "--n", "1", "--no-progress",
+            "--device", "cpu", "--out", str(tmp_path / "c.png")]
+    assert sample_main([*args, "--index", "1"]) == 1  # a damaged shard: a failure, as in lit-eval (was exit 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"test-000000.tar: sample {test_key} has value 255" in err[0], err
+    assert sample_main([*args, "--index", "16"]) == 2  # a wrong flag stays bad usage
+    assert "--index 16: out of range for split 'test'" in capsys.readouterr().err

@@ -171,7 +171,9 @@ def read_captions_file(path: str) -> dict[str, tuple[str, str]]:
     if extension not in (".jsonl", ".json", ".csv"):
         raise DataError(f"--captions {path}: use a .jsonl or .csv file (image path relative to the root, caption)")
     try:
-        with open(path, encoding="utf-8", newline="") as stream:
+        # utf-8-sig: Excel and Notepad save "UTF-8" with a byte-order mark, which plain utf-8 keeps as
+        # text (a CSV header no longer recognised, a JSONL first line that is not JSON)
+        with open(path, encoding="utf-8-sig", newline="") as stream:
             rows = list(_jsonl_rows(stream, path) if extension != ".csv" else _csv_rows(stream, path))
     except UnicodeDecodeError as error:
         raise DataError(f"--captions {path}: not UTF-8 text ({error.reason})") from None

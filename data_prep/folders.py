@@ -6,7 +6,8 @@
 Every file whose extension PIL knows is an image; other files are ignored (and counted). An image
 file PIL cannot read stops preparing with one line naming it, or is skipped (and counted) with
 skip_bad. Images are resized so that the shorter side fits and centre-cropped to HxW ("crop"), or
-resized to exactly HxW ("exact"); transparent pixels are composited onto white.
+resized to exactly HxW ("exact"); transparent pixels are composited onto white. Links are followed,
+each folder walked once (a link loop ends) and each image file listed once, whatever the links to it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class FolderImages:
     labels: np.ndarray  # int64 [N]
     class_names: list[str]
     flat: bool  # True: no class sub-folders, every image is class 0
-    ignored: int  # files that are not images by their extension
+    ignored: int  # files that are not images by their extension, and further links to an image listed
 
 
 def image_extensions() -> tuple[str, ...]:
@@ -48,43 +49,67 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def list_images(root: str) -> FolderImages:
-    """Find the images of a folder in ImageFolder's layout (or a flat folder as one class)."""
-    from torchvision.datasets import ImageFolder
+def _walk_files(folder: str, seen: dict[str, str]) -> list[str]:
+    """Visible files under folder, sorted as torchvision's ImageFolder sorts them (by folder, then name).
 
+    Links are followed, but a folder whose real path is in `seen` (real path -> path first met) is
+    never entered again: a link loop (`a/loop -> ..`) or a second link to one folder is walked once.
+    """
+    groups = []
+    for top, folders, names in os.walk(folder, followlinks=True):
+        kept = []
+        for name in sorted(folders):
+            real = os.path.realpath(os.path.join(top, name))
+            if _visible(name) and real not in seen:
+                seen[real] = os.path.join(top, name)
+                kept.append(name)
+        folders[:] = kept  # os.walk enters only these
+        groups.append((top, sorted(name for name in names if _visible(name))))
+    return [os.path.join(top, name) for top, names in sorted(groups) for name in names]
+
+
+def list_images(root: str) -> FolderImages:
+    """Find the images of a folder in ImageFolder's layout (or a flat folder as one class).
+
+    An image file reached by several paths (links) is listed once, under its first path; in two
+    classes it is a DataError, since it would be trained on with two labels.
+    """
     if not os.path.isdir(root):
         raise DataError(f"--root {root}: no such folder")
     extensions = image_extensions()
-
-    def is_image(path: str) -> bool:
-        return _visible(os.path.basename(path)) and path.lower().endswith(extensions)
-
-    class Classes(ImageFolder):
-        """ImageFolder that ignores hidden sub-folders (.git, .ipynb_checkpoints) as classes."""
-
-        def find_classes(self, directory):
-            classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir() and _visible(entry.name))
-            return classes, {name: index for index, name in enumerate(classes)}
-
-    subfolders = [entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name)]
-    if subfolders:
-        # ImageFolder sorts classes and walks each class folder in sorted order: the order is stable.
-        listing = Classes(root, loader=lambda path: path, is_valid_file=is_image, allow_empty=True)
-        paths = [path for path, _ in listing.samples]
-        labels = np.asarray([label for _, label in listing.samples], dtype=np.int64)
-        class_names = list(listing.classes)
-        empty = [name for index, name in enumerate(class_names) if not np.any(labels == index)]
-        if empty:
-            raise DataError(f"{os.path.join(root, empty[0])}: class folder holds no image files")
-    else:
-        paths = sorted(os.path.join(root, name) for name in os.listdir(root)
-                       if os.path.isfile(os.path.join(root, name)) and is_image(name))
-        labels = np.zeros(len(paths), dtype=np.int64)
-        class_names = [os.path.basename(os.path.normpath(os.path.abspath(root)))]
+    seen = {os.path.realpath(root): root}  # folders walked or to be walked: no class folder re-enters root
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name))
+    folders = [os.path.join(root, name) for name in classes]
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise DataError(f"{folder}: a link to {seen[real]}, which is already listed; a class folder must "
+                            f"be a folder of its own")
+        seen[real] = folder
+    paths, labels, files, first = [], [], 0, {}  # first: real path of each image -> its index
+    for label, folder in enumerate(folders or [root]):
+        for path in _walk_files(folder, seen):
+            files += 1
+            if not path.lower().endswith(extensions):
+                continue
+            real = os.path.realpath(path)
+            if real in first:
+                if labels[first[real]] != label:
+                    raise DataError(f"{path} is the image {paths[first[real]]} (a link): one image in two classes")
+                continue  # the same image again in its own class: counted as ignored
+            first[real] = len(paths)
+            paths.append(path)
+            labels.append(label)
+    if classes:
+        files += len(_walk_files(root, seen))  # ROOT's own files (README.txt ...): every sub-folder is walked
+    labels = np.asarray(labels, dtype=np.int64)
+    class_names = classes or [os.path.basename(os.path.normpath(os.path.abspath(root)))]
+    empty = [name for index, name in enumerate(class_names) if not np.any(labels == index)]
+    if classes and empty:
+        raise DataError(f"{os.path.join(root, empty[0])}: class folder holds no image files")
     if not paths:
         raise DataError(f"--root {root}: no image files found (looked for {', '.join(extensions[:8])}, ...)")
-    every_file = sum(len([n for n in names if _visible(n)]) for _, _, names in os.walk(root))
-    return FolderImages(root, paths, labels, class_names, flat=not subfolders, ignored=every_file - len(paths))
+    return FolderImages(root, paths, labels, class_names, flat=not classes, ignored=files - len(paths))
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -266,6 +291,10 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
     parts = {}  # split -> (paths, labels, root the paths are relative to)
     if options.test_root is not None:
         test = list_images(options.test_root)
+        shared = set(map(os.path.realpath, test.paths)).intersection(map(os.path.realpath, found.paths))
+        if shared:
+            raise DataError(f"--test-root {options.test_root} and --root {options.root} share {len(shared)} image "
+                            f"file(s), e.g. {min(shared)}: test images must not be trained on")
         parts["train"] = (found.paths, found.labels, options.root)
         parts["test"] = (test.paths, match_test_classes(found, test), options.test_root)
         ignored = found.ignored + test.ignored

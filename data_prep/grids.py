@@ -7,28 +7,50 @@ sampler, so every grid in the project looks alike: white padding, one image per 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 import numpy as np
-import torch
-from torchvision.utils import make_grid, save_image
+
+# torch and torchvision are imported where used: prepare imports this module for check_writable
+# and loads torch (about 680 MB) only when the preview is drawn.
 
 
 def to_chw(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float [N, C, H, W] in [0, 1]."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 
 def grid_tensor(images: np.ndarray, columns: int, padding: int = 2, scale: int = 1) -> torch.Tensor:
     """uint8 images [N, H, W, C] -> one float grid [3, H', W'] in [0, 1], each pixel `scale` x `scale`."""
+    from torchvision.utils import make_grid
+
     batch = to_chw(images)  # (N, C, H, W)
     if scale > 1:
         batch = batch.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     columns = max(1, min(columns, len(batch)))
     return make_grid(batch, nrow=columns, padding=padding, pad_value=1.0)
+
+
+def check_writable(folder) -> None:
+    """OSError now, before any work is done, if files cannot be created in folder (or in the folders
+    that would be made for it); nothing is left behind."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+    tempfile.TemporaryFile(dir=existing).close()
+
+
+def writable_message(flag: str, path, error: OSError) -> str:
+    """One line for an output path that cannot be written: the flag, the path and why."""
+    return f"{flag} {path}: cannot write there ({error.strerror or error}: {error.filename or path})"
 
 
 @contextlib.contextmanager
@@ -50,6 +72,8 @@ def atomic_file(path) -> Iterator[BinaryIO]:
 
 def save_png(tensor: torch.Tensor, path) -> None:
     """Write a float image [C, H, W] in [0, 1] as PNG, atomically."""
+    from torchvision.utils import save_image
+
     with atomic_file(path) as stream:
         save_image(tensor, stream, format="PNG")
 

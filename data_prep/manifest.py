@@ -85,15 +85,40 @@ class Manifest:
         for key in ("height", "width", "channels", "bins", "seed"):
             if not isinstance(data[key], int) or isinstance(data[key], bool):
                 raise DataError(f"{where}: {key} must be an integer, got {data[key]!r}")
+        # manifest.json is a file a user can edit: every value the readers, the trainer and the sampler
+        # rely on is checked here, so a bad one is named here instead of failing later without a name.
+        from data_prep.sources import DATASETS  # local import: sources is the heavier module
+
+        for key, allowed, why in (("dataset", DATASETS, f"one of {', '.join(DATASETS)}"),
+                                  ("channels", (1, 3), "1 or 3"), ("bins", range(2, 257), "in 2..256")):
+            if data[key] not in allowed:
+                raise DataError(f"{where}: {key} must be {why}, got {data[key]!r}")
+        for key in ("height", "width"):
+            if data[key] < 1:
+                raise DataError(f"{where}: {key} must be at least 1, got {data[key]!r}")
+        if not isinstance(data["class_names"], list) or not all(isinstance(n, str) for n in data["class_names"]):
+            raise DataError(f"{where}: class_names must be a list of strings, got {data['class_names']!r:.80}")
+        if not isinstance(data.get("source", {}), dict):
+            raise DataError(f"{where}: source must be an object, got {data['source']!r:.80}")
         if not isinstance(data["splits"], dict) or not data["splits"]:
             raise DataError(f"{where}: splits must be a non-empty object")
         splits = {}
         for name, info in data["splits"].items():
             if not isinstance(info, dict) or set(info) != {"shards", "counts", "sha256"}:
                 raise DataError(f"{where}: splits.{name} must hold exactly shards, counts, sha256")
+            if not all(isinstance(info[key], list) for key in info):
+                raise DataError(f"{where}: splits.{name}: shards, counts and sha256 must be lists")
             if not (len(info["shards"]) == len(info["counts"]) == len(info["sha256"])):
                 raise DataError(f"{where}: splits.{name}: shards, counts and sha256 differ in length")
-            splits[name] = SplitInfo(list(info["shards"]), [int(c) for c in info["counts"]], list(info["sha256"]))
+            for shard, count, digest in zip(info["shards"], info["counts"], info["sha256"]):
+                # a plain file name: a path would make the readers read (and verify hash) files elsewhere
+                if not isinstance(shard, str) or shard in ("", ".", "..") or os.path.basename(shard) != shard:
+                    raise DataError(f"{where}: splits.{name}: shard {shard!r} must be a file name in the folder")
+                if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                    raise DataError(f"{where}: splits.{name}: count {count!r} of {shard} must be an integer >= 0")
+                if not isinstance(digest, str):
+                    raise DataError(f"{where}: splits.{name}: sha256 {digest!r} of {shard} must be a string")
+            splits[name] = SplitInfo(list(info["shards"]), list(info["counts"]), list(info["sha256"]))
         values = {k: data[k] for k in names if k in data and k != "splits"}
         return cls(splits=splits, **values)
 

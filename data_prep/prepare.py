@@ -26,6 +26,7 @@ from data_prep import shards as shard_io
 from data_prep.captions import captions_for_labels
 from data_prep.codec import check_bins, encode_images, parse_order
 from data_prep.errors import DataError
+from data_prep.grids import check_writable, writable_message
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, manifest_path, write_manifest
 from data_prep.preview import PreviewSamples
 from data_prep.folders import RESIZE_MODES, FolderOptions, parse_size
@@ -185,6 +186,10 @@ def check_output(config: PrepareConfig, shape: tuple[int, int, int]) -> None:
     out = config.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
+    try:  # a folder that cannot be written is found now, not after the source is read
+        check_writable(out)
+    except OSError as error:
+        raise UsageError(writable_message("--out", out, error)) from None
     if not os.path.isdir(out) or config.overwrite:
         return
     if os.path.isfile(manifest_path(out)):

@@ -96,10 +96,10 @@ def _worker() -> tuple[int, int]:
 
 
 class _Decode:
-    """Webdataset sample dict -> (seq uint8 [L], label, caption), checking the length against the manifest."""
+    """Webdataset sample dict -> (seq uint8 [L], label, caption), checking length and levels against the manifest."""
 
-    def __init__(self, seq_len: int):
-        self.seq_len = seq_len
+    def __init__(self, seq_len: int, bins: int):
+        self.seq_len, self.bins = seq_len, bins
 
     def __call__(self, sample: dict) -> tuple[np.ndarray, int, str]:
         seq = np.frombuffer(sample[SEQ_KEY], dtype=np.uint8)
@@ -108,6 +108,10 @@ class _Decode:
                 f"{sample.get('__url__', '?')}: sample {sample['__key__']} has {seq.shape[0]} bytes, "
                 f"expected {self.seq_len}"
             )
+        # A byte outside the levels would otherwise surface in the model as an error naming no shard.
+        if seq.size and int(seq.max()) >= self.bins:
+            raise DataError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} has value {int(seq.max())}, "
+                            f"outside the manifest's {self.bins} levels; run python -m data_prep.verify on the folder")
         return seq, int(sample[LABEL_KEY]), sample[CAPTION_KEY].decode("utf-8")
 
 
@@ -221,7 +225,7 @@ class TrainBatches:
             stages.split_by_worker,
             _CheckedShardSamples(dict(zip(self.urls, self.manifest.splits[self.split].counts))),
             stages.shuffle_in_worker,
-            wds.map(_Decode(self.manifest.seq_len)),
+            wds.map(_Decode(self.manifest.seq_len, self.manifest.bins)),
             wds.batched(min(WORKER_BATCH, self.batch_size), collation_fn=_collate_numpy, partial=False),
         )
         loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=self.num_workers,
@@ -290,7 +294,7 @@ class EvalBatches:
             wds.SimpleShardList(self.urls),
             wds.split_by_worker,
             _CheckedShardSamples(dict(zip(self.urls, self.counts))),
-            wds.map(_Decode(self.manifest.seq_len)),
+            wds.map(_Decode(self.manifest.seq_len, self.manifest.bins)),
             wds.batched(self.batch_size, collation_fn=_collate_numpy, partial=True),
             wds.map(_to_batch),
         )
@@ -328,7 +332,7 @@ def read_samples(data_dir, indices, *, split: str = "test") -> Batch:
     for index in wanted:
         shard = int(np.searchsorted(starts, index, side="right") - 1)
         by_shard.setdefault(shard, set()).add(index - int(starts[shard]))
-    decode = _Decode(manifest.seq_len)
+    decode = _Decode(manifest.seq_len, manifest.bins)
     found: dict[int, tuple] = {}
     for shard, positions in sorted(by_shard.items()):
         last = max(positions)

@@ -1,8 +1,9 @@
-"""Source datasets as arrays: MNIST and CIFAR-10 through torchvision, and the built-in digits."""
+"""Source datasets as arrays: MNIST through torchvision, CIFAR-10 (downloaded by torchvision), the built-in digits."""
 
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -135,88 +136,78 @@ def _check_labels(labels: np.ndarray, n_classes: int, where: str) -> None:
         raise DataError(f"{where}: labels must lie in 0..{n_classes - 1}, found {labels.min()}..{labels.max()}")
 
 
-def _cifar_class(torchvision):
-    class CIFAR10Files(torchvision.datasets.CIFAR10):
-        """torchvision's CIFAR10 that checks the files exist instead of their md5 sums.
+class _CifarUnpickler(pickle.Unpickler):
+    """Builds only what a CIFAR-10 python batch holds: dicts, lists, str/bytes, numbers and numpy arrays.
 
-        torchvision compares every batch file with the md5 of the official CIFAR-10 release, so any
-        other file in the same pickle format (the small batches the tests build, a re-packed copy)
-        is refused as "not found or corrupted" without a word on which file. Parsing stays
-        torchvision's; with verify_md5=True (the default for --download, where the files came from
-        the official archive) the md5 check is kept.
-        """
+    A pickle may name any callable to build its objects (`__reduce__`), so unpickling a file from
+    someone else runs whatever code it names; here every global but numpy's array rebuilders is refused.
+    """
 
-        verify_md5 = False
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")}  # the official batches name numpy.core (numpy 1)
 
-        def _check_integrity(self) -> bool:
-            if self.verify_md5:
-                return super()._check_integrity()
-            return all(
-                os.path.isfile(os.path.join(self.root, self.base_folder, name))
-                for name, _ in self.train_list + self.test_list + [(self.meta["filename"], None)]
-            )
-
-        def _load_meta(self) -> None:
-            if self.verify_md5:
-                return super()._load_meta()
-            meta_md5 = self.meta["md5"]
-            try:
-                self.meta = dict(self.meta, md5=None)  # check_integrity(path, None) only checks existence
-                super()._load_meta()
-            finally:
-                self.meta = dict(self.meta, md5=meta_md5)
-
-    return CIFAR10Files
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR-10 batch holds only data, this "
+                                     f"pickle would call code")
 
 
-def load_cifar10(root: str, download: bool = False, verify_md5: bool | None = None) -> Source:
-    """CIFAR-10 from root/cifar-10-batches-py (torchvision's layout), read by torchvision's CIFAR10."""
-    import torchvision  # deferred: the built-in digits need no torchvision
+def _read_cifar_file(path: str, needed: tuple[str, ...]) -> dict:
+    """One CIFAR-10 batch (or batches.meta) as its dict; DataError naming the file if it is anything else."""
+    try:
+        with open(path, "rb") as stream:
+            entry = _CifarUnpickler(stream, encoding="latin1").load()  # the official files are Python 2 pickles
+    except Exception as error:  # noqa: BLE001 - a bad pickle raises anything from EOFError to KeyError
+        raise DataError(f"{path}: not a valid CIFAR-10 pickle ({_one_line(error)})") from None
+    if not isinstance(entry, dict) or any(key not in entry for key in needed):
+        raise DataError(f"{path}: not a CIFAR-10 python batch (missing {', '.join(needed)})")
+    return entry
+
+
+def load_cifar10(root: str, download: bool = False) -> Source:
+    """CIFAR-10 from root/cifar-10-batches-py (torchvision's layout), read by a restricted unpickler.
+
+    torchvision only downloads (--download): it checks the archive's and the files' md5 against the
+    official release before it unpickles any. Batches from anywhere else are read here, by an unpickler
+    that runs no code (torchvision's own reader would run any code a planted batch names).
+    """
     folder = os.path.join(root, CIFAR_FOLDER)
+    if download:
+        import torchvision  # deferred: the built-in digits need no torchvision
+
+        try:  # the test split: the smallest load that makes torchvision fetch and check everything
+            torchvision.datasets.CIFAR10(root, train=False, download=True)
+        except Exception as error:  # noqa: BLE001 - network, archive and md5 failures all land here
+            raise DataError(f"cifar10: download into {root} failed ({_one_line(error)})") from None
     names = CIFAR_FILES["train"] + CIFAR_FILES["test"] + CIFAR_FILES["meta"]
-    if not download:
-        missing = [os.path.join(folder, n) for n in names if not os.path.isfile(os.path.join(folder, n))]
-        if missing:
-            raise _missing(missing, "cifar10", root)
-    dataset_class = _cifar_class(torchvision)
-    dataset_class.verify_md5 = download if verify_md5 is None else verify_md5
+    missing = [os.path.join(folder, n) for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise _missing(missing, "cifar10", root)
+    meta = os.path.join(folder, "batches.meta")
+    class_names = [str(name) for name in _read_cifar_file(meta, ("label_names",))["label_names"]]
     splits = {}
-    class_names = None
     for split in ("train", "test"):
-        try:
-            dataset = dataset_class(root, train=split == "train", download=download)
-        except Exception as error:  # noqa: BLE001 - a bad pickle raises anything from EOFError to KeyError
-            if download and not all(os.path.isfile(os.path.join(folder, n)) for n in names):
-                raise DataError(f"cifar10: download into {root} failed ({_one_line(error)})") from None
-            raise _cifar_fault(folder, names, error) from None
-        images = np.asarray(dataset.data)
-        labels = np.asarray(dataset.targets, dtype=np.int64)
-        if images.dtype != np.uint8 or images.shape[1:] != (32, 32, 3) or len(labels) != len(images):
-            raise DataError(f"{folder}: {split} batches hold {images.dtype} {tuple(images.shape)} images "
-                            f"and {len(labels)} labels; expected uint8 32x32x3 with one label each")
-        class_names = [str(name) for name in dataset.classes]
-        _check_labels(labels, len(class_names), os.path.join(folder, "batches.meta"))
-        splits[split] = SourceSplit(images, labels)
+        images, labels = [], []
+        for name in CIFAR_FILES[split]:
+            path = os.path.join(folder, name)
+            entry = _read_cifar_file(path, ("data", "labels"))
+            data = entry["data"]
+            if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                shape = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+                raise DataError(f"{path}: data is {shape}; expected uint8 rows of 3072 bytes (32x32x3 images)")
+            try:
+                file_labels = np.asarray(entry["labels"], dtype=np.int64).reshape(-1)
+            except (TypeError, ValueError) as error:
+                raise DataError(f"{path}: labels are not integers ({_one_line(error)})") from None
+            if len(file_labels) != len(data):
+                raise DataError(f"{path}: {len(file_labels)} labels for {len(data)} images")
+            _check_labels(file_labels, len(class_names), path)
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # planes -> (N, 32, 32, 3)
+            labels.append(file_labels)
+        splits[split] = SourceSplit(np.concatenate(images), np.concatenate(labels))
     return Source("cifar10", class_names, splits)
-
-
-def _cifar_fault(folder: str, names: list[str], error: BaseException) -> DataError:
-    """Find which CIFAR-10 batch file does not unpickle into the expected entries, to name it."""
-    import pickle
-
-    for name in names:
-        path = os.path.join(folder, name)
-        try:
-            with open(path, "rb") as stream:
-                entry = pickle.load(stream, encoding="latin1")
-            needed = ("label_names",) if name == "batches.meta" else ("data", "labels")
-            if not isinstance(entry, dict) or any(key not in entry for key in needed):
-                return DataError(f"{path}: not a CIFAR-10 python batch (missing {', '.join(needed)})")
-            if name != "batches.meta" and np.asarray(entry["data"]).size % 3072:
-                return DataError(f"{path}: data is not a whole number of 32x32x3 images")
-        except Exception as file_error:  # noqa: BLE001
-            return DataError(f"{path}: not a valid CIFAR-10 pickle ({_one_line(file_error)})")
-    return DataError(f"cifar10: torchvision could not read {folder} ({_one_line(error)})")
 
 
 def load_digits(train_size: int, test_size: int, seed: int, workers: int | None = None) -> Source:

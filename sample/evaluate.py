@@ -33,11 +33,13 @@ from accelerate.utils import reduce
 from tqdm import tqdm
 
 from data_prep.errors import DataError
+from data_prep.grids import check_writable, writable_message
 from data_prep.reader import eval_batches
 from model.generation import SamplingOptions, generate_images
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
 from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
 from sample.loading import data_manifest, load_for_sampling
+from sample.pipeline import pick_device
 from sample.request import conditional_request
 
 LN2 = math.log(2.0)
@@ -120,7 +122,7 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
             raise SampleUsageError(f"{flag} {value}: must be >= {least}")
     began = time.perf_counter()
     state = PartialState(cpu=job.device == "cpu")  # one process, or each rank under accelerate launch
-    device = torch.device(job.device) if job.device else state.device
+    device = pick_device(job.device) if job.device else state.device  # the sampler's checks: one line, exit 2
     loaded = load_for_sampling(job.checkpoint, device)
     manifest = data_manifest(loaded, job.data)
     if job.split not in manifest.splits:
@@ -224,6 +226,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if args.json and not Path(args.json).resolve().parent.is_dir():
         print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
+        return 2
+    try:  # found now, not after the evaluation
+        if args.json:
+            check_writable(Path(args.json).resolve().parent)
+    except OSError as err:
+        print(f"lit-eval: error: {writable_message('--json', args.json, err)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads or 1)
     # every field but progress is the flag of the same name

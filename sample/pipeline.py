@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from data_prep.errors import DataError
-from data_prep.grids import save_grid
+from data_prep.grids import check_writable, save_grid, writable_message
 from data_prep.reader import read_samples
 from model.generation import GenerationStats, SamplingOptions, generate_images
 from sample.errors import SampleFailure, SampleUsageError
@@ -59,9 +59,12 @@ def pick_device(name: Optional[str]) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SampleUsageError(f"--device {name}: no CUDA device on this machine (use --device cpu)")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise SampleUsageError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SampleUsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def check_options(options: SamplingOptions) -> None:
@@ -89,6 +92,12 @@ def check_layout(job: "SampleJob") -> None:
         raise SampleUsageError(f"--out {out}: must name a .png file")
     if out.is_dir():
         raise SampleUsageError(f"--out {out}: is a folder; name the grid's .png file")
+    if job.per_image and out.with_suffix("").exists() and not out.with_suffix("").is_dir():
+        raise SampleUsageError(f"--per-image: {out.with_suffix('')} exists and is not a folder")
+    try:  # found now, not after the images are drawn
+        check_writable(out.parent)
+    except OSError as err:
+        raise SampleUsageError(writable_message("--out", out, err)) from None
 
 
 def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
@@ -102,11 +111,17 @@ def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         raise SampleUsageError("--index completes real images under their own label and caption; "
                                "drop --classes / --caption")
     indices = parse_int_ranges(job.index, "--index")
-    data_manifest(loaded, job.data)
+    splits = data_manifest(loaded, job.data).splits
+    if job.split not in splits:
+        raise SampleUsageError(f"--split {job.split}: {job.data} has no such split (has {', '.join(splits)})")
+    total = splits[job.split].total
+    wrong = [index for index in indices if not 0 <= index < total]
+    if wrong:
+        raise SampleUsageError(f"--index {wrong[0]}: out of range for split {job.split!r} of {job.data} (0..{total - 1})")
     try:
         batch = read_samples(job.data, indices, split=job.split)
-    except DataError as err:
-        raise SampleUsageError(str(err)) from None
+    except DataError as err:  # a damaged shard: a failure (exit 1), as in lit-eval and training
+        raise SampleFailure(str(err)) from None
     labels = batch.labels if loaded.net.condition.uses_class else None
     captions = list(batch.captions) if loaded.net.condition.uses_caption else None
     return completion_request(batch.seqs, labels, captions, indices, job.offset, job.n)
@@ -163,16 +178,19 @@ def run_job(job: SampleJob) -> SampleResult:
         grid_seqs, columns = _completion_rows(request, seqs, loaded.image["bins"])
     else:
         grid_seqs, columns = seqs, request.columns
-    grid_size = save_grid(decode(grid_seqs, loaded.image), out, columns, job.padding)
-    written = [out]
-    if job.per_image:
-        folder = out.with_suffix("")
-        save_per_image(decode(seqs, loaded.image), folder, request.names)
-        if request.real is not None:
-            save_per_image(decode(request.real, loaded.image), folder, request.real_names)
-        written.append(folder)
-    if job.npz:
-        npz_path = out.with_suffix(".npz")
-        save_npz(npz_path, seqs, loaded.image, request.labels, request.captions, request.names)
-        written.append(npz_path)
+    try:  # a full disk or a folder removed meanwhile: one line, the files written so far stay whole
+        grid_size = save_grid(decode(grid_seqs, loaded.image), out, columns, job.padding)
+        written = [out]
+        if job.per_image:
+            folder = out.with_suffix("")
+            save_per_image(decode(seqs, loaded.image), folder, request.names)
+            if request.real is not None:
+                save_per_image(decode(request.real, loaded.image), folder, request.real_names)
+            written.append(folder)
+        if job.npz:
+            npz_path = out.with_suffix(".npz")
+            save_npz(npz_path, seqs, loaded.image, request.labels, request.captions, request.names)
+            written.append(npz_path)
+    except OSError as err:
+        raise SampleFailure(writable_message("--out", out, err)) from None
     return SampleResult(seqs, out, grid_size, stats, loaded, written)

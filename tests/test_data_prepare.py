@@ -17,7 +17,6 @@ from data_prep.codec import decode_sequences, dequantize, encode_images, quantiz
 from data_prep.errors import DataError
 from data_prep.manifest import load_manifest
 from data_prep.prepare import PrepareConfig, main, prepare
-from data_prep.sources import load_cifar10
 from conftest import make_tiny_cifar
 
 
@@ -191,13 +190,6 @@ def test_corrupt_cifar_batch_is_named(tiny_cifar, tmp_path, capsys, content):
     bad.write_bytes(content)
     assert main(["--dataset", "cifar10", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
     assert str(bad) in error_line(capsys)
-
-
-def test_cifar_md5_check_is_kept_when_asked(tiny_cifar_root):
-    # torchvision's md5 check refuses anything but the official files; it stays on for --download
-    with pytest.raises(DataError, match="cifar"):
-        load_cifar10(str(tiny_cifar_root), verify_md5=True)
-    assert len(load_cifar10(str(tiny_cifar_root)).splits["test"].labels) == 20
 
 
 @pytest.mark.parametrize("arguments, message", [

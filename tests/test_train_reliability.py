@@ -198,6 +198,41 @@ def test_every_checkpoint_damaged_is_refused_not_a_fresh_start(digits16, tmp_pat
         assert "no intact checkpoint" in err and "step_0000002.damaged-" in err, err
 
 
+def test_a_checkpoint_folder_without_meta_json_is_moved_aside_not_replaced(digits16, tmp_path, fresh_accelerate,
+                                                                        capsys):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    args = ["train.checkpoint_every=2", "train.eval_at_start=false"]
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=4")) == 0
+    os.remove(ckpt / "step_0000004" / "meta.json")
+    weights = (ckpt / "step_0000004" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=6") + ["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipping damaged checkpoint" in out and "step_0000004: no meta.json" in out, out
+    assert f"resumed from {ckpt}/step_0000002 at step 2" in out, out
+    aside = [name for name in os.listdir(ckpt) if name.startswith("step_0000004.damaged-")]
+    assert len(aside) == 1 and (ckpt / aside[0] / "model.safetensors").read_bytes() == weights  # kept as it was
+    assert complete_steps(run) == [4, 6]
+
+
+@pytest.mark.parametrize("resume", [["--resume", "auto"], []])
+def test_an_export_without_checkpoints_is_not_trained_over(resume, digits16, tmp_path, fresh_accelerate, capsys):
+    run = tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=6", "train.eval_at_start=false")) == 0
+    shutil.rmtree(run / "checkpoints")  # a clean-up script, a quota purge; export/ stays
+    exported = (run / "export" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert run_main(cli_args(digits16, run, "train.max_steps=3") + resume) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for words in ("export/ holds a model trained for 6 steps", "no checkpoint", "--resume PATH", "train.run_dir",
+                  f"move {run / 'export'} away"):
+        assert words in err, err
+    assert (run / "export" / "model.safetensors").read_bytes() == exported
+    assert not (run / "checkpoints").exists()
+
+
 # Resume on other data ---------------------------------------------------------------------------
 
 def test_resume_on_data_of_another_order_is_refused(digits16, tmp_path, fresh_accelerate, capsys):

@@ -7,9 +7,9 @@ into step_N.tmp-XXXX/ (save_state must run on every rank: it saves each rank's R
 collectives); the main process writes meta.json last and renames the folder once all ranks are done.
 A crash leaves the previous checkpoints untouched or a `.tmp-` folder, which is never taken for a
 checkpoint and is cleared by the next run. A complete folder whose files no longer match meta.json (a
-flipped bit, a truncated copy) is "damaged": `--resume auto` moves it aside to `step_N.damaged-XXXX`
-(kept for inspection, never pruned or resumed) and falls back to the previous one; `--resume PATH`
-refuses it.
+flipped bit, a truncated copy), or a step_N folder without meta.json (a save never leaves one), is
+"damaged": `--resume auto` moves it aside to `step_N.damaged-XXXX` (kept for inspection, never pruned or
+resumed) and falls back to the previous one; `--resume PATH` refuses it.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from accelerate.utils import broadcast_object_list
 
 from data_prep.shards import file_sha256
 from model import ImageTransformer, ModelConfig
-from model.pretrained import publish_folder
-from model.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
-                              complete_checkpoints, is_complete)
+from model.pretrained import publish_folder, read_config
+from model.run_layout import (CHECKPOINTS, EXPORT, META_NAME, SIDE_FOLDER, checkpoint_folders, checkpoint_model,
+                              checkpoint_name, checkpoints_folder, complete_checkpoints, export_folder, is_complete)
 from train.run_lock import RunLockError
 
 # Model config keys that choose an implementation, not the weights: a checkpoint trained with the
@@ -56,19 +56,40 @@ def read_meta(path: str) -> dict:
     return meta
 
 
+def _refuse_over_export(run_dir: str) -> None:
+    """CheckpointError when run_dir holds an export (a trained model) but no checkpoint folder: a fresh start
+    would write its own export over it (the checkpoints were deleted, the model was not)."""
+    export = export_folder(run_dir)
+    if checkpoint_folders(run_dir) or not os.path.isdir(export):
+        return
+    try:
+        what = f"a model trained for {read_config(export)['step']} steps"
+    except ValueError:
+        what = "a model"
+    raise CheckpointError(
+        f"{run_dir}: {EXPORT}/ holds {what} but {CHECKPOINTS}/ no checkpoint to resume; a fresh start would "
+        f"overwrite it: pass --resume PATH of a checkpoint, choose another train.run_dir, or move {export} "
+        "away to start afresh here")
+
+
 def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
     """The checkpoint folder to resume from: None for a fresh start, 'auto' = newest complete one.
 
-    A run folder that already has checkpoints is never silently overwritten by a fresh start.
+    A run folder that already has checkpoints, or an export without them, is never silently overwritten
+    by a fresh start.
     """
     existing = complete_checkpoints(run_dir)
     if resume is None:
-        if existing:
+        folders = checkpoint_folders(run_dir)  # complete or not: a fresh save of the same step replaces one
+        if folders:
             raise CheckpointError(
-                f"{run_dir}: already has checkpoints (newest {os.path.basename(existing[-1][1])}); "
+                f"{run_dir}: already has checkpoints (newest {os.path.basename(folders[-1][1])}); "
                 "pass --resume auto to continue it, or choose another train.run_dir")
+        _refuse_over_export(run_dir)
         return None
     if resume == "auto":
+        if not damaged_folders(run_dir):  # with damaged ones, choose_checkpoint refuses and names them
+            _refuse_over_export(run_dir)
         return existing[-1][1] if existing else None
     step = read_meta(resume)["step"]  # raises for a missing or incomplete folder
     # keep_checkpoints prunes by step: a newer checkpoint left in this run folder would outlive the
@@ -89,6 +110,9 @@ def checkpoint_damage(path: str) -> Optional[str]:
     Sizes are compared first (a truncated copy is found without reading anything); a checkpoint
     written before meta.json listed its files has nothing to compare and counts as intact.
     """
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, META_NAME)):
+        # a save renames its folder into place only after meta.json is written: someone removed it since
+        return f"{path}: no {META_NAME} (removed, or copied without it)"
     try:
         meta = read_meta(path)
     except CheckpointError as err:
@@ -128,7 +152,7 @@ def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str],
         if damage:
             raise CheckpointError(f"--resume {resume}: damaged checkpoint: {damage}")
         return resume
-    for _, path in reversed(complete_checkpoints(run_dir)):
+    for _, path in reversed(checkpoint_folders(run_dir)):  # one without meta.json is damaged too
         damage = checkpoint_damage(path)
         if damage is None:
             return path

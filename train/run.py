@@ -22,7 +22,8 @@ Two nodes of 8 GPUs (run on each node, with its own --machine_rank; the first no
 Overrides: `--set section.key=value` (repeatable), e.g. `--set optim.lr=1e-4 --set train.max_steps=2000`.
 `--resume auto` continues from the newest complete checkpoint in train.run_dir (a fresh start, said
 so, if there is none); `--resume RUN/checkpoints/step_0000500` from that one. Without --resume a run
-folder that already holds checkpoints is refused rather than overwritten.
+folder that already holds checkpoints is refused rather than overwritten; with or without it, so is
+one whose export/ holds a model but whose checkpoints are gone.
 
 Exit codes: 0 done; 1 training failed (a short or damaged shard included); 2 bad usage or
 configuration, a damaged --resume PATH, or a run folder locked by another trainer (RUN/lock names

@@ -24,14 +24,18 @@ from test_train_run import (RUN_PY, cli_args, complete_steps, digits16, env, fre
 from train.run import main as run_main
 
 
-def truncate_before_last_sample(shard: str) -> None:
-    """Cut a tar shard at the start of its last sample (a clean member boundary, no end-of-archive)."""
+def truncate_before_last_sample(shard: str, zero_fill: bool = False) -> None:
+    """Cut a tar shard at the start of its last sample (a clean member boundary, no end-of-archive);
+    with zero_fill, zeros from there on, the size unchanged (it then reads as a shorter archive)."""
     with tarfile.open(shard) as archive:
         members = archive.getmembers()
     last_key = members[-1].name.split(".")[0]
     first_of_last = min(m.offset for m in members if m.name.split(".")[0] == last_key)
+    size = os.path.getsize(shard)
     with open(shard, "r+b") as stream:
         stream.truncate(first_of_last)
+        if zero_fill:
+            stream.truncate(size)
 
 
 def copy_data(data_dir: str, tmp_path) -> str:
@@ -99,7 +103,8 @@ def test_truncated_shard_stops_the_run_with_one_line(split, digits16, tmp_path):
     data = copy_data(digits16, tmp_path)
     shards = sorted(name for name in os.listdir(data) if name.startswith(f"{split}-"))
     for name in shards if split == "train" else shards[:1]:
-        truncate_before_last_sample(os.path.join(data, name))
+        # zero-filled, not cut: a shorter file is refused before training (the next test)
+        truncate_before_last_sample(os.path.join(data, name), zero_fill=True)
     # The command line in a process of its own: it must also exit (reader workers left waiting once
     # made a run that had printed its error hang at exit).
     done = subprocess.run([sys.executable, RUN_PY, *cli_args(data, tmp_path / "run", "train.max_steps=30",
@@ -110,6 +115,26 @@ def test_truncated_shard_stops_the_run_with_one_line(split, digits16, tmp_path):
     assert len(errors) == 1 and f"{split}-0000" in errors[0] and "the manifest says" in errors[0], done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert complete_steps(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("damage", ["missing test shard", "truncated train shard"])
+def test_a_missing_or_short_shard_of_either_split_is_found_before_any_step(damage, digits16, tmp_path,
+                                                                           fresh_accelerate, capsys):
+    data = copy_data(digits16, tmp_path)
+    if damage == "missing test shard":
+        os.remove(os.path.join(data, "test-000002.tar"))
+        words = ["test-000002.tar: shard listed in the manifest is missing"]
+    else:
+        truncate_before_last_sample(os.path.join(data, "train-000005.tar"))
+        words = ["train-000005.tar: ", "too short for the manifest's", "truncated"]
+    # the first evaluation would come after 1,000 steps: the shard is found before the first one
+    assert run_main(cli_args(data, tmp_path / "run", "train.max_steps=2000", "train.eval_at_start=false")) == 1
+    captured = capsys.readouterr()
+    assert "training from step" not in captured.out and not (tmp_path / "run").exists(), captured.out
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "python -m data_prep.verify" in err, err
+    for word in words:
+        assert word in err, err
 
 
 # 3. two trainers on one run folder -------------------------------------------------------------
@@ -323,7 +348,7 @@ def test_fp16_without_a_scaler_never_applies_a_non_finite_gradient(digits16, tmp
 @pytest.mark.slow
 def test_a_failing_rank_ends_every_rank_with_its_message_once(digits16, tmp_path):
     data = copy_data(digits16, tmp_path)
-    truncate_before_last_sample(os.path.join(data, "test-000001.tar"))  # read by rank 1 of 2 only
+    truncate_before_last_sample(os.path.join(data, "test-000001.tar"), zero_fill=True)  # read by rank 1 of 2 only
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                RUN_PY, *cli_args(data, tmp_path / "run", "train.max_steps=20", "train.eval_at_start=true")]

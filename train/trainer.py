@@ -34,6 +34,7 @@ from data_prep.errors import DataError
 from data_prep.grids import grid_tensor, save_png
 from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
+from data_prep.verify import shard_file_problems
 from model import ImageTransformer
 from model.pretrained import load_weights
 from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
@@ -212,6 +213,12 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
     # Handlers first: a stop request from here on is honoured (saved and exit 75), never lost.
     with StopRequest() as stop:
         cfg, manifest = check_against_data(cfg, config_source)
+        # Every shard of both splits is there and long enough before any step: a test shard is read
+        # first at the first evaluation, which may come hours (and an unsaved checkpoint) later.
+        problems = shard_file_problems(cfg.data.dir, manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise TrainingError(f"{problems[0]}{more}; run python -m data_prep.verify {cfg.data.dir}")
         run_dir = cfg.train.run_dir
         # Cheap checks before anything starts (the run lock and the file digests come later; with
         # --resume auto the newest checkpoint may turn out damaged, so its turn comes after them).

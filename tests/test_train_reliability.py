@@ -6,8 +6,11 @@ Tiny 1-layer models on the digits16 set of test_train_run; each test runs a few 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -256,6 +259,64 @@ def test_an_export_without_checkpoints_is_not_trained_over(resume, digits16, tmp
         assert words in err, err
     assert (run / "export" / "model.safetensors").read_bytes() == exported
     assert not (run / "checkpoints").exists()
+
+
+# A full disk --------------------------------------------------------------------------------------
+
+def test_a_full_disk_while_saving_names_the_file_and_leaves_no_half_checkpoint(digits16, tmp_path, fresh_accelerate,
+                                                                               capsys, monkeypatch):
+    run = tmp_path / "run"
+    args = ["train.checkpoint_every=2", "train.eval_at_start=false"]
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=2")) == 0
+    capsys.readouterr()
+    # The kernel refuses every byte past 100 kB of a file (write(2) fails, as on a full disk): the model
+    # (74 kB) is written, the optimizer state (133 kB) is not, and torch.save says only "unexpected pos".
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 0))
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        code = run_main(cli_args(digits16, run, *args, "train.max_steps=4") + ["--resume", "auto"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert re.search(r"^error: checkpoint of step 4 not saved: \S+/step_0000004\.tmp-\w+/optimizer\w*\.bin: "
+                     r"No space left on device$", err), err
+    assert os.listdir(run / "checkpoints") == ["step_0000002"]  # the older one untouched, no .tmp- left
+
+
+@pytest.mark.parametrize("where", ["meta.json", "model folder", "export"])
+def test_a_full_disk_in_the_other_writes_of_a_checkpoint(where, digits16, tmp_path, fresh_accelerate, capsys,
+                                                         monkeypatch):
+    import safetensors
+
+    import model.pretrained
+    import train.checkpoint
+
+    def full(path, *args, **kwargs):
+        if where == "meta.json":  # Python's own form: an OSError with errno and file name
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(path, "meta.json"))
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    if where == "meta.json":
+        monkeypatch.setattr(train.checkpoint, "_write_meta", full)
+    else:  # safetensors' form of the same: no file name, the errno in the text; the first save or the second
+        calls, real = [], model.pretrained.save_model
+        monkeypatch.setattr(model.pretrained, "save_model", lambda net, path, **kwargs: calls.append(path) or (
+            full(path) if len(calls) == (1 if where == "model folder" else 2) else real(net, path, **kwargs)))
+    run = tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=2", "train.eval_at_start=false")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    if where != "export":
+        name = "meta.json" if where == "meta.json" else "model"
+        assert re.search(rf"step 2 not saved: \S+/step_0000002\.tmp-\w+/{name}: No space left on device$", err), err
+        assert os.listdir(run / "checkpoints") == []
+    else:
+        assert err.endswith(f"export of step 2 not saved: {run / 'export'}: No space left on device"), err
+        assert complete_steps(run) == [2] and sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "lock",
+                                                                          "logs", "samples"]
 
 
 # Resume on other data ---------------------------------------------------------------------------

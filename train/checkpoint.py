@@ -15,8 +15,10 @@ resumed) and falls back to the previous one; `--resume PATH` refuses it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from typing import Any, Callable, Optional
@@ -37,6 +39,35 @@ RUNTIME_MODEL_KEYS = ("backend", "chunk_size")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; str() is one line naming the folder."""
+
+
+class WriteFailure(OSError):
+    """A checkpoint or export the file system refused to take (a full disk); str() is one line naming
+    the file and why. Nothing half-written is left under the folder's final name."""
+
+
+# torch's zip writer reports a refused write(2) without errno or file name ("[enforce fail at
+# inline_container.cc:672] . unexpected pos 704 vs 598", or its stream's "basic_ios::clear: iostream
+# error"); safetensors (Rust) as "... (os error 28)".
+TORCH_WRITE_FAILURE = re.compile(r"unexpected pos \d+|file write failed|basic_ios::clear")
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failure(err: BaseException, folder: str) -> Optional[str]:
+    """'FILE: reason' when err is a refused write into folder (OSError, or torch's or safetensors' form
+    of one), else None. Without a file name the file is the one written last in folder; without an
+    errno, a disk with under 1 MiB free is full."""
+    text, match = str(err), RUST_OS_ERROR.search(str(err))
+    if isinstance(err, OSError):
+        code, file = err.errno, err.filename
+    elif match or TORCH_WRITE_FAILURE.search(text):
+        written = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+        code, file = int(match.group(1)) if match else None, max(written, key=os.path.getmtime, default=None)
+    else:
+        return None
+    if code is None and shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free < 1 << 20:
+        code = errno.ENOSPC
+    return f"{file or folder}: {os.strerror(code) if code else text.strip().splitlines()[0]}"
 
 
 def read_meta(path: str) -> dict:
@@ -275,26 +306,38 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
     final = os.path.join(folder, checkpoint_name(step))
     # One temporary name for all ranks, chosen by the main process.
     tmp = f"{final}.tmp-{on_main_then_share(accelerator, lambda: secrets.token_hex(4))}"
+    writing = tmp  # where a refused write happened: save_pretrained removes its own temporary folder
+    try:
+        if accelerator.is_main_process:
+            os.makedirs(tmp, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()  # every rank's files are in tmp
+        if accelerator.is_main_process:
+            writing = checkpoint_model(tmp)
+            model.save_pretrained(writing, meta["image"], step)
+            writing = tmp
+            # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a
+            # folder must not look complete while its weights are still only in the page cache. The same
+            # pass records each file's size and sha256, which resuming checks.
+            files = {}
+            for root, _, names in os.walk(tmp):
+                for name in names:
+                    file = os.path.join(root, name)
+                    with open(file, "rb") as stream:
+                        os.fsync(stream.fileno())
+                    files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
+            _write_meta(tmp, {**meta, "step": step, "files": dict(sorted(files.items()))})  # last: marks it complete
+            # Saving the same step again (e.g. a stop right after resuming) swaps the folders.
+            publish_folder(tmp, final)
+    except Exception as err:
+        failure = write_failure(err, writing)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space back, and nothing half-written left
+        if failure is None:
+            raise
+        raise WriteFailure(f"checkpoint of step {step} not saved: {failure}") from None
     if accelerator.is_main_process:
-        os.makedirs(tmp, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # every rank's files are in tmp
-    if accelerator.is_main_process:
-        model.save_pretrained(checkpoint_model(tmp), meta["image"], step)
-        # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a
-        # folder must not look complete while its weights are still only in the page cache. The same
-        # pass records each file's size and sha256, which resuming checks.
-        files = {}
-        for root, _, names in os.walk(tmp):
-            for name in names:
-                file = os.path.join(root, name)
-                with open(file, "rb") as stream:
-                    os.fsync(stream.fileno())
-                files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
-        _write_meta(tmp, {**meta, "step": step, "files": dict(sorted(files.items()))})  # last: marks it complete
-        # Saving the same step again (e.g. a stop right after resuming) swaps the folders.
-        publish_folder(tmp, final)
         prune_checkpoints(run_dir, keep)
     accelerator.wait_for_everyone()
     return final

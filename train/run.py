@@ -25,11 +25,11 @@ so, if there is none); `--resume RUN/checkpoints/step_0000500` from that one. Wi
 folder that already holds checkpoints is refused rather than overwritten; with or without it, so is
 one whose export/ holds a model but whose checkpoints are gone.
 
-Exit codes: 0 done; 1 training failed (a short or damaged shard included); 2 bad usage or
-configuration, a damaged --resume PATH, or a run folder locked by another trainer (RUN/lock names
-it); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (requeue the job and pass --resume
-auto). Under `accelerate launch` the launcher itself reports a non-zero worker exit as 1; the ranks'
-own message names the cause.
+Exit codes: 0 done; 1 training failed (a short or damaged shard, a checkpoint the disk refused
+included); 2 bad usage or configuration, a damaged --resume PATH, or a run folder locked by another
+trainer (RUN/lock names it); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (requeue the
+job and pass --resume auto). Under `accelerate launch` the launcher itself reports a non-zero worker
+exit as 1; the ranks' own message names the cause.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `lit-train` and `python train/run.py`; returns the exit code."""
     args = build_parser().parse_args(argv)
     from data_prep.errors import DataError
-    from train.checkpoint import CheckpointError
+    from train.checkpoint import CheckpointError, WriteFailure
     from train.config import ConfigError, load_config
     from train.run_lock import RunLockError
     from train.trainer import TrainingError, train
@@ -72,9 +72,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume, config_source=args.config)
-    except (ConfigError, CheckpointError, DataError, RunLockError, TrainingError) as err:
+    except (ConfigError, CheckpointError, DataError, RunLockError, TrainingError, WriteFailure) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_FAILED if isinstance(err, TrainingError) else EXIT_USAGE
+        return EXIT_FAILED if isinstance(err, (TrainingError, WriteFailure)) else EXIT_USAGE
     return result.exit_code
 
 

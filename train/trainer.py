@@ -39,8 +39,8 @@ from model import ImageTransformer
 from model.pretrained import load_weights
 from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
                               export_folder, is_complete)
-from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_share, remove_stale_temporaries,
-                              resolve_resume, run_changes, save_checkpoint)
+from train.checkpoint import (WriteFailure, check_compatible, choose_checkpoint, on_main_then_share,
+                              remove_stale_temporaries, resolve_resume, run_changes, save_checkpoint, write_failure)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
 from train.optimizers import build_optimizers
 from train.precision import resolve_precision
@@ -482,7 +482,13 @@ class Trainer:
                                 self.cfg.train.keep_checkpoints, self.evaluated)
                 self.last_checkpoint_step = self.state.step
             if self.accelerator.is_main_process and not (export_only and is_complete(export_path)):
-                self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
+                try:
+                    self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
+                except Exception as err:  # save_pretrained has removed its temporary folder
+                    failure = write_failure(err, export_path)
+                    if failure is None:
+                        raise
+                    raise WriteFailure(f"export of step {self.state.step} not saved: {failure}") from None
 
     def loop(self) -> Optional[str]:
         """Steps until max_steps or a stop request, evaluating and checkpointing when due; returns

@@ -319,6 +319,19 @@ def test_a_full_disk_in_the_other_writes_of_a_checkpoint(where, digits16, tmp_pa
                                                                           "logs", "samples"]
 
 
+@pytest.mark.parametrize("in_the_way", ["run folder", "logs folder"])
+def test_a_run_folder_that_cannot_be_written_is_one_line(in_the_way, digits16, tmp_path, fresh_accelerate, capsys):
+    # A file where a folder must go (as root, the test's user, a read-only folder would still be written).
+    blocked = tmp_path / "file" if in_the_way == "run folder" else tmp_path / "run" / "logs"
+    blocked.parent.mkdir(exist_ok=True)
+    blocked.write_text("not a folder")
+    run = tmp_path / "file" / "run" if in_the_way == "run folder" else tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=2", "train.eval_at_start=false")) == 1
+    err = capsys.readouterr().err.strip()
+    reason = "Not a directory" if in_the_way == "run folder" else "File exists"
+    assert err.splitlines() == [f"error: {run if in_the_way == 'run folder' else blocked}: {reason}"], err
+
+
 # Resume on other data ---------------------------------------------------------------------------
 
 def test_resume_on_data_of_another_order_is_refused(digits16, tmp_path, fresh_accelerate, capsys):

@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `lit-train` and `python train/run.py`; returns the exit code."""
     args = build_parser().parse_args(argv)
     from data_prep.errors import DataError
-    from train.checkpoint import CheckpointError, WriteFailure
+    from train.checkpoint import CheckpointError
     from train.config import ConfigError, load_config
     from train.run_lock import RunLockError
     from train.trainer import TrainingError, train
@@ -72,9 +72,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume, config_source=args.config)
-    except (ConfigError, CheckpointError, DataError, RunLockError, TrainingError, WriteFailure) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_FAILED if isinstance(err, (TrainingError, WriteFailure)) else EXIT_USAGE
+    except (ConfigError, CheckpointError, DataError, RunLockError, TrainingError, OSError) as err:
+        # OSError: a file the run cannot write or read (a read-only or full disk, a file where a folder goes)
+        named = isinstance(err, OSError) and err.filename is not None
+        print(f"error: {f'{err.filename}: {err.strerror}' if named else err}", file=sys.stderr, flush=True)
+        return EXIT_FAILED if isinstance(err, (TrainingError, OSError)) else EXIT_USAGE
     return result.exit_code
 
 

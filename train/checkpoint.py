@@ -84,6 +84,16 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({err})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "model_config" not in meta:
         raise CheckpointError(f"{meta_path}: checkpoint metadata lacks step or model_config")
+    # A file a user can edit: the values resuming reads must have their types before anything is loaded.
+    for key in ("train_state", "run", "data", "files"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{meta_path}: {key} must be an object, got {meta[key]!r}")
+    for key, value in (meta.get("train_state") or {}).items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CheckpointError(f"{meta_path}: train_state.{key} must be an integer, got {value!r}")
+    for name, record in (meta.get("files") or {}).items():
+        if not (isinstance(record, dict) and isinstance(record.get("size"), int) and isinstance(record.get("sha256"), str)):
+            raise CheckpointError(f"{meta_path}: files.{name} must hold an integer size and a sha256, got {record!r}")
     return meta
 
 

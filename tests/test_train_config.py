@@ -157,6 +157,9 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
         resolve_resume(run, os.path.join(run, "checkpoints", "step_0000999"))
     with pytest.raises(CheckpointError, match="incomplete"):
         resolve_resume(run, os.path.join(run, "checkpoints", "step_0000300"))
+    # the sampler's --checkpoint takes a run folder; --resume says which of its checkpoints to pass
+    with pytest.raises(CheckpointError, match=f"{run}: a run folder, not a checkpoint folder: .*newest {newest}"):
+        resolve_resume(run, run)
     assert remove_stale_temporaries(run) == ["step_0000400.tmp-abcd"]
     prune_checkpoints(run, keep=1)
     assert [s for s, _ in complete_checkpoints(run)] == [200]

@@ -76,6 +76,10 @@ def read_meta(path: str) -> dict:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not os.path.isfile(meta_path):
+        newest = complete_checkpoints(path)  # the sampler takes a run folder for its newest model; say which to pass
+        if newest:
+            raise CheckpointError(f"{path}: a run folder, not a checkpoint folder: pass one of its checkpoints "
+                                  f"(newest {newest[-1][1]}), or --resume auto to continue train.run_dir")
         raise CheckpointError(f"{path}: incomplete checkpoint (no {META_NAME}); the run was interrupted while saving it")
     try:
         with open(meta_path, encoding="utf-8") as handle:

@@ -237,7 +237,7 @@ def test_a_checkpoint_folder_without_meta_json_is_moved_aside_not_replaced(digit
     capsys.readouterr()
     assert run_main(cli_args(digits16, run, *args, "train.max_steps=6") + ["--resume", "auto"]) == 0
     out = capsys.readouterr().out
-    assert "warning: skipping damaged checkpoint" in out and "step_0000004: no meta.json" in out, out
+    assert "warning: skipping damaged checkpoint" in out and "step_0000004/meta.json: missing" in out, out
     assert f"resumed from {ckpt}/step_0000002 at step 2" in out, out
     aside = [name for name in os.listdir(ckpt) if name.startswith("step_0000004.damaged-")]
     assert len(aside) == 1 and (ckpt / aside[0] / "model.safetensors").read_bytes() == weights  # kept as it was

@@ -157,7 +157,7 @@ def checkpoint_damage(path: str) -> Optional[str]:
     """
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, META_NAME)):
         # a save renames its folder into place only after meta.json is written: someone removed it since
-        return f"{path}: no {META_NAME} (removed, or copied without it)"
+        return f"{os.path.join(path, META_NAME)}: missing (removed, or copied without it)"
     try:
         meta = read_meta(path)
     except CheckpointError as err:

@@ -96,7 +96,8 @@ def read_meta(path: str) -> dict:
         if not isinstance(value, int) or isinstance(value, bool):
             raise CheckpointError(f"{meta_path}: train_state.{key} must be an integer, got {value!r}")
     for name, record in (meta.get("files") or {}).items():
-        if not (isinstance(record, dict) and isinstance(record.get("size"), int) and isinstance(record.get("sha256"), str)):
+        if not isinstance(record, dict) or not isinstance(record.get("size"), int) or \
+                not isinstance(record.get("sha256"), str):
             raise CheckpointError(f"{meta_path}: files.{name} must hold an integer size and a sha256, got {record!r}")
     return meta
 

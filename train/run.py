@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set optim.lr=1e-4")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="'auto': newest complete checkpoint of train.run_dir (fresh start if none); "
+                        help="'auto': newest complete checkpoint of train.run_dir (fresh start if none, and no export); "
                              "PATH: that checkpoint folder (an error if missing or incomplete)")
     return parser
 

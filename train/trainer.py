@@ -206,9 +206,10 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
     """Train as configured; returns a TrainResult with exit_code 0 (done) or 75 (stopped on a signal).
 
     Raises ConfigError, CheckpointError or RunLockError for bad configuration or a run folder in use
-    (exit 2) and TrainingError when training cannot continue (exit 1). resume: None (fresh; refuses
-    a run folder that has checkpoints), "auto" (newest intact checkpoint, or fresh) or a checkpoint
-    folder.
+    (exit 2), TrainingError when training cannot continue and WriteFailure (an OSError) for a checkpoint
+    or export the disk refused (exit 1). resume: None (fresh; refuses
+    a run folder that has checkpoints, or an export without them), "auto" (newest intact checkpoint,
+    or fresh where the folder holds no export) or a checkpoint folder.
     """
     # Handlers first: a stop request from here on is honoured (saved and exit 75), never lost.
     with StopRequest() as stop:

@@ -11,6 +11,7 @@ Exit codes: 0 all good, 1 a shard is at fault, 2 not a prepared folder (or bad u
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tarfile
@@ -85,6 +86,28 @@ def check_shard(path: str, manifest: Manifest, count: int, sha256: str) -> list[
         if len(sample[CAPTION_KEY]) > MAX_CAPTION_BYTES or not caption:
             problems.append(f"{name}: sample {key} has a caption of {len(sample[CAPTION_KEY])} bytes")
             break
+    return problems
+
+
+def min_shard_bytes(count: int, seq_len: int) -> int:
+    """The fewest bytes a shard of `count` samples can hold: per sample three tar members (seq.bin and a
+    non-empty cls and txt), each a 512-byte header and its data in 512-byte blocks, then the two zero
+    blocks that end the archive (what shards.py writes, before tarfile pads it to a whole record)."""
+    return count * 512 * (3 + math.ceil(seq_len / 512) + 2) + 1024
+
+
+def shard_file_problems(data_dir, manifest: Manifest) -> list[str]:
+    """Shards of any split that are missing or shorter than their sample count needs (no shard is read:
+    cheap enough for every start of a run; a pipe or device, read like a file, is not sized)."""
+    problems = []
+    for info in manifest.splits.values():
+        for shard, count in zip(info.shards, info.counts):
+            path, least = os.path.join(os.fspath(data_dir), shard), min_shard_bytes(count, manifest.seq_len)
+            if not os.path.exists(path):
+                problems.append(f"{path}: shard listed in the manifest is missing")
+            elif os.path.isfile(path) and os.path.getsize(path) < least:
+                problems.append(f"{path}: {os.path.getsize(path)} bytes, too short for the manifest's {count} "
+                                f"samples (at least {least}): truncated")
     return problems
 
 

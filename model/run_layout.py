@@ -55,13 +55,17 @@ def is_complete(folder) -> bool:
     return os.path.isfile(os.path.join(folder, META_NAME)) or os.path.isfile(os.path.join(folder, CONFIG_NAME))
 
 
-def complete_checkpoints(run_dir) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint in RUN/checkpoints, oldest first."""
+def checkpoint_folders(run_dir) -> list[tuple[int, str]]:
+    """(step, path) of every step_N folder in RUN/checkpoints, complete or not, oldest first."""
     folder = checkpoints_folder(run_dir)
     names = os.listdir(folder) if os.path.isdir(folder) else []
     matches = [(STEP_FOLDER.match(name), os.path.join(folder, name)) for name in names]
-    return sorted((int(match.group(1)), path) for match, path in matches
-                  if match and os.path.isfile(os.path.join(path, META_NAME)))
+    return sorted((int(match.group(1)), path) for match, path in matches if match and os.path.isdir(path))
+
+
+def complete_checkpoints(run_dir) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint in RUN/checkpoints, oldest first."""
+    return [(step, path) for step, path in checkpoint_folders(run_dir) if os.path.isfile(os.path.join(path, META_NAME))]
 
 
 def _stored_model(checkpoint: str) -> str:

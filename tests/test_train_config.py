@@ -11,8 +11,8 @@ import pytest
 import train.config as config
 from model import ModelConfig
 from model.run_layout import complete_checkpoints
-from train.checkpoint import (CheckpointError, check_compatible, model_config_differences, prune_checkpoints,
-                              remove_stale_temporaries, resolve_resume)
+from train.checkpoint import (CheckpointError, check_compatible, checkpoint_damage, model_config_differences,
+                              prune_checkpoints, read_meta, remove_stale_temporaries, resolve_resume)
 from train.config import ConfigError, load_config, parse_yaml, write_config
 from train.schedule import learning_rate
 
@@ -147,7 +147,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
     assert resolve_resume(run, "auto") is None
     make_checkpoint(run, 100)
     newest = make_checkpoint(run, 200)
-    make_checkpoint(run, 300, complete=False)  # a crash before meta.json: never chosen
+    make_checkpoint(run, 300, complete=False)  # no meta.json: never chosen (choose_checkpoint sets it aside)
     os.makedirs(os.path.join(run, "checkpoints", "step_0000400.tmp-abcd"))
     assert resolve_resume(run, "auto") == newest
     assert [s for s, _ in complete_checkpoints(run)] == [100, 200]
@@ -157,6 +157,9 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path):
         resolve_resume(run, os.path.join(run, "checkpoints", "step_0000999"))
     with pytest.raises(CheckpointError, match="incomplete"):
         resolve_resume(run, os.path.join(run, "checkpoints", "step_0000300"))
+    # the sampler's --checkpoint takes a run folder; --resume says which of its checkpoints to pass
+    with pytest.raises(CheckpointError, match=f"{run}: a run folder, not a checkpoint folder: .*newest {newest}"):
+        resolve_resume(run, run)
     assert remove_stale_temporaries(run) == ["step_0000400.tmp-abcd"]
     prune_checkpoints(run, keep=1)
     assert [s for s, _ in complete_checkpoints(run)] == [200]
@@ -174,6 +177,32 @@ def test_resume_from_a_path_refuses_newer_checkpoints_in_the_run(tmp_path):
     with pytest.raises(CheckpointError, match="holds newer checkpoints"):
         resolve_resume(run, elsewhere)
     assert resolve_resume(str(tmp_path / "fresh"), elsewhere) == elsewhere
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"train_state": {"step": 2, "micro_batches": "two"}}, "train_state.micro_batches must be an integer, got 'two'"),
+    ({"files": {"optimizer.bin": {"sha256": "ab"}}}, "files.optimizer.bin must hold an integer size"),
+    ({"run": ["adamw"]}, "run must be an object, got ['adamw']"),
+])
+def test_an_edited_meta_json_is_refused_before_anything_is_loaded(edit, words, tmp_path):
+    """meta.json is a file a user can edit; resuming reads its values, so their types are checked first."""
+    folder = make_checkpoint(str(tmp_path / "run"), 2)
+    meta_path = os.path.join(folder, "meta.json")
+    with open(meta_path) as handle:
+        meta = {**json.load(handle), **edit}
+    with open(meta_path, "w") as handle:
+        json.dump(meta, handle)
+    with pytest.raises(CheckpointError) as caught:
+        read_meta(folder)
+    assert str(caught.value).startswith(f"{meta_path}: {words}"), caught.value
+    assert checkpoint_damage(folder) == str(caught.value)  # --resume auto sets it aside like other damage
+
+
+def test_home_in_path_keys_is_expanded_not_made_into_a_folder_named_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = write(tmp_path, "data:\n  dir: ~/data/digits\ntrain:\n  max_steps: 1\n")
+    cfg = load_config(path, ["train.run_dir=~/runs/digits"])
+    assert (cfg.data.dir, cfg.train.run_dir) == (str(tmp_path / "data/digits"), str(tmp_path / "runs/digits"))
 
 
 def test_model_config_mismatch_lists_the_keys(tmp_path):

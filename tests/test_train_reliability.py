@@ -6,8 +6,11 @@ Tiny 1-layer models on the digits16 set of test_train_run; each test runs a few 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -24,14 +27,18 @@ from test_train_run import (RUN_PY, cli_args, complete_steps, digits16, env, fre
 from train.run import main as run_main
 
 
-def truncate_before_last_sample(shard: str) -> None:
-    """Cut a tar shard at the start of its last sample (a clean member boundary, no end-of-archive)."""
+def truncate_before_last_sample(shard: str, zero_fill: bool = False) -> None:
+    """Cut a tar shard at the start of its last sample (a clean member boundary, no end-of-archive);
+    with zero_fill, zeros from there on, the size unchanged (it then reads as a shorter archive)."""
     with tarfile.open(shard) as archive:
         members = archive.getmembers()
     last_key = members[-1].name.split(".")[0]
     first_of_last = min(m.offset for m in members if m.name.split(".")[0] == last_key)
+    size = os.path.getsize(shard)
     with open(shard, "r+b") as stream:
         stream.truncate(first_of_last)
+        if zero_fill:
+            stream.truncate(size)
 
 
 def copy_data(data_dir: str, tmp_path) -> str:
@@ -99,7 +106,8 @@ def test_truncated_shard_stops_the_run_with_one_line(split, digits16, tmp_path):
     data = copy_data(digits16, tmp_path)
     shards = sorted(name for name in os.listdir(data) if name.startswith(f"{split}-"))
     for name in shards if split == "train" else shards[:1]:
-        truncate_before_last_sample(os.path.join(data, name))
+        # zero-filled, not cut: a shorter file is refused before training (the next test)
+        truncate_before_last_sample(os.path.join(data, name), zero_fill=True)
     # The command line in a process of its own: it must also exit (reader workers left waiting once
     # made a run that had printed its error hang at exit).
     done = subprocess.run([sys.executable, RUN_PY, *cli_args(data, tmp_path / "run", "train.max_steps=30",
@@ -110,6 +118,26 @@ def test_truncated_shard_stops_the_run_with_one_line(split, digits16, tmp_path):
     assert len(errors) == 1 and f"{split}-0000" in errors[0] and "the manifest says" in errors[0], done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert complete_steps(tmp_path / "run") == []
+
+
+@pytest.mark.parametrize("damage", ["missing test shard", "truncated train shard"])
+def test_a_missing_or_short_shard_of_either_split_is_found_before_any_step(damage, digits16, tmp_path,
+                                                                           fresh_accelerate, capsys):
+    data = copy_data(digits16, tmp_path)
+    if damage == "missing test shard":
+        os.remove(os.path.join(data, "test-000002.tar"))
+        words = ["test-000002.tar: shard listed in the manifest is missing"]
+    else:
+        truncate_before_last_sample(os.path.join(data, "train-000005.tar"))
+        words = ["train-000005.tar: ", "too short for the manifest's", "truncated"]
+    # the first evaluation would come after 1,000 steps: the shard is found before the first one
+    assert run_main(cli_args(data, tmp_path / "run", "train.max_steps=2000", "train.eval_at_start=false")) == 1
+    captured = capsys.readouterr()
+    assert "training from step" not in captured.out and not (tmp_path / "run").exists(), captured.out
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "python -m data_prep.verify" in err, err
+    for word in words:
+        assert word in err, err
 
 
 # 3. two trainers on one run folder -------------------------------------------------------------
@@ -196,6 +224,112 @@ def test_every_checkpoint_damaged_is_refused_not_a_fresh_start(digits16, tmp_pat
         assert run_main(cli_args(digits16, run, "train.max_steps=4") + ["--resume", "auto"]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert "no intact checkpoint" in err and "step_0000002.damaged-" in err, err
+
+
+def test_a_checkpoint_folder_without_meta_json_is_moved_aside_not_replaced(digits16, tmp_path, fresh_accelerate,
+                                                                        capsys):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    args = ["train.checkpoint_every=2", "train.eval_at_start=false"]
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=4")) == 0
+    os.remove(ckpt / "step_0000004" / "meta.json")
+    weights = (ckpt / "step_0000004" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=6") + ["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipping damaged checkpoint" in out and "step_0000004/meta.json: missing" in out, out
+    assert f"resumed from {ckpt}/step_0000002 at step 2" in out, out
+    aside = [name for name in os.listdir(ckpt) if name.startswith("step_0000004.damaged-")]
+    assert len(aside) == 1 and (ckpt / aside[0] / "model.safetensors").read_bytes() == weights  # kept as it was
+    assert complete_steps(run) == [4, 6]
+
+
+@pytest.mark.parametrize("resume", [["--resume", "auto"], []])
+def test_an_export_without_checkpoints_is_not_trained_over(resume, digits16, tmp_path, fresh_accelerate, capsys):
+    run = tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=6", "train.eval_at_start=false")) == 0
+    shutil.rmtree(run / "checkpoints")  # a clean-up script, a quota purge; export/ stays
+    exported = (run / "export" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert run_main(cli_args(digits16, run, "train.max_steps=3") + resume) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for words in ("export/ holds a model trained for 6 steps", "no checkpoint", "--resume PATH", "train.run_dir",
+                  f"move {run / 'export'} away"):
+        assert words in err, err
+    assert (run / "export" / "model.safetensors").read_bytes() == exported
+    assert not (run / "checkpoints").exists()
+
+
+# A full disk --------------------------------------------------------------------------------------
+
+def test_a_full_disk_while_saving_names_the_file_and_leaves_no_half_checkpoint(digits16, tmp_path, fresh_accelerate,
+                                                                               capsys, monkeypatch):
+    run = tmp_path / "run"
+    args = ["train.checkpoint_every=2", "train.eval_at_start=false"]
+    assert run_main(cli_args(digits16, run, *args, "train.max_steps=2")) == 0
+    capsys.readouterr()
+    # The kernel refuses every byte past 100 kB of a file (write(2) fails, as on a full disk): the model
+    # (74 kB) is written, the optimizer state (133 kB) is not, and torch.save says only "unexpected pos".
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9, 0))
+    limits, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limits[1]))
+    try:
+        code = run_main(cli_args(digits16, run, *args, "train.max_steps=4") + ["--resume", "auto"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert re.search(r"^error: checkpoint of step 4 not saved: \S+/step_0000004\.tmp-\w+/optimizer\w*\.bin: "
+                     r"No space left on device$", err), err
+    assert os.listdir(run / "checkpoints") == ["step_0000002"]  # the older one untouched, no .tmp- left
+
+
+@pytest.mark.parametrize("where", ["meta.json", "model folder", "export"])
+def test_a_full_disk_in_the_other_writes_of_a_checkpoint(where, digits16, tmp_path, fresh_accelerate, capsys,
+                                                         monkeypatch):
+    import safetensors
+
+    import model.pretrained
+    import train.checkpoint
+
+    def full(path, *args, **kwargs):
+        if where == "meta.json":  # Python's own form: an OSError with errno and file name
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(path, "meta.json"))
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    if where == "meta.json":
+        monkeypatch.setattr(train.checkpoint, "_write_meta", full)
+    else:  # safetensors' form of the same: no file name, the errno in the text; the first save or the second
+        calls, real = [], model.pretrained.save_model
+        monkeypatch.setattr(model.pretrained, "save_model", lambda net, path, **kwargs: calls.append(path) or (
+            full(path) if len(calls) == (1 if where == "model folder" else 2) else real(net, path, **kwargs)))
+    run = tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=2", "train.eval_at_start=false")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    if where != "export":
+        name = "meta.json" if where == "meta.json" else "model"
+        assert re.search(rf"step 2 not saved: \S+/step_0000002\.tmp-\w+/{name}: No space left on device$", err), err
+        assert os.listdir(run / "checkpoints") == []
+    else:
+        assert err.endswith(f"export of step 2 not saved: {run / 'export'}: No space left on device"), err
+        assert complete_steps(run) == [2] and sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "lock",
+                                                                          "logs", "samples"]
+
+
+@pytest.mark.parametrize("in_the_way", ["run folder", "logs folder"])
+def test_a_run_folder_that_cannot_be_written_is_one_line(in_the_way, digits16, tmp_path, fresh_accelerate, capsys):
+    # A file where a folder must go (as root, the test's user, a read-only folder would still be written).
+    blocked = tmp_path / "file" if in_the_way == "run folder" else tmp_path / "run" / "logs"
+    blocked.parent.mkdir(exist_ok=True)
+    blocked.write_text("not a folder")
+    run = tmp_path / "file" / "run" if in_the_way == "run folder" else tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=2", "train.eval_at_start=false")) == 1
+    err = capsys.readouterr().err.strip()
+    reason = "Not a directory" if in_the_way == "run folder" else "File exists"
+    assert err.splitlines() == [f"error: {run if in_the_way == 'run folder' else blocked}: {reason}"], err
 
 
 # Resume on other data ---------------------------------------------------------------------------
@@ -288,7 +422,7 @@ def test_fp16_without_a_scaler_never_applies_a_non_finite_gradient(digits16, tmp
 @pytest.mark.slow
 def test_a_failing_rank_ends_every_rank_with_its_message_once(digits16, tmp_path):
     data = copy_data(digits16, tmp_path)
-    truncate_before_last_sample(os.path.join(data, "test-000001.tar"))  # read by rank 1 of 2 only
+    truncate_before_last_sample(os.path.join(data, "test-000001.tar"), zero_fill=True)  # read by rank 1 of 2 only
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                RUN_PY, *cli_args(data, tmp_path / "run", "train.max_steps=20", "train.eval_at_start=true")]

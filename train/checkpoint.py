@@ -7,16 +7,18 @@ into step_N.tmp-XXXX/ (save_state must run on every rank: it saves each rank's R
 collectives); the main process writes meta.json last and renames the folder once all ranks are done.
 A crash leaves the previous checkpoints untouched or a `.tmp-` folder, which is never taken for a
 checkpoint and is cleared by the next run. A complete folder whose files no longer match meta.json (a
-flipped bit, a truncated copy) is "damaged": `--resume auto` moves it aside to `step_N.damaged-XXXX`
-(kept for inspection, never pruned or resumed) and falls back to the previous one; `--resume PATH`
-refuses it.
+flipped bit, a truncated copy), or a step_N folder without meta.json (a save never leaves one), is
+"damaged": `--resume auto` moves it aside to `step_N.damaged-XXXX` (kept for inspection, never pruned or
+resumed) and falls back to the previous one; `--resume PATH` refuses it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from typing import Any, Callable, Optional
@@ -25,9 +27,9 @@ from accelerate.utils import broadcast_object_list
 
 from data_prep.shards import file_sha256
 from model import ImageTransformer, ModelConfig
-from model.pretrained import publish_folder
-from model.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
-                              complete_checkpoints, is_complete)
+from model.pretrained import publish_folder, read_config
+from model.run_layout import (CHECKPOINTS, EXPORT, META_NAME, SIDE_FOLDER, checkpoint_folders, checkpoint_model,
+                              checkpoint_name, checkpoints_folder, complete_checkpoints, export_folder, is_complete)
 from train.run_lock import RunLockError
 
 # Model config keys that choose an implementation, not the weights: a checkpoint trained with the
@@ -39,12 +41,45 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; str() is one line naming the folder."""
 
 
+class WriteFailure(OSError):
+    """A checkpoint or export the file system refused to take (a full disk); str() is one line naming
+    the file and why. Nothing half-written is left under the folder's final name."""
+
+
+# torch's zip writer reports a refused write(2) without errno or file name ("[enforce fail at
+# inline_container.cc:672] . unexpected pos 704 vs 598", or its stream's "basic_ios::clear: iostream
+# error"); safetensors (Rust) as "... (os error 28)".
+TORCH_WRITE_FAILURE = re.compile(r"unexpected pos \d+|file write failed|basic_ios::clear")
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_failure(err: BaseException, folder: str) -> Optional[str]:
+    """'FILE: reason' when err is a refused write into folder (OSError, or torch's or safetensors' form
+    of one), else None. Without a file name the file is the one written last in folder; without an
+    errno, a disk with under 1 MiB free is full."""
+    text, match = str(err), RUST_OS_ERROR.search(str(err))
+    if isinstance(err, OSError):
+        code, file = err.errno, err.filename
+    elif match or TORCH_WRITE_FAILURE.search(text):
+        written = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+        code, file = int(match.group(1)) if match else None, max(written, key=os.path.getmtime, default=None)
+    else:
+        return None
+    if code is None and shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free < 1 << 20:
+        code = errno.ENOSPC
+    return f"{file or folder}: {os.strerror(code) if code else text.strip().splitlines()[0]}"
+
+
 def read_meta(path: str) -> dict:
     """meta.json of a checkpoint folder; CheckpointError when missing (incomplete) or malformed."""
     meta_path = os.path.join(path, META_NAME)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if not os.path.isfile(meta_path):
+        newest = complete_checkpoints(path)  # the sampler takes a run folder for its newest model; say which to pass
+        if newest:
+            raise CheckpointError(f"{path}: a run folder, not a checkpoint folder: pass one of its checkpoints "
+                                  f"(newest {newest[-1][1]}), or --resume auto to continue train.run_dir")
         raise CheckpointError(f"{path}: incomplete checkpoint (no {META_NAME}); the run was interrupted while saving it")
     try:
         with open(meta_path, encoding="utf-8") as handle:
@@ -53,22 +88,54 @@ def read_meta(path: str) -> dict:
         raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({err})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "model_config" not in meta:
         raise CheckpointError(f"{meta_path}: checkpoint metadata lacks step or model_config")
+    # A file a user can edit: the values resuming reads must have their types before anything is loaded.
+    for key in ("train_state", "run", "data", "files"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{meta_path}: {key} must be an object, got {meta[key]!r}")
+    for key, value in (meta.get("train_state") or {}).items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CheckpointError(f"{meta_path}: train_state.{key} must be an integer, got {value!r}")
+    for name, record in (meta.get("files") or {}).items():
+        if not isinstance(record, dict) or not isinstance(record.get("size"), int) or \
+                not isinstance(record.get("sha256"), str):
+            raise CheckpointError(f"{meta_path}: files.{name} must hold an integer size and a sha256, got {record!r}")
     return meta
+
+
+def _refuse_over_export(run_dir: str) -> None:
+    """CheckpointError when run_dir holds an export (a trained model) but no checkpoint folder: a fresh start
+    would write its own export over it (the checkpoints were deleted, the model was not)."""
+    export = export_folder(run_dir)
+    if checkpoint_folders(run_dir) or not os.path.isdir(export):
+        return
+    try:
+        what = f"a model trained for {read_config(export)['step']} steps"
+    except ValueError:
+        what = "a model"
+    raise CheckpointError(
+        f"{run_dir}: {EXPORT}/ holds {what} but {CHECKPOINTS}/ no checkpoint to resume; a fresh start would "
+        f"overwrite it: pass --resume PATH of a checkpoint, choose another train.run_dir, or move {export} "
+        "away to start afresh here")
 
 
 def resolve_resume(run_dir: str, resume: Optional[str]) -> Optional[str]:
     """The checkpoint folder to resume from: None for a fresh start, 'auto' = newest complete one.
 
-    A run folder that already has checkpoints is never silently overwritten by a fresh start.
+    A run folder that already has checkpoints, or an export without them, is never silently overwritten
+    by a fresh start.
     """
     existing = complete_checkpoints(run_dir)
     if resume is None:
-        if existing:
+        folders = checkpoint_folders(run_dir)  # complete or not: a fresh save of the same step replaces one
+        if folders:
             raise CheckpointError(
-                f"{run_dir}: already has checkpoints (newest {os.path.basename(existing[-1][1])}); "
+                f"{run_dir}: already has checkpoints (newest {os.path.basename(folders[-1][1])}); "
                 "pass --resume auto to continue it, or choose another train.run_dir")
+        _refuse_over_export(run_dir)
         return None
     if resume == "auto":
+        if not damaged_folders(run_dir):  # with damaged ones, choose_checkpoint refuses and names them
+            _refuse_over_export(run_dir)
         return existing[-1][1] if existing else None
     step = read_meta(resume)["step"]  # raises for a missing or incomplete folder
     # keep_checkpoints prunes by step: a newer checkpoint left in this run folder would outlive the
@@ -89,6 +156,9 @@ def checkpoint_damage(path: str) -> Optional[str]:
     Sizes are compared first (a truncated copy is found without reading anything); a checkpoint
     written before meta.json listed its files has nothing to compare and counts as intact.
     """
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, META_NAME)):
+        # a save renames its folder into place only after meta.json is written: someone removed it since
+        return f"{os.path.join(path, META_NAME)}: missing (removed, or copied without it)"
     try:
         meta = read_meta(path)
     except CheckpointError as err:
@@ -128,7 +198,7 @@ def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str],
         if damage:
             raise CheckpointError(f"--resume {resume}: damaged checkpoint: {damage}")
         return resume
-    for _, path in reversed(complete_checkpoints(run_dir)):
+    for _, path in reversed(checkpoint_folders(run_dir)):  # one without meta.json is damaged too
         damage = checkpoint_damage(path)
         if damage is None:
             return path
@@ -251,26 +321,38 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
     final = os.path.join(folder, checkpoint_name(step))
     # One temporary name for all ranks, chosen by the main process.
     tmp = f"{final}.tmp-{on_main_then_share(accelerator, lambda: secrets.token_hex(4))}"
+    writing = tmp  # where a refused write happened: save_pretrained removes its own temporary folder
+    try:
+        if accelerator.is_main_process:
+            os.makedirs(tmp, exist_ok=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()  # every rank's files are in tmp
+        if accelerator.is_main_process:
+            writing = checkpoint_model(tmp)
+            model.save_pretrained(writing, meta["image"], step)
+            writing = tmp
+            # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a
+            # folder must not look complete while its weights are still only in the page cache. The same
+            # pass records each file's size and sha256, which resuming checks.
+            files = {}
+            for root, _, names in os.walk(tmp):
+                for name in names:
+                    file = os.path.join(root, name)
+                    with open(file, "rb") as stream:
+                        os.fsync(stream.fileno())
+                    files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
+            _write_meta(tmp, {**meta, "step": step, "files": dict(sorted(files.items()))})  # last: marks it complete
+            # Saving the same step again (e.g. a stop right after resuming) swaps the folders.
+            publish_folder(tmp, final)
+    except Exception as err:
+        failure = write_failure(err, writing)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space back, and nothing half-written left
+        if failure is None:
+            raise
+        raise WriteFailure(f"checkpoint of step {step} not saved: {failure}") from None
     if accelerator.is_main_process:
-        os.makedirs(tmp, exist_ok=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # every rank's files are in tmp
-    if accelerator.is_main_process:
-        model.save_pretrained(checkpoint_model(tmp), meta["image"], step)
-        # Flush every file save_state wrote before meta.json marks the folder complete: after a crash a
-        # folder must not look complete while its weights are still only in the page cache. The same
-        # pass records each file's size and sha256, which resuming checks.
-        files = {}
-        for root, _, names in os.walk(tmp):
-            for name in names:
-                file = os.path.join(root, name)
-                with open(file, "rb") as stream:
-                    os.fsync(stream.fileno())
-                files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
-        _write_meta(tmp, {**meta, "step": step, "files": dict(sorted(files.items()))})  # last: marks it complete
-        # Saving the same step again (e.g. a stop right after resuming) swaps the folders.
-        publish_folder(tmp, final)
         prune_checkpoints(run_dir, keep)
     accelerator.wait_for_everyone()
     return final

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ CHOICES = {
     ("optim", "name"): ("adamw", "radam", "muon"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),
 }
+PATHS = {("data", "dir"), ("train", "run_dir")}
 POSITIVE = {
     ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"), ("train", "epochs"),
     ("train", "eval_batch_size"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
@@ -209,6 +211,8 @@ def _set_value(given: dict, dotted: str, value: Any, source: str) -> None:
     choices = CHOICES.get((section_name, key))
     if choices is not None and coerced not in choices:
         raise ConfigError(f"{source}: {dotted} must be one of {', '.join(choices)}, got {coerced!r}")
+    if (section_name, key) in PATHS:  # YAML has no shell to expand ~: a folder named '~' would be made in the cwd
+        coerced = os.path.expanduser(coerced)
     if (section_name, key) in POSITIVE and coerced is not None and not coerced > 0:
         raise ConfigError(f"{source}: {dotted} must be > 0, got {coerced!r}")
     if section_name == "model":

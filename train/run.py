@@ -22,13 +22,14 @@ Two nodes of 8 GPUs (run on each node, with its own --machine_rank; the first no
 Overrides: `--set section.key=value` (repeatable), e.g. `--set optim.lr=1e-4 --set train.max_steps=2000`.
 `--resume auto` continues from the newest complete checkpoint in train.run_dir (a fresh start, said
 so, if there is none); `--resume RUN/checkpoints/step_0000500` from that one. Without --resume a run
-folder that already holds checkpoints is refused rather than overwritten.
+folder that already holds checkpoints is refused rather than overwritten; with or without it, so is
+one whose export/ holds a model but whose checkpoints are gone.
 
-Exit codes: 0 done; 1 training failed (a short or damaged shard included); 2 bad usage or
-configuration, a damaged --resume PATH, or a run folder locked by another trainer (RUN/lock names
-it); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (requeue the job and pass --resume
-auto). Under `accelerate launch` the launcher itself reports a non-zero worker exit as 1; the ranks'
-own message names the cause.
+Exit codes: 0 done; 1 training failed (a short or damaged shard, a checkpoint the disk refused
+included); 2 bad usage or configuration, a damaged --resume PATH, or a run folder locked by another
+trainer (RUN/lock names it); 75 stopped by SIGUSR1/SIGTERM after saving a checkpoint (requeue the
+job and pass --resume auto). Under `accelerate launch` the launcher itself reports a non-zero worker
+exit as 1; the ranks' own message names the cause.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. --set optim.lr=1e-4")
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="'auto': newest complete checkpoint of train.run_dir (fresh start if none); "
+                        help="'auto': newest complete checkpoint of train.run_dir (fresh start if none, and no export); "
                              "PATH: that checkpoint folder (an error if missing or incomplete)")
     return parser
 
@@ -71,9 +72,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, resume=args.resume, config_source=args.config)
-    except (ConfigError, CheckpointError, DataError, RunLockError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return EXIT_FAILED if isinstance(err, TrainingError) else EXIT_USAGE
+    except (ConfigError, CheckpointError, DataError, RunLockError, TrainingError, OSError) as err:
+        # OSError: a file the run cannot write or read (a read-only or full disk, a file where a folder goes)
+        named = isinstance(err, OSError) and err.filename is not None
+        print(f"error: {f'{err.filename}: {err.strerror}' if named else err}", file=sys.stderr, flush=True)
+        return EXIT_FAILED if isinstance(err, (TrainingError, OSError)) else EXIT_USAGE
     return result.exit_code
 
 

@@ -34,12 +34,13 @@ from data_prep.errors import DataError
 from data_prep.grids import grid_tensor, save_png
 from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
+from data_prep.verify import shard_file_problems
 from model import ImageTransformer
 from model.pretrained import load_weights
 from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
                               export_folder, is_complete)
-from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_share, remove_stale_temporaries,
-                              resolve_resume, run_changes, save_checkpoint)
+from train.checkpoint import (WriteFailure, check_compatible, choose_checkpoint, on_main_then_share,
+                              remove_stale_temporaries, resolve_resume, run_changes, save_checkpoint, write_failure)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
 from train.optimizers import build_optimizers
 from train.precision import resolve_precision
@@ -205,13 +206,20 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
     """Train as configured; returns a TrainResult with exit_code 0 (done) or 75 (stopped on a signal).
 
     Raises ConfigError, CheckpointError or RunLockError for bad configuration or a run folder in use
-    (exit 2) and TrainingError when training cannot continue (exit 1). resume: None (fresh; refuses
-    a run folder that has checkpoints), "auto" (newest intact checkpoint, or fresh) or a checkpoint
-    folder.
+    (exit 2), TrainingError when training cannot continue and WriteFailure (an OSError) for a checkpoint
+    or export the disk refused (exit 1). resume: None (fresh; refuses
+    a run folder that has checkpoints, or an export without them), "auto" (newest intact checkpoint,
+    or fresh where the folder holds no export) or a checkpoint folder.
     """
     # Handlers first: a stop request from here on is honoured (saved and exit 75), never lost.
     with StopRequest() as stop:
         cfg, manifest = check_against_data(cfg, config_source)
+        # Every shard of both splits is there and long enough before any step: a test shard is read
+        # first at the first evaluation, which may come hours (and an unsaved checkpoint) later.
+        problems = shard_file_problems(cfg.data.dir, manifest)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise TrainingError(f"{problems[0]}{more}; run python -m data_prep.verify {cfg.data.dir}")
         run_dir = cfg.train.run_dir
         # Cheap checks before anything starts (the run lock and the file digests come later; with
         # --resume auto the newest checkpoint may turn out damaged, so its turn comes after them).
@@ -475,7 +483,13 @@ class Trainer:
                                 self.cfg.train.keep_checkpoints, self.evaluated)
                 self.last_checkpoint_step = self.state.step
             if self.accelerator.is_main_process and not (export_only and is_complete(export_path)):
-                self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
+                try:
+                    self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
+                except Exception as err:  # save_pretrained has removed its temporary folder
+                    failure = write_failure(err, export_path)
+                    if failure is None:
+                        raise
+                    raise WriteFailure(f"export of step {self.state.step} not saved: {failure}") from None
 
     def loop(self) -> Optional[str]:
         """Steps until max_steps or a stop request, evaluating and checkpointing when due; returns

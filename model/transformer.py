@@ -107,6 +107,8 @@ class ImageTransformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.row_len == "auto":
+            raise ValueError("model.row_len='auto' is the data's row: resolve it to a number (the trainer does)")
         self.config = cfg
         # kept with the weights by save_pretrained: the data's image format, optimizer steps trained
         self.image_info: Optional[dict] = None

@@ -105,7 +105,7 @@ def preserved_rng() -> Iterator[None]:
 
 
 def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]:
-    """(cfg with bins, seq_len and n_classes of the data, the manifest of data.dir); ConfigError naming
+    """(cfg with bins, seq_len, n_classes and row_len: auto of the data, the manifest of data.dir); ConfigError naming
     the key when the folder is not usable or a value the config sets disagrees with the data."""
     if not os.path.isdir(cfg.data.dir):
         raise ConfigError(f"{source}: data.dir {cfg.data.dir!r} does not exist "
@@ -120,7 +120,9 @@ def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]
             raise ConfigError(f"{source}: model.{key}={getattr(cfg.model, key)!r} but data.dir {cfg.data.dir!r} "
                               f"has {value} (leave model.{key} out: the data sets it)")
     row = manifest.width * manifest.channels
-    if cfg.model.row_len and manifest.order == "raster" and cfg.model.row_len != row:
+    if cfg.model.row_len == "auto":  # the data's own row; patch order has no image row to embed
+        data["row_len"] = row if manifest.order == "raster" else 0
+    elif cfg.model.row_len and manifest.order == "raster" and cfg.model.row_len != row:
         raise ConfigError(f"{source}: model.row_len={cfg.model.row_len} but a row of {cfg.data.dir!r} is {row} bytes "
                           f"(width {manifest.width} x {manifest.channels} channels): set model.row_len={row}, or 0")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **data)), manifest

@@ -118,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from model.linear_backends import backend_available
 
     from train.config import load_config
-    from train.precision import native_bf16
+    from model.precision import native_bf16
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

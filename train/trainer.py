@@ -42,7 +42,7 @@ from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
 from train.optimizers import build_optimizers
-from train.precision import resolve_precision
+from model.precision import resolve_precision
 from train.run_lock import RunLock
 from train.schedule import learning_rate
 from train.stop_request import EXIT_STOPPED, StopRequest

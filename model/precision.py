@@ -1,11 +1,15 @@
-"""Which mixed precision a run trains in: `train.mixed_precision: auto` picks bf16 only where the
-device computes it natively, because emulated bf16 is slower than fp32 (measured 2026-11-26, the
+"""Which precision a device computes in: `train.mixed_precision: auto`, and lit-sample's and lit-eval's
+`--precision auto`, pick bf16 only where the device computes it natively, because emulated bf16 is slower than fp32 (measured 2026-11-26, the
 demo's training step on one core of a Zen 4 CPU: native 380 ms against 681 ms fp32; the same CPU with
 oneDNN capped to AVX2 5,224 ms against 789 ms fp32, and to AVX-512 without BF16 1,081 against 724 ms)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+PRECISIONS = ("auto", "bf16", "fp32")  # the sampler's and the evaluator's choices
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -22,3 +26,17 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     if setting != "auto":
         return setting
     return "bf16" if native_bf16(device) else "no"
+
+
+def sampling_precision(precision: str, device: torch.device) -> str:
+    """--precision as it runs here: `auto` becomes bf16 where the device computes it natively, else fp32."""
+    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for a precision that runs as bf16 here, none for fp32 (the models keep their
+    recurrent state in fp32 either way)."""
+    if sampling_precision(precision, device) == "fp32":
+        return contextlib.nullcontext()
+    # no cast cache: a CUDA graph must not capture casts cached outside it
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from data_prep.errors import DataError
 from data_prep.reader import eval_batches
 from model.generation import SamplingOptions, generate_images
+from model.precision import PRECISIONS, autocast
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
 from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
 from sample.loading import data_manifest, load_for_sampling
@@ -55,6 +56,7 @@ class EvalJob:
     seed: int = 0
     guidance: float = 1.0
     device: Optional[str] = None
+    precision: str = "auto"  # as lit-sample's --precision, for bits/dim and the samples
     classifier_steps: int = 1000
     classifier_dir: Optional[str] = None
     retrain_classifier: bool = False
@@ -100,7 +102,7 @@ def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement
                                                     job.retrain_classifier, job.progress, log)
     request = conditional_request(list(range(n_classes)), None, job.n_per_class, n_classes)
     options = SamplingOptions(seed=job.seed, batch_size=job.batch_size, mode="recurrent",
-                              progress=job.progress, guidance=job.guidance)
+                              progress=job.progress, guidance=job.guidance, precision=job.precision)
     seqs, stats = generate_images(net, request.n_images, options, labels=request.labels)  # (C * N, L)
     predicted = predict(classifier, sequences_to_tensor(seqs, manifest))  # (C * N,)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
@@ -133,8 +135,9 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     try:
         batches = eval_batches(job.data, job.batch_size, split=job.split, rank=state.process_index,
                                world_size=state.num_processes)
-        totals = net.nll_totals(tqdm(batches, desc=f"bits/dim ({job.split})", unit="batch", leave=False,
-                                     disable=not (job.progress and state.is_main_process)))
+        with autocast(device, job.precision):
+            totals = net.nll_totals(tqdm(batches, desc=f"bits/dim ({job.split})", unit="batch", leave=False,
+                                         disable=not (job.progress and state.is_main_process)))
         totals = reduce(totals, reduction="sum")  # every rank read a disjoint share of the shards
     except DataError as err:
         raise SampleFailure(str(err)) from None
@@ -204,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per batch for bits/dim and for sampling (default %(default)s)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: accelerate's device: cuda when available)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="bits/dim and samples: as lit-sample's --precision (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1: small models, shared cores; see lit-sample)")
     parser.add_argument("--classifier-steps", type=int, default=1000,

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-size", type=int, default=20000,
                         help="digits to render for training (fewer than the full 60,000 keeps "
                              "preparation to about a minute; default %(default)s)")
+    parser.add_argument("--test-size", type=int, default=2000, help="digits to render for testing (default %(default)s)")
     parser.add_argument("--bins", type=int, default=8,
                         help="quantization levels of the digits (default %(default)s: the strokes are "
                              "near-binary, and 8 levels keep their anti-aliased edges while the "
@@ -115,7 +116,7 @@ def stages(args: argparse.Namespace, out_dir: Path) -> list[tuple[str, list[str]
         # --overwrite: the folder is the demo's own; a different --bins replaces it.
         commands.append(("prepare", [python, "-m", "data_prep.prepare", "--dataset", "digits",
                                      "--out", str(data), "--bins", str(args.bins), "--overwrite",
-                                     "--train-size", str(args.train_size), "--test-size", "2000"]))
+                                     "--train-size", str(args.train_size), "--test-size", str(args.test_size)]))
     train = [python, str(REPO / "train" / "run.py"), "--config", str(Path(args.config).resolve()),
              "--set", f"data.dir={data}", "--set", f"train.run_dir={run}", "--resume", "auto"]
     if args.max_steps is not None:

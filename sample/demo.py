@@ -99,7 +99,7 @@ def planned_steps(args: argparse.Namespace) -> Optional[int]:
 def finished_steps(run: Path) -> Optional[int]:
     """Step of the run's export, or None when there is none (or it does not load)."""
     from model.pretrained import read_config
-    from model.run_layout import export_folder
+    from common.run_layout import export_folder
 
     try:
         return read_config(export_folder(run))["step"]

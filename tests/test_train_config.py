@@ -10,7 +10,7 @@ import pytest
 
 import train.config as config
 from model import ImageTransformer, ModelConfig
-from model.run_layout import complete_checkpoints
+from common.run_layout import complete_checkpoints
 from train.checkpoint import (CheckpointError, check_compatible, model_config_differences, prune_checkpoints,
                               remove_stale_temporaries, resolve_resume)
 from train.config import ConfigError, load_config, parse_yaml, write_config

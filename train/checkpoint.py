@@ -1,4 +1,4 @@
-"""Checkpoints: complete or absent (folder names and completeness: model.run_layout).
+"""Checkpoints: complete or absent (folder names and completeness: common.run_layout).
 
 A checkpoint folder holds accelerate's `save_state` output, the model folder model/ and meta.json
 ({"step", "model_config", "image", "train_state", "run", "data", "files"}): `files` lists every other
@@ -26,7 +26,7 @@ from accelerate.utils import broadcast_object_list
 from data_prep.shards import file_sha256
 from model import ImageTransformer, ModelConfig
 from model.pretrained import publish_folder
-from model.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
+from common.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
                               complete_checkpoints, is_complete)
 from train.run_lock import RunLockError
 

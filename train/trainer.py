@@ -36,7 +36,7 @@ from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
 from model import ImageTransformer
 from model.pretrained import load_weights
-from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
+from common.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
                               export_folder, is_complete)
 from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_share, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)

@@ -6,15 +6,11 @@ sampler, so every grid in the project looks alike: white padding, one image per 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-from pathlib import Path
-from typing import BinaryIO, Iterator
-
 import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
+
+from common.files import atomic_file
 
 
 def to_chw(images: np.ndarray) -> torch.Tensor:
@@ -29,23 +25,6 @@ def grid_tensor(images: np.ndarray, columns: int, padding: int = 2, scale: int =
         batch = batch.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     columns = max(1, min(columns, len(batch)))
     return make_grid(batch, nrow=columns, padding=padding, pad_value=1.0)
-
-
-@contextlib.contextmanager
-def atomic_file(path) -> Iterator[BinaryIO]:
-    """A binary stream to a temporary file beside path (same folder, so os.replace is atomic): it
-    becomes path when the block ends without an error and is removed otherwise."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
-    os.chmod(temporary, 0o644)  # mkstemp makes 0600; outputs are meant to be shared and viewed
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            yield stream
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_png(tensor: torch.Tensor, path) -> None:

@@ -20,7 +20,8 @@ import numpy as np
 from data_prep.captions import MAX_CAPTION_BYTES
 from data_prep.errors import DataError
 from data_prep.manifest import Manifest, load_manifest
-from data_prep.shards import CAPTION_KEY, LABEL_KEY, SEQ_KEY, file_sha256
+from common.files import file_sha256
+from data_prep.shards import CAPTION_KEY, LABEL_KEY, SEQ_KEY
 
 FIELDS = {SEQ_KEY, LABEL_KEY, CAPTION_KEY}
 

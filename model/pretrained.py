@@ -6,7 +6,6 @@ ImageTransformer.save_pretrained / from_pretrained are the entry points; this mo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Optional
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from common.files import publish_folder
 from model.config import ModelConfig
 from model.linear_backends import backend_available
 
@@ -37,34 +37,6 @@ def image_problem(image, config: ModelConfig) -> Optional[str]:
         return (f"image info ({length} bytes, {image['bins']} bins) does not match the model "
                 f"({config.seq_len} bytes, {config.bins} bins)")
     return None
-
-
-def fsync_folder(path) -> None:
-    """Make the renames inside a folder durable (best effort: not every file system allows it)."""
-    with contextlib.suppress(OSError):
-        handle = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-
-
-def publish_folder(temporary, final) -> None:
-    """Rename a fully written folder to `final`; an older `final` is renamed aside (FINAL.replaced-XXXX),
-    then deleted, so that a crash leaves the old folder or the new one, never a mixture."""
-    fsync_folder(temporary)
-    aside = f"{final}.replaced-{secrets.token_hex(4)}" if os.path.exists(final) else None
-    if aside:
-        os.replace(final, aside)
-    try:
-        os.replace(temporary, final)
-    except BaseException:
-        if aside:
-            os.replace(aside, final)
-        raise
-    if aside:
-        shutil.rmtree(aside, ignore_errors=True)
-    fsync_folder(os.path.dirname(os.path.abspath(final)))
 
 
 def write_pretrained(net: nn.Module, path, image: Optional[dict], step: int) -> None:

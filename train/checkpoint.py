@@ -23,9 +23,8 @@ from typing import Any, Callable, Optional
 
 from accelerate.utils import broadcast_object_list
 
-from data_prep.shards import file_sha256
+from common.files import file_sha256, publish_folder
 from model import ImageTransformer, ModelConfig
-from model.pretrained import publish_folder
 from common.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
                               complete_checkpoints, is_complete)
 from train.run_lock import RunLockError

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
-from data_prep.grids import atomic_file
+from common.files import atomic_file
 from model.config import ModelConfig
 
 

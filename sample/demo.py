@@ -75,8 +75,7 @@ def run_stage(name: str, command: list[str]) -> int:
 
 def is_prepared(folder: Path, bins: int) -> bool:
     """Whether folder already holds the digits prepared at `bins` levels (manifest.json is written last)."""
-    from data_prep.errors import DataError
-    from data_prep.manifest import load_manifest
+    from data_prep import DataError, load_manifest
 
     try:
         manifest = load_manifest(folder)

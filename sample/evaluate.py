@@ -32,8 +32,7 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from tqdm import tqdm
 
-from data_prep.errors import DataError
-from data_prep.reader import eval_batches
+from data_prep import DataError, eval_batches
 from model.generation import SamplingOptions, generate_images
 from model.precision import PRECISIONS, autocast
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor

@@ -10,9 +10,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from data_prep.codec import decode_sequences
 from common.files import atomic_file
-from data_prep.grids import save_png, to_chw
+from data_prep import decode_sequences, save_png, to_chw
 
 
 def decode(seqs: torch.Tensor, image: dict) -> np.ndarray:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.errors import DataError
-from data_prep.manifest import Manifest, load_manifest
+from data_prep import DataError, Manifest, load_manifest
 from model import ImageTransformer
 from model.pretrained import IMAGE_KEYS, image_problem
 from common.run_layout import model_folder

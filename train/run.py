@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `lit-train` and `python train/run.py`; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from data_prep.errors import DataError
+    from data_prep import DataError
     from train.checkpoint import CheckpointError
     from train.config import ConfigError, load_config
     from train.run_lock import RunLockError

@@ -28,12 +28,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
 
-from data_prep.captions import caption_for
-from data_prep.codec import decode_sequences
-from data_prep.errors import DataError
-from data_prep.grids import grid_tensor, save_png
-from data_prep.manifest import load_manifest
-from data_prep.reader import eval_batches, train_batches
+from data_prep import (DataError, caption_for, decode_sequences, eval_batches, grid_tensor, load_manifest, save_png,
+                       train_batches)
 from model import ImageTransformer
 from model.pretrained import load_weights
 from common.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,

@@ -12,7 +12,6 @@ import pytest
 import webdataset as wds
 
 from common.files import file_sha256
-from data_prep import shards as shard_io
 from data_prep.captions import MAX_CAPTION_BYTES, captions_for_class
 from data_prep.codec import decode_sequences, dequantize, encode_images, quantize
 from data_prep.errors import DataError

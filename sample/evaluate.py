@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -32,15 +31,15 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from tqdm import tqdm
 
+from common.exits import run_command
 from data_prep import DataError, eval_batches
+from model import bits_per_dim
 from model.generation import SamplingOptions, generate_images
 from model.precision import PRECISIONS, autocast
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
-from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
+from sample.errors import SampleFailure, SampleUsageError
 from sample.loading import data_manifest, load_for_sampling
 from sample.request import conditional_request
-
-LN2 = math.log(2.0)
 
 
 @dataclass
@@ -146,7 +145,7 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     if not state.is_main_process:
         return None  # sampling is keyed by position in one request: the main process draws them all
     result = EvalResult(str(loaded.source), loaded.step, str(job.data), job.split, int(images), int(n_bytes),
-                        nats / n_bytes / LN2, condition, list(manifest.class_names))
+                        bits_per_dim(nats, n_bytes), condition, list(manifest.class_names))
     if net.condition.uses_class and job.n_per_class > 0:
         try:
             result.agreement = class_agreement(net, manifest, job, device, log)
@@ -233,7 +232,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # every field but progress is the flag of the same name
     job = EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
                   progress=not args.no_progress)
-    result, code = run_reporting_errors("lit-eval", lambda: evaluate(job))
+    result, code = run_command("lit-eval", lambda: evaluate(job))
     if result is None:  # an error (code 1 or 2), or not the main process (0)
         return code
     print(format_table(result))

@@ -22,7 +22,7 @@ if __package__ in (None, ""):
     # `python sample/run.py` puts sample/ first on sys.path; the packages live one level up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sample.errors import run_reporting_errors  # noqa: E402
+from common.exits import run_command  # noqa: E402
 from model.generation import MODES, SamplingOptions  # noqa: E402
 from model.precision import PRECISIONS, sampling_precision  # noqa: E402
 
@@ -136,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
-    result, code = run_reporting_errors("lit-sample", lambda: run_job(job_from_args(args)))
+    result, code = run_command("lit-sample", lambda: run_job(job_from_args(args)))
     if code:
         return code
     stats, loaded = result.stats, result.loaded

@@ -208,7 +208,7 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
         raise ValueError(f"prefix shape {tuple(prefix.shape)} does not fit {n_images} images of {seq_len} bytes")
     start = 0 if prefix is None else prefix.shape[1]
     if start == seq_len:  # nothing left to draw
-        return net._check_bytes(prefix, "prefix").cpu().clone(), GenerationStats(n_images, 0, 0.0)
+        return net.check_bytes(prefix, "prefix").cpu().clone(), GenerationStats(n_images, 0, 0.0)
     was_training = net.training
     net.eval()  # no dropout, no condition dropout while sampling
     run = _generate_recurrent if options.mode == "recurrent" else _generate_parallel

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from data_prep import (DataError, caption_for, decode_sequences, eval_batches, grid_tensor, load_manifest, save_png,
                        train_batches)
-from model import ImageTransformer
+from model import ImageTransformer, bits_per_dim
 from model.pretrained import load_weights
 from common.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
                               export_folder, is_complete)
@@ -43,7 +43,6 @@ from train.run_lock import RunLock
 from train.schedule import learning_rate
 from train.stop_request import EXIT_STOPPED, StopRequest
 
-LN2 = math.log(2.0)
 
 
 class TrainingError(RuntimeError):
@@ -153,7 +152,7 @@ def evaluate(accelerator: Any, net: ImageTransformer, cfg: TrainConfig) -> float
     total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
     if total[1].item() == 0:
         raise TrainingError(f"{cfg.data.dir}: the test split is empty; cannot evaluate")
-    return (total[0] / total[1]).item() / LN2
+    return bits_per_dim(total[0].item(), total[1].item())
 
 
 def sample_grid(net: ImageTransformer, manifest: Any, n: int, seed: int) -> torch.Tensor:
@@ -430,12 +429,12 @@ class Trainer:
         images_per_s = n_steps * self.global_batch / elapsed
         if self.window_steps > 0 and self.accelerator.is_main_process:
             train_loss = self.window_loss / self.window_steps
-            self.accelerator.log({"train/loss": train_loss, "train/bits_per_dim": train_loss / LN2,
+            self.accelerator.log({"train/loss": train_loss, "train/bits_per_dim": bits_per_dim(train_loss),
                                   "train/lr": lr, "train/grad_norm": grad_norm, "train/images_per_s": images_per_s,
                                   "train/bytes_per_s": images_per_s * self.manifest.seq_len,
                                   "train/bad_steps_total": state.bad_total,
                                   "train/samples_seen": state.samples_seen}, step=state.step)
-            self.bar.set_postfix(loss=f"{train_loss:.4f}", bpd=f"{train_loss / LN2:.3f}",
+            self.bar.set_postfix(loss=f"{train_loss:.4f}", bpd=f"{bits_per_dim(train_loss):.3f}",
                                  img_s=f"{images_per_s:.1f}")
         self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
 

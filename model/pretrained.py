@@ -2,6 +2,10 @@
 
 config.json: {"format": 2, "model_config": {...}, "image": {...}, "step": N}. Nothing is pickled.
 ImageTransformer.save_pretrained / from_pretrained are the entry points; this module holds the files.
+Not huggingface_hub's PyTorchModelHubMixin (2.4): its save_pretrained writes into the final folder in
+place (deleting config.json first, then a README.md model card besides), so a crash leaves a mixture,
+and its config.json is the __init__ arguments, not this format; keeping both would override everything
+but push_to_hub, and `huggingface_hub.upload_folder(folder_path=..., repo_id=...)` pushes a folder as is.
 """
 
 from __future__ import annotations

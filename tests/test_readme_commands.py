@@ -39,8 +39,8 @@ TINY = {
     r"^lit-eval": ["--n-per-class", "1", "--classifier-steps", "2", "--no-progress"],
     r"bench/prep_speed\.py": ["--train", "100", "--test", "20"],
     r"bench/attention\.py": ["--lengths", "32", "--repeats", "1", "--heads", "2", "--d-query", "4"],
-    r"bench/train_speed\.py": ["--attention", "causal-linear", "--backends", "torch", "--steps", "1", "--warmup", "0",
-                               "--layers", "1", "--batch-size", "1"],
+    r"bench/train_speed\.py": ["--configs", "configs/mnist.yaml", "--attention", "causal-linear", "--backends", "torch",
+                               "--steps", "1", "--warmup", "0", "--layers", "1", "--batch-size", "1"],
     r"bench/sample_speed\.py": ["--shapes", "mnist", "--batch-sizes", "1", "--positions", "1", "--bytes", "1",
                                 "--methods", "recurrent-linear,softmax-kv-cache,parallel-rerun"],
 }

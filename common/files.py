@@ -23,6 +23,12 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def fsync_file(path) -> None:
+    """Flush a written file to disk, so that a rename that publishes it cannot outlive its bytes."""
+    with open(path, "rb") as stream:
+        os.fsync(stream.fileno())
+
+
 @contextlib.contextmanager
 def atomic_file(path) -> Iterator[BinaryIO]:
     """A binary stream to a temporary file beside path (same folder, so os.replace is atomic): it
@@ -34,6 +40,8 @@ def atomic_file(path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(handle, "wb") as stream:
             yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

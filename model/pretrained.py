@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import secrets
 import shutil
 import warnings
@@ -22,7 +21,7 @@ from typing import Optional
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from common.files import publish_folder
+from common.files import fsync_file, publish_folder
 from model.config import ModelConfig
 from model.linear_backends import backend_available
 
@@ -59,8 +58,7 @@ def write_pretrained(net: nn.Module, path, image: Optional[dict], step: int) -> 
                    "step": int(step)}
         (temporary / CONFIG_NAME).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(temporary / name, "rb") as file:
-                os.fsync(file.fileno())
+            fsync_file(temporary / name)
         publish_folder(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from accelerate.utils import broadcast_object_list
 
-from common.files import file_sha256, publish_folder
+from common.files import file_sha256, fsync_file, publish_folder
 from model import ImageTransformer, ModelConfig
 from common.run_layout import (META_NAME, SIDE_FOLDER, checkpoint_model, checkpoint_name, checkpoints_folder,
                               complete_checkpoints, is_complete)
@@ -264,8 +264,7 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
         for root, _, names in os.walk(tmp):
             for name in names:
                 file = os.path.join(root, name)
-                with open(file, "rb") as stream:
-                    os.fsync(stream.fileno())
+                fsync_file(file)
                 files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
         _write_meta(tmp, {**meta, "step": step, "files": dict(sorted(files.items()))})  # last: marks it complete
         # Saving the same step again (e.g. a stop right after resuming) swaps the folders.

@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import yaml
 
+from common.exits import UsageError, run_command
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "digits.yaml"
 
@@ -135,13 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the stages; print where the grid, the run and the TensorBoard logs are."""
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
-    if not Path(args.config).is_file():
-        print(f"lit-demo: error: --config {args.config}: no such file (the demo runs from a source "
-              "checkout: pip install -e .)", file=sys.stderr)
-        return 2
-    if args.skip_prepare and not is_prepared(out_dir / "data" / "digits", args.bins):
-        print(f"lit-demo: error: --skip-prepare, but {out_dir / 'data' / 'digits'} is not a prepared "
-              "digits folder", file=sys.stderr)
+
+    def check() -> None:
+        if not Path(args.config).is_file():
+            raise UsageError(f"--config {args.config}: no such file (the demo runs from a source checkout: pip install -e .)")
+        if args.skip_prepare and not is_prepared(out_dir / "data" / "digits", args.bins):
+            raise UsageError(f"--skip-prepare, but {out_dir / 'data' / 'digits'} is not a prepared digits folder")
+
+    if run_command("lit-demo", check)[1]:
         return 2
     began = time.perf_counter()
     for name, command in stages(args, out_dir):

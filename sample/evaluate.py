@@ -222,28 +222,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, evaluate, print the table, write --json; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        print(f"lit-eval: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
-        return 2
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads or 1)
-    # every field but progress is the flag of the same name
-    job = EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
-                  progress=not args.no_progress)
-    result, code = run_command("lit-eval", lambda: evaluate(job))
-    if result is None:  # an error (code 1 or 2), or not the main process (0)
-        return code
-    print(format_table(result))
-    if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
-        except OSError as err:
-            print(f"lit-eval: failed: --json {args.json}: {err.strerror}", file=sys.stderr)
-            return 1
-        print(f"wrote: {args.json}")
-    return 0
+
+    def work() -> None:
+        if args.threads is not None and args.threads < 1:
+            raise SampleUsageError(f"--threads {args.threads}: must be >= 1")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise SampleUsageError(f"--json {args.json}: its folder does not exist")
+        torch.set_num_threads(args.threads or 1)
+        # every field but progress is the flag of the same name
+        result = evaluate(EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
+                                  progress=not args.no_progress))
+        if result is None:  # not the main process
+            return
+        print(format_table(result))
+        if args.json:
+            try:
+                Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+            except OSError as err:
+                raise SampleFailure(f"--json {args.json}: {err.strerror}") from None
+            print(f"wrote: {args.json}")
+
+    return run_command("lit-eval", work)[1]
 
 
 if __name__ == "__main__":

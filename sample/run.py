@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.exits import run_command  # noqa: E402
+from sample.errors import SampleUsageError  # noqa: E402
 from model.generation import MODES, SamplingOptions  # noqa: E402
 from model.precision import PRECISIONS, sampling_precision  # noqa: E402
 
@@ -128,15 +129,17 @@ def job_from_args(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, run the job, print where the files are and the speed; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from sample.pipeline import run_job
-
-    if args.threads is not None and args.threads < 1:
-        print(f"lit-sample: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
-        return 2
     import torch
 
-    torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
-    result, code = run_command("lit-sample", lambda: run_job(job_from_args(args)))
+    from sample.pipeline import run_job
+
+    def work():
+        if args.threads is not None and args.threads < 1:
+            raise SampleUsageError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
+        return run_job(job_from_args(args))
+
+    result, code = run_command("lit-sample", work)
     if code:
         return code
     stats, loaded = result.stats, result.loaded

@@ -15,7 +15,8 @@ PACKAGES = ("common", "data_prep", "model", "train", "sample")
 # what each package may import, besides itself
 ALLOWED = {"common": set(), "data_prep": {"common"}, "model": {"common"},
            "train": {"common", "data_prep", "model"}, "sample": {"common", "data_prep", "model"}}
-COMMANDS = ("data_prep/prepare.py", "data_prep/verify.py", "train/run.py", "sample/run.py", "sample/evaluate.py")
+COMMANDS = ("data_prep/prepare.py", "data_prep/verify.py", "train/run.py", "sample/run.py", "sample/evaluate.py",
+            "sample/demo.py")
 
 
 def module_name(path: Path) -> str:

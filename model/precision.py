@@ -1,7 +1,8 @@
-"""Which precision a device computes in: `train.mixed_precision: auto`, and lit-sample's and lit-eval's
-`--precision auto`, pick bf16 only where the device computes it natively, because emulated bf16 is slower than fp32 (measured 2026-11-26, the
-demo's training step on one core of a Zen 4 CPU: native 380 ms against 681 ms fp32; the same CPU with
-oneDNN capped to AVX2 5,224 ms against 789 ms fp32, and to AVX-512 without BF16 1,081 against 724 ms)."""
+"""Which precision a device computes in: `train.mixed_precision: auto`, and lit-sample's and
+lit-eval's `--precision auto`, pick bf16 only where the device computes it natively, because
+emulated bf16 is slower than fp32 (measured 2026-11-26, the demo's training step on one core of a
+Zen 4 CPU: native 380 ms against 681 ms fp32; the same CPU with oneDNN capped to AVX2 5,224 ms
+against 789 ms fp32, and to AVX-512 without BF16 1,081 against 724 ms)."""
 
 from __future__ import annotations
 

@@ -190,7 +190,7 @@ def measure_rerun(net: ImageTransformer, batch: int, starts: list[int], width: i
 def measure_full(net: ImageTransformer, batch: int, mode: str, device: torch.device, cuda_graph: bool,
                  bf16: bool, compile: bool = False) -> tuple[float, int, torch.Tensor]:
     """Seconds per image generating whole images with the sampler's own loop, peak bytes, the images."""
-    options = SamplingOptions(batch_size=batch, mode=mode, progress=False, cuda_graph=cuda_graph, bf16=bf16,
+    options = SamplingOptions(batch_size=batch, mode=mode, progress=False, cuda_graph=cuda_graph, precision="bf16" if bf16 else "fp32",
                               compile=compile)
     # warm-up (kernels, cuBLAS handles, allocator, graph capture, compilation) on the last bytes: the
     # given prefix is read in one parallel pass, so keep its activations (~B x K x d_ff floats) near 4 GB

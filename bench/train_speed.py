@@ -69,7 +69,8 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
         section = dataclasses.replace(section, n_layers=args.layers)
     values = dataclasses.asdict(section)
     seq_len = {"mnist": 28 * 28, "cifar10": 32 * 32 * 3}[args.dataset_of[id(cfg)]]
-    model_config = ModelConfig.from_dict({**values, "bins": 256, "seq_len": seq_len, "n_classes": 10})
+    row = {"mnist": 28, "cifar10": 32 * 3}[args.dataset_of[id(cfg)]] if values["row_len"] == "auto" else values["row_len"]
+    model_config = ModelConfig.from_dict({**values, "bins": 256, "seq_len": seq_len, "n_classes": 10, "row_len": row})
     torch.manual_seed(0)
     net = ImageTransformer(model_config).to(device)
     optimizers = build_optimizers(net, cfg, device)
@@ -117,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from model.linear_backends import backend_available
 
     from train.config import load_config
-    from train.precision import native_bf16
+    from model.precision import native_bf16
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_prep.errors import DataError
+from data_prep.source_types import Source, SourceSplit
 
 RESIZE_MODES = ("crop", "exact")
 # Below this many images a process pool costs more than it saves.
@@ -284,7 +285,6 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
     (files skipped, captions used) is complete once both streams have run.
     """
     from data_prep.captions import check_caption, read_captions_file
-    from data_prep.sources import Source, SourceSplit
 
     height, width = options.size
     found = list_images(options.root)

@@ -6,17 +6,12 @@ sampler, so every grid in the project looks alike: white padding, one image per 
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import tempfile
-from pathlib import Path
-from typing import BinaryIO, Iterator
-
 import numpy as np
 
-# torch and torchvision are imported where used: prepare imports this module for check_writable
-# and loads torch (about 680 MB) only when the preview is drawn.
+from common.files import atomic_file
+
+# torch and torchvision are imported where used: prepare imports this module for its preview and
+# loads torch (about 680 MB) only when the preview is drawn.
 
 
 def to_chw(images: np.ndarray) -> torch.Tensor:
@@ -35,39 +30,6 @@ def grid_tensor(images: np.ndarray, columns: int, padding: int = 2, scale: int =
         batch = batch.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     columns = max(1, min(columns, len(batch)))
     return make_grid(batch, nrow=columns, padding=padding, pad_value=1.0)
-
-
-def check_writable(folder) -> None:
-    """OSError now, before any work is done, if files cannot be created in folder (or in the folders
-    that would be made for it); nothing is left behind."""
-    existing = Path(os.path.abspath(folder))
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
-    tempfile.TemporaryFile(dir=existing).close()
-
-
-def writable_message(flag: str, path, error: OSError) -> str:
-    """One line for an output path that cannot be written: the flag, the path and why."""
-    return f"{flag} {path}: cannot write there ({error.strerror or error}: {error.filename or path})"
-
-
-@contextlib.contextmanager
-def atomic_file(path) -> Iterator[BinaryIO]:
-    """A binary stream to a temporary file beside path (same folder, so os.replace is atomic): it
-    becomes path when the block ends without an error and is removed otherwise."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
-    os.chmod(temporary, 0o644)  # mkstemp makes 0600; outputs are meant to be shared and viewed
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            yield stream
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_png(tensor: torch.Tensor, path) -> None:

@@ -17,6 +17,7 @@ import zipfile
 import numpy as np
 
 from data_prep.errors import DataError
+from data_prep.source_types import Source, SourceSplit
 
 IMAGENET_SIZES = {"imagenet32": 32, "imagenet64": 64}
 N_CLASSES = 1000
@@ -160,8 +161,6 @@ def load_imagenet(dataset: str, root: str, train_size: int | None = None, test_s
     Every file's header and labels are checked here, before anything is written; the images are read
     later, a chunk at a time.
     """
-    from data_prep.sources import Source, SourceSplit
-
     side = IMAGENET_SIZES[dataset]
     if not os.path.isdir(root):
         raise DataError(f"{dataset}: --root {root} is not a folder")

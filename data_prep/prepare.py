@@ -22,11 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.exits import run_command
+from common.files import check_writable, writable_message
 from data_prep import shards as shard_io
 from data_prep.captions import captions_for_labels
 from data_prep.codec import check_bins, encode_images, parse_order
 from data_prep.errors import DataError
-from data_prep.grids import check_writable, writable_message
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, manifest_path, write_manifest
 from data_prep.preview import PreviewSamples
 from data_prep.folders import RESIZE_MODES, FolderOptions, parse_size
@@ -359,17 +360,10 @@ def main(argv=None) -> int:
         test_root=args.test_root, test_fraction=args.test_fraction, captions=args.captions, skip_bad=args.skip_bad,
     )
     try:
-        prepare(config)
-    except UsageError as error:
-        print(f"prepare: error: {error}", file=sys.stderr)
-        return 2
-    except (DataError, OSError) as error:
-        print(f"prepare: error: {error}", file=sys.stderr)
-        return 1
+        return run_command("prepare", lambda: prepare(config), usage=(UsageError,), failure=(DataError, OSError))[1]
     except KeyboardInterrupt:
         print("prepare: interrupted; the folder has no manifest and reads as unfinished", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":

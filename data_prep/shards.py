@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import sys
@@ -12,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from common.files import file_sha256
 from data_prep.manifest import SplitInfo
 
 MIN_SHARDS = 16  # enough for any realistic ranks x workers split to give every reader a shard
@@ -43,15 +43,6 @@ def default_shard_size(count: int, min_shards: int = MIN_SHARDS, sample_bytes: i
     if sample_bytes:
         size = min(size, max(1, MAX_DEFAULT_SHARD_BYTES // sample_bytes))
     return size
-
-
-def file_sha256(path: str, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class OpenShard:

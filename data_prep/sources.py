@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import pickle
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
 from data_prep.errors import DataError
+from data_prep.folders import load_folder
+from data_prep.imagenet import load_imagenet
+from data_prep.source_types import Source, SourceSplit
 
 DATASETS = ("mnist", "cifar10", "digits", "folder", "imagenet32", "imagenet64")
 # (height, width, channels) per dataset, known before anything is read so arguments fail fast
@@ -24,47 +25,6 @@ MNIST_FILES = {
 }
 CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "meta": ["batches.meta"]}
-
-
-@dataclass
-class SourceSplit:
-    """One split of a source dataset: uint8 images [N, H, W, C] and int64 labels [N] in memory, or a stream.
-
-    captions: one per image from a captions file, None where the class-name templates should fill in
-    (None for the whole split: templates for all).
-    stream: for sources too large to hold (ImageNet, image folders), a function chunk_size -> iterator of
-    (images, labels, captions or None) chunks of at most chunk_size images; images and labels are then
-    None and `size` says how many images the stream will give (at most: unreadable files may be skipped).
-    """
-
-    images: np.ndarray | None
-    labels: np.ndarray | None
-    captions: list | None = None
-    size: int | None = None
-    stream: Callable[[int], Iterator[tuple]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels) if self.stream is None else self.size
-
-    def chunks(self, chunk_size: int) -> Iterator[tuple]:
-        """(images, labels, captions or None) in chunks of at most chunk_size images, in split order."""
-        if self.stream is not None:
-            yield from self.stream(chunk_size)
-            return
-        for start in range(0, len(self.labels), chunk_size):
-            stop = start + chunk_size
-            yield (self.images[start:stop], self.labels[start:stop],
-                   None if self.captions is None else self.captions[start:stop])
-
-
-@dataclass
-class Source:
-    """A loaded source dataset."""
-
-    name: str
-    class_names: list[str]
-    splits: dict[str, SourceSplit]
-    info: dict = field(default_factory=dict)
 
 
 def _missing(paths: list[str], dataset: str, root: str) -> DataError:
@@ -237,14 +197,10 @@ def load_source(dataset: str, root: str | None, download: bool = False, *, train
     if dataset == "digits":
         return load_digits(train_size or 60000, test_size or 10000, seed, workers=workers)
     if dataset == "folder":
-        from data_prep.folders import load_folder
-
         return load_folder(folder, seed, workers=workers, progress=progress)
     if root is None:
         raise DataError(f"{dataset}: --root is required (the folder torchvision reads or downloads into)")
     if dataset in ("imagenet32", "imagenet64"):
-        from data_prep.imagenet import load_imagenet
-
         return load_imagenet(dataset, root, train_size, test_size)
     source = load_mnist(root, download) if dataset == "mnist" else load_cifar10(root, download)
     for split, size in (("train", train_size), ("test", test_size)):

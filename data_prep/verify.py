@@ -21,7 +21,9 @@ import numpy as np
 from data_prep.captions import MAX_CAPTION_BYTES
 from data_prep.errors import DataError
 from data_prep.manifest import Manifest, load_manifest
-from data_prep.shards import CAPTION_KEY, LABEL_KEY, SEQ_KEY, file_sha256
+from common.exits import run_command
+from common.files import file_sha256
+from data_prep.shards import CAPTION_KEY, LABEL_KEY, SEQ_KEY
 
 FIELDS = {SEQ_KEY, LABEL_KEY, CAPTION_KEY}
 
@@ -131,12 +133,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("data_dir", metavar="DIR", help="a folder written by python -m data_prep.prepare")
     args = parser.parse_args(argv)
-    try:
-        manifest = load_manifest(args.data_dir)
-        problems = verify(args.data_dir)
-    except DataError as error:
-        print(f"verify: error: {error}", file=sys.stderr)
-        return 2
+    found, code = run_command("verify", lambda: (load_manifest(args.data_dir), verify(args.data_dir)), usage=(DataError,))
+    if found is None:
+        return code
+    manifest, problems = found
     for problem in problems:
         print(f"verify: {problem}", file=sys.stderr)
     if problems:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from model.attention_layer import ATTENTION_KINDS  # importing the layer registers every attention kind
 from model.linear_backends import BACKEND_NAMES
@@ -46,8 +46,9 @@ class ModelConfig:
     conv_kernel: int = 0
     # Bytes per image row (width x channels in raster order; 0: none): each byte's position also gets
     # a learned row and column embedding, shared across rows and columns, so the model need not learn
-    # the image's 2-D layout one absolute position at a time.
-    row_len: int = 0
+    # the image's 2-D layout one absolute position at a time. "auto" (the trainer's default) is the
+    # data's own row, which the trainer resolves from the manifest before it builds the model.
+    row_len: Union[int, str] = 0
 
     def __post_init__(self) -> None:
         if self.d_value is None:
@@ -89,7 +90,7 @@ class ModelConfig:
 
         int_minimums = {"bins": 2, "seq_len": 1, "n_layers": 1, "n_heads": 1, "d_query": 1,
                         "d_value": 1, "d_ff": 1, "chunk_size": 1, "mixtures": 1, "n_classes": 1,
-                        "caption_len": 1, "conv_kernel": 0, "row_len": 0}
+                        "caption_len": 1, "conv_kernel": 0, **({} if self.row_len == "auto" else {"row_len": 0})}
         for name, minimum in int_minimums.items():
             value = getattr(self, name)
             # bool is an int subclass; True as a layer count is a typo, not a number

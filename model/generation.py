@@ -7,7 +7,6 @@ draw through generate_images here: image i of a request takes its uniforms from 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.precision import autocast
 from model.sampling import filter_logits
 
 MODES = ("recurrent", "parallel")
@@ -32,7 +32,7 @@ class SamplingOptions:
     seed: int = 0
     batch_size: int = 64
     mode: str = "recurrent"
-    bf16: bool = False
+    precision: str = "fp32"  # or bf16, or auto: bf16 where native (model.precision); the CLIs take auto
     progress: bool = True
     cuda_graph: bool = True  # recurrent mode on CUDA: replay one captured step per byte
     compile: bool = False  # recurrent mode: fuse the step's kernels with torch.compile (slow first call)
@@ -82,14 +82,6 @@ def next_byte(net: torch.nn.Module, logits: torch.Tensor, uniforms: torch.Tensor
     filtered = filter_logits(log_probs, temperature=options.temperature, top_k=options.top_k,
                              top_p=options.top_p)
     return draw(filtered, uniforms)
-
-
-def _autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on request; the model keeps its recurrent state in fp32 either way."""
-    if not bf16:
-        return contextlib.nullcontext()
-    # no cast cache: a CUDA graph must not capture casts cached outside it
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def _recurrent_step(net, state, byte: torch.Tensor, t: torch.Tensor, token_offset: int, out: torch.Tensor,
@@ -216,7 +208,7 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
         raise ValueError(f"prefix shape {tuple(prefix.shape)} does not fit {n_images} images of {seq_len} bytes")
     start = 0 if prefix is None else prefix.shape[1]
     if start == seq_len:  # nothing left to draw
-        return net._check_bytes(prefix, "prefix").cpu().clone(), GenerationStats(n_images, 0, 0.0)
+        return net.check_bytes(prefix, "prefix").cpu().clone(), GenerationStats(n_images, 0, 0.0)
     was_training = net.training
     net.eval()  # no dropout, no condition dropout while sampling
     run = _generate_recurrent if options.mode == "recurrent" else _generate_parallel
@@ -236,7 +228,7 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
             condition, copies = _condition_rows(batch_labels, batch_captions, len(rows), options.guidance)
             # inference mode: no version counters or view tracking, about 9% less overhead per byte on
             # a CPU; `out` is copied into the ordinary `result` below, so callers get a normal tensor
-            with torch.inference_mode(), _autocast(device, options.bf16):
+            with torch.inference_mode(), autocast(device, options.precision):
                 run(net, out, start, condition, copies, uniforms, options, bar.update)
             result[rows] = out.cpu()
     finally:

@@ -2,14 +2,16 @@
 
 config.json: {"format": 2, "model_config": {...}, "image": {...}, "step": N}. Nothing is pickled.
 ImageTransformer.save_pretrained / from_pretrained are the entry points; this module holds the files.
+Not huggingface_hub's PyTorchModelHubMixin (2.4): its save_pretrained writes into the final folder in
+place (deleting config.json first, then a README.md model card besides), so a crash leaves a mixture,
+and its config.json is the __init__ arguments, not this format; keeping both would override everything
+but push_to_hub, and `huggingface_hub.upload_folder(folder_path=..., repo_id=...)` pushes a folder as is.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import secrets
 import shutil
 import warnings
@@ -19,6 +21,7 @@ from typing import Optional
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from common.files import fsync_file, publish_folder
 from model.config import ModelConfig
 from model.linear_backends import backend_available
 
@@ -39,34 +42,6 @@ def image_problem(image, config: ModelConfig) -> Optional[str]:
     return None
 
 
-def fsync_folder(path) -> None:
-    """Make the renames inside a folder durable (best effort: not every file system allows it)."""
-    with contextlib.suppress(OSError):
-        handle = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)
-
-
-def publish_folder(temporary, final) -> None:
-    """Rename a fully written folder to `final`; an older `final` is renamed aside (FINAL.replaced-XXXX),
-    then deleted, so that a crash leaves the old folder or the new one, never a mixture."""
-    fsync_folder(temporary)
-    aside = f"{final}.replaced-{secrets.token_hex(4)}" if os.path.exists(final) else None
-    if aside:
-        os.replace(final, aside)
-    try:
-        os.replace(temporary, final)
-    except BaseException:
-        if aside:
-            os.replace(aside, final)
-        raise
-    if aside:
-        shutil.rmtree(aside, ignore_errors=True)
-    fsync_folder(os.path.dirname(os.path.abspath(final)))
-
-
 def write_pretrained(net: nn.Module, path, image: Optional[dict], step: int) -> None:
     """Write net's weights and net.config as the folder `path` (built in PATH.tmp-XXXX, then renamed)."""
     problem = image_problem(image, net.config)
@@ -83,8 +58,7 @@ def write_pretrained(net: nn.Module, path, image: Optional[dict], step: int) -> 
                    "step": int(step)}
         (temporary / CONFIG_NAME).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            with open(temporary / name, "rb") as file:
-                os.fsync(file.fileno())
+            fsync_file(temporary / name)
         publish_folder(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -102,11 +102,21 @@ class Block(nn.Module):
         return x + (self.dropout(out) if self.training else out), state
 
 
+LN2 = math.log(2.0)  # nats per bit
+
+
+def bits_per_dim(nats: float, n_bytes: float = 1.0) -> float:
+    """Bits per byte of `nats` summed over `n_bytes` (nll_totals' first two entries, or a mean loss)."""
+    return float(nats) / float(n_bytes) / LN2
+
+
 class ImageTransformer(nn.Module):
     """Autoregressive model of byte sequences with an optional class/caption conditioning prefix."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.row_len == "auto":
+            raise ValueError("model.row_len='auto' is the data's row: resolve it to a number (the trainer does)")
         self.config = cfg
         # kept with the weights by save_pretrained: the data's image format, optimizer steps trained
         self.image_info: Optional[dict] = None
@@ -165,7 +175,7 @@ class ImageTransformer(nn.Module):
         return net.to(map_location).eval()
 
     # ---------------------------------------------------------------- parallel (training) path
-    def _check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:
+    def check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:
         """Validate an integer tensor [B, K] of bytes in [0, bins) and return it as long."""
         if seq.dim() != 2 or seq.dtype.is_floating_point or seq.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor [B, K], got {tuple(seq.shape)} {seq.dtype}")
@@ -223,7 +233,7 @@ class ImageTransformer(nn.Module):
         """Logits [B, L, head_dim]; logits[:, t] predicts seq[:, t] from seq[:, :t] and the condition
         (the null condition in rows where drop_condition (B,) bool is true). With return_nll, nll()'s
         [B, L] instead: a DDP-wrapped model computes its loss through its own forward this way."""
-        seq = self._check_bytes(seq, "seq")
+        seq = self.check_bytes(seq, "seq")
         if seq.shape[1] > self.config.seq_len:
             raise ValueError(f"seq has {seq.shape[1]} bytes, more than seq_len={self.config.seq_len}")
         x, condition = self._embed(seq[:, :-1], labels, captions, drop_condition)
@@ -281,7 +291,7 @@ class ImageTransformer(nn.Module):
         device = self.byte_embedding.weight.device
         if prefix is None:
             prefix = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        prefix = self._check_bytes(prefix.to(device), "prefix")
+        prefix = self.check_bytes(prefix.to(device), "prefix")
         if prefix.shape[0] != batch:
             raise ValueError(f"prefix has {prefix.shape[0]} rows for a state of batch {batch}")
         if prefix.shape[1] >= self.config.seq_len:

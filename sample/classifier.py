@@ -19,9 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data_prep.grids import atomic_file, to_chw
-from data_prep.manifest import Manifest, load_manifest, manifest_path
-from data_prep.reader import eval_batches, train_batches
+from common.files import atomic_file
+from data_prep import Manifest, eval_batches, load_manifest, manifest_path, to_chw, train_batches
 from sample.errors import SampleFailure
 from sample.grids import decode
 

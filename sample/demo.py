@@ -25,6 +25,8 @@ from typing import Optional, Sequence
 
 import yaml
 
+from common.exits import UsageError, run_command
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "digits.yaml"
 
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-size", type=int, default=20000,
                         help="digits to render for training (fewer than the full 60,000 keeps "
                              "preparation to about a minute; default %(default)s)")
+    parser.add_argument("--test-size", type=int, default=2000, help="digits to render for testing (default %(default)s)")
     parser.add_argument("--bins", type=int, default=8,
                         help="quantization levels of the digits (default %(default)s: the strokes are "
                              "near-binary, and 8 levels keep their anti-aliased edges while the "
@@ -74,8 +77,7 @@ def run_stage(name: str, command: list[str]) -> int:
 
 def is_prepared(folder: Path, bins: int) -> bool:
     """Whether folder already holds the digits prepared at `bins` levels (manifest.json is written last)."""
-    from data_prep.errors import DataError
-    from data_prep.manifest import load_manifest
+    from data_prep import DataError, load_manifest
 
     try:
         manifest = load_manifest(folder)
@@ -98,7 +100,7 @@ def planned_steps(args: argparse.Namespace) -> Optional[int]:
 def finished_steps(run: Path) -> Optional[int]:
     """Step of the run's export, or None when there is none (or it does not load)."""
     from model.pretrained import read_config
-    from model.run_layout import export_folder
+    from common.run_layout import export_folder
 
     try:
         return read_config(export_folder(run))["step"]
@@ -115,7 +117,7 @@ def stages(args: argparse.Namespace, out_dir: Path) -> list[tuple[str, list[str]
         # --overwrite: the folder is the demo's own; a different --bins replaces it.
         commands.append(("prepare", [python, "-m", "data_prep.prepare", "--dataset", "digits",
                                      "--out", str(data), "--bins", str(args.bins), "--overwrite",
-                                     "--train-size", str(args.train_size), "--test-size", "2000"]))
+                                     "--train-size", str(args.train_size), "--test-size", str(args.test_size)]))
     train = [python, str(REPO / "train" / "run.py"), "--config", str(Path(args.config).resolve()),
              "--set", f"data.dir={data}", "--set", f"train.run_dir={run}", "--resume", "auto"]
     if args.max_steps is not None:
@@ -135,13 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the stages; print where the grid, the run and the TensorBoard logs are."""
     args = build_parser().parse_args(argv)
     out_dir = Path(args.out_dir).resolve()
-    if not Path(args.config).is_file():
-        print(f"lit-demo: error: --config {args.config}: no such file (the demo runs from a source "
-              "checkout: pip install -e .)", file=sys.stderr)
-        return 2
-    if args.skip_prepare and not is_prepared(out_dir / "data" / "digits", args.bins):
-        print(f"lit-demo: error: --skip-prepare, but {out_dir / 'data' / 'digits'} is not a prepared "
-              "digits folder", file=sys.stderr)
+
+    def check() -> None:
+        if not Path(args.config).is_file():
+            raise UsageError(f"--config {args.config}: no such file (the demo runs from a source checkout: pip install -e .)")
+        if args.skip_prepare and not is_prepared(out_dir / "data" / "digits", args.bins):
+            raise UsageError(f"--skip-prepare, but {out_dir / 'data' / 'digits'} is not a prepared digits folder")
+
+    if run_command("lit-demo", check)[1]:
         return 2
     began = time.perf_counter()
     for name, command in stages(args, out_dir):

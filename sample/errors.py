@@ -1,24 +1,11 @@
-"""Errors the sampler reports as one line: bad usage (exit 2) and failures (exit 1)."""
+"""The sampler's errors; common.exits.run_command turns them into exit codes like every command's."""
 
-import sys
-from typing import Any, Callable
+from common.exits import Failure, UsageError
 
 
-class SampleUsageError(ValueError):
+class SampleUsageError(UsageError):
     """Bad flags or a path that is not there: the CLI prints the message and exits 2."""
 
 
-class SampleFailure(RuntimeError):
+class SampleFailure(Failure):
     """Something present but unusable (a corrupt checkpoint): the CLI prints the message and exits 1."""
-
-
-def run_reporting_errors(prog: str, work: Callable[[], Any]) -> tuple[Any, int]:
-    """(work(), 0), or (None, exit code) after one line on stderr for the errors above."""
-    try:
-        return work(), 0
-    except SampleUsageError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        return None, 2
-    except SampleFailure as err:
-        print(f"{prog}: failed: {err}", file=sys.stderr)
-        return None, 1

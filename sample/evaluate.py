@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -32,17 +31,17 @@ from accelerate import PartialState
 from accelerate.utils import reduce
 from tqdm import tqdm
 
-from data_prep.errors import DataError
-from data_prep.grids import check_writable, writable_message
-from data_prep.reader import eval_batches
+from common.exits import run_command
+from common.files import check_writable, writable_message
+from data_prep import DataError, eval_batches
+from model import bits_per_dim
 from model.generation import SamplingOptions, generate_images
+from model.precision import PRECISIONS, autocast
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
-from sample.errors import SampleFailure, SampleUsageError, run_reporting_errors
+from sample.errors import SampleFailure, SampleUsageError
 from sample.loading import data_manifest, load_for_sampling
 from sample.pipeline import pick_device
 from sample.request import conditional_request
-
-LN2 = math.log(2.0)
 
 
 @dataclass
@@ -57,6 +56,7 @@ class EvalJob:
     seed: int = 0
     guidance: float = 1.0
     device: Optional[str] = None
+    precision: str = "auto"  # as lit-sample's --precision, for bits/dim and the samples
     classifier_steps: int = 1000
     classifier_dir: Optional[str] = None
     retrain_classifier: bool = False
@@ -102,7 +102,7 @@ def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement
                                                     job.retrain_classifier, job.progress, log)
     request = conditional_request(list(range(n_classes)), None, job.n_per_class, n_classes)
     options = SamplingOptions(seed=job.seed, batch_size=job.batch_size, mode="recurrent",
-                              progress=job.progress, guidance=job.guidance)
+                              progress=job.progress, guidance=job.guidance, precision=job.precision)
     seqs, stats = generate_images(net, request.n_images, options, labels=request.labels)  # (C * N, L)
     predicted = predict(classifier, sequences_to_tensor(seqs, manifest))  # (C * N,)
     confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
@@ -135,8 +135,9 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     try:
         batches = eval_batches(job.data, job.batch_size, split=job.split, rank=state.process_index,
                                world_size=state.num_processes)
-        totals = net.nll_totals(tqdm(batches, desc=f"bits/dim ({job.split})", unit="batch", leave=False,
-                                     disable=not (job.progress and state.is_main_process)))
+        with autocast(device, job.precision):
+            totals = net.nll_totals(tqdm(batches, desc=f"bits/dim ({job.split})", unit="batch", leave=False,
+                                         disable=not (job.progress and state.is_main_process)))
         totals = reduce(totals, reduction="sum")  # every rank read a disjoint share of the shards
     except DataError as err:
         raise SampleFailure(str(err)) from None
@@ -146,7 +147,7 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     if not state.is_main_process:
         return None  # sampling is keyed by position in one request: the main process draws them all
     result = EvalResult(str(loaded.source), loaded.step, str(job.data), job.split, int(images), int(n_bytes),
-                        nats / n_bytes / LN2, condition, list(manifest.class_names))
+                        bits_per_dim(nats, n_bytes), condition, list(manifest.class_names))
     if net.condition.uses_class and job.n_per_class > 0:
         try:
             result.agreement = class_agreement(net, manifest, job, device, log)
@@ -206,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per batch for bits/dim and for sampling (default %(default)s)")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: accelerate's device: cuda when available)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="bits/dim and samples: as lit-sample's --precision (default %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default 1: small models, shared cores; see lit-sample)")
     parser.add_argument("--classifier-steps", type=int, default=1000,
@@ -221,34 +224,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, evaluate, print the table, write --json; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        print(f"lit-eval: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
-        return 2
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        print(f"lit-eval: error: --json {args.json}: its folder does not exist", file=sys.stderr)
-        return 2
-    try:  # found now, not after the evaluation
-        if args.json:
-            check_writable(Path(args.json).resolve().parent)
-    except OSError as err:
-        print(f"lit-eval: error: {writable_message('--json', args.json, err)}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads or 1)
-    # every field but progress is the flag of the same name
-    job = EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
-                  progress=not args.no_progress)
-    result, code = run_reporting_errors("lit-eval", lambda: evaluate(job))
-    if result is None:  # an error (code 1 or 2), or not the main process (0)
-        return code
-    print(format_table(result))
-    if args.json:
-        try:
-            Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+
+    def work() -> None:
+        if args.threads is not None and args.threads < 1:
+            raise SampleUsageError(f"--threads {args.threads}: must be >= 1")
+        if args.json and not Path(args.json).resolve().parent.is_dir():
+            raise SampleUsageError(f"--json {args.json}: its folder does not exist")
+        try:  # found now, not after the evaluation
+            if args.json:
+                check_writable(Path(args.json).resolve().parent)
         except OSError as err:
-            print(f"lit-eval: failed: --json {args.json}: {err.strerror}", file=sys.stderr)
-            return 1
-        print(f"wrote: {args.json}")
-    return 0
+            raise SampleUsageError(writable_message("--json", args.json, err)) from None
+        torch.set_num_threads(args.threads or 1)
+        # every field but progress is the flag of the same name
+        result = evaluate(EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
+                                  progress=not args.no_progress))
+        if result is None:  # not the main process
+            return
+        print(format_table(result))
+        if args.json:
+            try:
+                Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+            except OSError as err:
+                raise SampleFailure(f"--json {args.json}: {err.strerror}") from None
+            print(f"wrote: {args.json}")
+
+    return run_command("lit-eval", work)[1]
 
 
 if __name__ == "__main__":

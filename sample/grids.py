@@ -10,8 +10,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from data_prep.codec import decode_sequences
-from data_prep.grids import atomic_file, save_png, to_chw
+from common.files import atomic_file
+from data_prep import decode_sequences, save_png, to_chw
 
 
 def decode(seqs: torch.Tensor, image: dict) -> np.ndarray:

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from data_prep.errors import DataError
-from data_prep.manifest import Manifest, load_manifest
+from data_prep import DataError, Manifest, load_manifest
 from model import ImageTransformer
 from model.pretrained import IMAGE_KEYS, image_problem
-from model.run_layout import model_folder
+from common.run_layout import model_folder
 from sample.errors import SampleFailure, SampleUsageError
 
 
@@ -26,7 +25,7 @@ class LoadedModel:
 
 
 def load_for_sampling(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load the model folder that path means (model.run_layout), on device, and check its image info."""
+    """Load the model folder that path means (common.run_layout), on device, and check its image info."""
     try:
         folder = Path(model_folder(path))
         net = ImageTransformer.from_pretrained(folder, map_location=device)

@@ -8,9 +8,8 @@ from typing import Optional
 
 import torch
 
-from data_prep.errors import DataError
-from data_prep.grids import check_writable, save_grid, writable_message
-from data_prep.reader import read_samples
+from common.files import check_writable, writable_message
+from data_prep import DataError, read_samples, save_grid
 from model.generation import GenerationStats, SamplingOptions, generate_images
 from sample.errors import SampleFailure, SampleUsageError
 from sample.grids import decode, save_npz, save_per_image

@@ -22,8 +22,10 @@ if __package__ in (None, ""):
     # `python sample/run.py` puts sample/ first on sys.path; the packages live one level up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sample.errors import run_reporting_errors  # noqa: E402
+from common.exits import run_command  # noqa: E402
+from sample.errors import SampleUsageError  # noqa: E402
 from model.generation import MODES, SamplingOptions  # noqa: E402
+from model.precision import PRECISIONS, sampling_precision  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +92,9 @@ def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
                           "prefix at every byte, O(L^2), only to compare speed and results (default %(default)s)")
     how.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    how.add_argument("--bf16", action="store_true",
-                     help="bf16 autocast (for GPUs; the recurrent state stays fp32)")
+    how.add_argument("--precision", choices=PRECISIONS, default="auto",
+                     help="auto: bf16 where the device computes it natively (a GPU, a CPU with AVX512-BF16 "
+                          "or AMX), like train.mixed_precision auto; the recurrent state stays fp32 (default %(default)s)")
     how.add_argument("--compile", action="store_true",
                      help="recurrent mode: fuse each step's kernels with torch.compile (a one-off "
                           "compilation per batch size: ~15 s on a GPU, then 1.5-1.8x the images/s on an "
@@ -114,7 +117,7 @@ def job_from_args(args: argparse.Namespace):
 
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, batch_size=args.batch_size, mode=args.mode,
-                              bf16=args.bf16, progress=not args.no_progress, compile=args.compile,
+                              precision=args.precision, progress=not args.no_progress, compile=args.compile,
                               guidance=args.guidance, cuda_graph=not args.no_cuda_graph)
     return SampleJob(checkpoint=args.checkpoint, out=args.out, n=args.n, columns=args.columns,
                      classes=args.classes, captions=args.caption, index=args.index,
@@ -126,15 +129,17 @@ def job_from_args(args: argparse.Namespace):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, run the job, print where the files are and the speed; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from sample.pipeline import run_job
-
-    if args.threads is not None and args.threads < 1:
-        print(f"lit-sample: error: --threads {args.threads}: must be >= 1", file=sys.stderr)
-        return 2
     import torch
 
-    torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
-    result, code = run_reporting_errors("lit-sample", lambda: run_job(job_from_args(args)))
+    from sample.pipeline import run_job
+
+    def work():
+        if args.threads is not None and args.threads < 1:
+            raise SampleUsageError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
+        return run_job(job_from_args(args))
+
+    result, code = run_command("lit-sample", work)
     if code:
         return code
     stats, loaded = result.stats, result.loaded
@@ -143,10 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"grid: {result.grid_path} ({width}x{height} px)")
     for path in result.written[1:]:
         print(f"wrote: {path}")
-    seconds = max(stats.seconds, 1e-9)
+    seconds, device = max(stats.seconds, 1e-9), next(loaded.net.parameters()).device
     print(f"{stats.images} images, {stats.bytes_generated} bytes in {stats.seconds:.2f} s: "
           f"{stats.images / seconds:.2f} images/s, {stats.bytes_generated / seconds:,.0f} bytes/s "
-          f"({args.mode}, {next(loaded.net.parameters()).device}, batch {args.batch_size})")
+          f"({args.mode}, {device}, batch {args.batch_size}, {sampling_precision(args.precision, device)})")
     return 0
 
 

@@ -113,7 +113,7 @@ def test_no_logit_sees_its_own_or_a_later_byte_on_cuda(backend, precision):
 def test_cuda_graph_sampling_draws_the_same_images_as_eager(precision):
     net = tiny_model(head="logistic-mixture")
     labels = torch.arange(6) % 10
-    common = dict(seed=3, batch_size=6, progress=False, bf16=precision == "bf16", top_p=0.95)
+    common = dict(seed=3, batch_size=6, progress=False, precision=precision, top_p=0.95)
     graph, _ = generate_images(net, 6, SamplingOptions(cuda_graph=True, **common), labels=labels)
     eager, _ = generate_images(net, 6, SamplingOptions(cuda_graph=False, **common), labels=labels)
     agreement = (graph == eager).float().mean().item()

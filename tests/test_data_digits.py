@@ -9,7 +9,7 @@ from data_prep import digits
 from data_prep import prepare as prepare_module
 from data_prep.prepare import PrepareConfig, prepare
 from data_prep.reader import eval_batches
-from data_prep.sources import SourceSplit
+from data_prep.source_types import SourceSplit
 
 
 @pytest.fixture(scope="module")

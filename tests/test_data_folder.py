@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from data_prep import folders as folders_module
@@ -332,14 +333,15 @@ def test_trainer_and_sampler_need_no_change_for_a_prepared_folder(folders, tmp_p
     sets = ["data.dir=" + str(out), "train.run_dir=" + str(run), "train.max_steps=3", "train.eval_every=3",
             "train.checkpoint_every=3", "train.n_samples=2", "train.batch_size=4", "train.eval_batch_size=4",
             "model.n_layers=1", "model.n_heads=2", "model.d_query=4", "model.d_ff=16", "log.progress_bar=false",
-            "data.num_workers=0", "data.shuffle_buffer=10", "train.eval_at_start=false",
-            "model.row_len=24"]  # the demo config's row embeddings, for rows of 8 RGB pixels
+            "data.num_workers=0", "data.shuffle_buffer=10", "train.eval_at_start=false"]
     command = [sys.executable, str(repo / "train" / "run.py"), "--config", str(repo / "configs" / "digits.yaml")]
     for value in sets:
         command += ["--set", value]
     trained = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "eval" in trained.stdout
+    # the demo config's model.row_len: auto is the data's row, 8 RGB pixels, stored resolved
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["row_len"] == 24
     grid = tmp_path / "grid.png"
     sampled = subprocess.run([sys.executable, str(repo / "sample" / "run.py"), "--checkpoint", str(run),
                               "--out", str(grid), "--classes", "0-1", "--n", "2", "--no-progress", "--device", "cpu"],

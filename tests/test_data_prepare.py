@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_prep import shards as shard_io
+from common.files import file_sha256
 from data_prep.captions import MAX_CAPTION_BYTES, captions_for_class
 from data_prep.codec import decode_sequences, dequantize, encode_images, quantize
 from data_prep.errors import DataError
@@ -81,7 +81,7 @@ def test_manifest_names_shards_counts_and_checksums(prepared_digits):
         assert info.total == total and len(info.shards) == 16  # at least 16 shards a split by default
         assert info.shards == [f"{split}-{i:06d}.tar" for i in range(16)]
         for name, digest in zip(info.shards, info.sha256):
-            assert shard_io.file_sha256(str(prepared_digits / name)) == digest
+            assert file_sha256(str(prepared_digits / name)) == digest
     assert sorted(p.name for p in prepared_digits.iterdir() if not p.name.endswith(".tar")) == [
         "manifest.json", "preview.png"]
 

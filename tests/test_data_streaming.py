@@ -14,7 +14,7 @@ from PIL import Image
 from data_prep import prepare as prepare_module
 from data_prep import shards as shard_io
 from data_prep.prepare import PrepareConfig, prepare
-from data_prep.sources import Source, SourceSplit
+from data_prep.source_types import Source, SourceSplit
 from test_data_imagenet import make_imagenet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

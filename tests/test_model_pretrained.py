@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import common.files as files
 import model.pretrained as pretrained
 from model import ImageTransformer, ModelConfig
 
@@ -80,9 +81,9 @@ def test_a_failed_write_leaves_the_previous_folder_intact(tmp_path, monkeypatch)
         assert {p.name: p.read_bytes() for p in path.iterdir()} == before
         assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # temporary removed
     # the rename itself fails: the old folder, already moved aside, is put back
-    real_replace = pretrained.os.replace
+    real_replace = files.os.replace
     with monkeypatch.context() as patch:
-        patch.setattr(pretrained.os, "replace",
+        patch.setattr(files.os, "replace",
                       lambda a, b: full_disk() if ".tmp-" in str(a) else real_replace(a, b))
         with pytest.raises(OSError):
             tiny(seed=2).save_pretrained(path, IMAGE, 200)

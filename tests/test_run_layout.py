@@ -1,4 +1,4 @@
-"""model.run_layout: the one place that knows the run folder; the trainer and the sampler both follow it."""
+"""common.run_layout: the one place that knows the run folder; the trainer and the sampler both follow it."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import model.run_layout as layout
+import common.run_layout as layout
 from sample.errors import SampleFailure, SampleUsageError
 from sample.loading import load_for_sampling
 from test_sample_helpers import one_thread  # noqa: F401  (autouse fixture)

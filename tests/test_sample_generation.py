@@ -68,7 +68,7 @@ def test_generation_leaves_the_model_in_its_mode():
 
 def test_bf16_autocast_samples_valid_bytes():
     net = tiny_model()
-    out, _ = generate_images(net, 2, options(seed=0, bf16=True), labels=torch.tensor([0, 1]))
+    out, _ = generate_images(net, 2, options(seed=0, precision="bf16"), labels=torch.tensor([0, 1]))
     assert out.shape == (2, 36) and 0 <= out.min() and out.max() < 16
 
 
@@ -137,3 +137,20 @@ def test_model_generate_is_the_sampler_same_seed_same_images():
     from_model = net.generate(4, labels=labels, seed=9, top_k=6, batch_size=3)
     from_sampler, _ = generate_images(net, 4, options(seed=9, top_k=6, batch_size=4), labels=labels)
     assert torch.equal(from_model, from_sampler)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_sampler_and_evaluator_default_to_bf16_only_where_the_device_runs_it_natively(monkeypatch, native):
+    from model.precision import autocast, sampling_precision
+    from sample.evaluate import build_parser as eval_parser
+    from sample.run import build_parser as sample_parser
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # this machine's answer, replaced
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    assert sample_parser().parse_args(["--checkpoint", "r", "--out", "x.png"]).precision == "auto"
+    assert eval_parser().parse_args(["--checkpoint", "r", "--data", "d"]).precision == "auto"
+    cpu = torch.device("cpu")
+    assert sampling_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert sampling_precision("fp32", cpu) == "fp32" and sampling_precision("bf16", cpu) == "bf16"
+    with autocast(cpu, "auto"):
+        assert torch.is_autocast_enabled("cpu") == native

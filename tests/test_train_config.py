@@ -9,8 +9,8 @@ import os
 import pytest
 
 import train.config as config
-from model import ModelConfig
-from model.run_layout import complete_checkpoints
+from common.run_layout import complete_checkpoints
+from model import ImageTransformer, ModelConfig
 from train.checkpoint import (CheckpointError, check_compatible, checkpoint_damage, model_config_differences,
                               prune_checkpoints, read_meta, remove_stale_temporaries, resolve_resume)
 from train.config import ConfigError, load_config, parse_yaml, write_config
@@ -224,6 +224,15 @@ def test_training_defaults_to_a_class_conditional_model(tmp_path):
     assert cfg.model.condition == "none"
 
 
+def test_row_len_defaults_to_the_datas_row_and_takes_a_number_or_auto(tmp_path):
+    assert load_config(None, ["train.max_steps=1"]).model.row_len == "auto"  # resolved by the trainer
+    assert load_config(None, ["train.max_steps=1", "model.row_len=28"]).model.row_len == 28
+    with pytest.raises(ConfigError, match="model.row_len='wide' must be an integer"):
+        load_config(None, ["train.max_steps=1", "model.row_len=wide"])
+    with pytest.raises(ValueError, match="row_len='auto' is the data's row"):
+        ImageTransformer(ModelConfig(row_len="auto"))
+
+
 def test_a_checkpoint_written_before_a_model_key_existed_still_resumes(tmp_path):
     # meta.json of an older version lacks the keys added since (conv_kernel, condition_inject): they
     # count as the values that model had, so the checkpoint matches today's equivalent config
@@ -279,7 +288,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_everything_else(tmp_path):
 
     cfg = load_config(write(tmp_path, "train:\n  max_steps: 5\noptim:\n  name: muon\n  lr: 2e-3\n"),
                       ["model.bins=16", "model.seq_len=12", "model.n_classes=10", "model.n_layers=2", "model.d_ff=8",
-                       "model.condition_inject=film"])
+                       "model.condition_inject=film", "model.row_len=0"])
     net = ImageTransformer(cfg.model)
     muon, adamw = build_optimizers(net, cfg, torch.device("cpu"))
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)

@@ -97,7 +97,7 @@ def read_scalars(run_dir: str):
 
 def complete_steps(run_dir) -> list[int]:
     """Steps of the complete checkpoints of a run folder."""
-    from model.run_layout import complete_checkpoints
+    from common.run_layout import complete_checkpoints
 
     return [step for step, _ in complete_checkpoints(str(run_dir))]
 

@@ -1,4 +1,4 @@
-"""Checkpoints: complete or absent (folder names and completeness: model.run_layout).
+"""Checkpoints: complete or absent (folder names and completeness: common.run_layout).
 
 A checkpoint folder holds accelerate's `save_state` output, the model folder model/ and meta.json
 ({"step", "model_config", "image", "train_state", "run", "data", "files"}): `files` lists every other
@@ -25,11 +25,11 @@ from typing import Any, Callable, Optional
 
 from accelerate.utils import broadcast_object_list
 
-from data_prep.shards import file_sha256
+from common.files import file_sha256, fsync_file, publish_folder
+from common.run_layout import (CHECKPOINTS, EXPORT, META_NAME, SIDE_FOLDER, checkpoint_folders, checkpoint_model,
+                               checkpoint_name, checkpoints_folder, complete_checkpoints, export_folder, is_complete)
 from model import ImageTransformer, ModelConfig
-from model.pretrained import publish_folder, read_config
-from model.run_layout import (CHECKPOINTS, EXPORT, META_NAME, SIDE_FOLDER, checkpoint_folders, checkpoint_model,
-                              checkpoint_name, checkpoints_folder, complete_checkpoints, export_folder, is_complete)
+from model.pretrained import read_config
 from train.run_lock import RunLockError
 
 # Model config keys that choose an implementation, not the weights: a checkpoint trained with the
@@ -339,8 +339,7 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
             for root, _, names in os.walk(tmp):
                 for name in names:
                     file = os.path.join(root, name)
-                    with open(file, "rb") as stream:
-                        os.fsync(stream.fileno())
+                    fsync_file(file)
                     files[os.path.relpath(file, tmp)] = {"size": os.path.getsize(file), "sha256": file_sha256(file)}
             _write_meta(tmp, {**meta, "step": step, "files": dict(sorted(files.items()))})  # last: marks it complete
             # Saving the same step again (e.g. a stop right after resuming) swaps the folders.

@@ -8,6 +8,7 @@ key and the value.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,7 +20,7 @@ from typing import Any, Optional
 import yaml
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
-from data_prep.grids import atomic_file
+from common.files import atomic_file
 from model.config import ModelConfig
 
 
@@ -106,8 +107,9 @@ class TrainConfig:
 
 
 # Where training differs from the model's own defaults: datasets with classes are the rule, and a
-# config that leaves model.condition out should not silently train an unconditional model.
-TRAINING_DEFAULTS = {"model": {"condition": "class"}}
+# config that leaves model.condition out should not silently train an unconditional model; the row
+# embeddings fit any raster data once its row is known (check_against_data resolves "auto").
+TRAINING_DEFAULTS = {"model": {"condition": "class", "row_len": "auto"}}
 CHOICES = {
     ("optim", "name"): ("adamw", "radam", "muon"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),
@@ -150,7 +152,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             return None
-        return _coerce(value, args[0], where)
+        for arg in args[:-1]:  # Union[int, str]: the first type the value fits
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, arg, where)
+        return _coerce(value, args[-1], where)
     if origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, str):

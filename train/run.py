@@ -43,8 +43,6 @@ if __package__ in (None, ""):
     # `python train/run.py` puts train/ first on sys.path; the packages live one level up.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of the trainer."""
@@ -63,21 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of `lit-train` and `python train/run.py`; returns the exit code."""
     args = build_parser().parse_args(argv)
-    from data_prep.errors import DataError
+    from common.exits import run_command
+    from data_prep import DataError
     from train.checkpoint import CheckpointError
     from train.config import ConfigError, load_config
     from train.run_lock import RunLockError
     from train.trainer import TrainingError, train
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg, resume=args.resume, config_source=args.config)
-    except (ConfigError, CheckpointError, DataError, RunLockError, TrainingError, OSError) as err:
-        # OSError: a file the run cannot write or read (a read-only or full disk, a file where a folder goes)
-        named = isinstance(err, OSError) and err.filename is not None
-        print(f"error: {f'{err.filename}: {err.strerror}' if named else err}", file=sys.stderr, flush=True)
-        return EXIT_FAILED if isinstance(err, (TrainingError, OSError)) else EXIT_USAGE
-    return result.exit_code
+    # OSError: a file the run cannot write or read (a read-only or full disk, a file where a folder goes)
+    result, code = run_command(None, lambda: train(load_config(args.config, args.overrides), resume=args.resume,
+                                                   config_source=args.config),
+                               usage=(ConfigError, CheckpointError, DataError, RunLockError),
+                               failure=(TrainingError, OSError))
+    return code if result is None else result.exit_code
 
 
 if __name__ == "__main__":

@@ -28,27 +28,21 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
 
-from data_prep.captions import caption_for
-from data_prep.codec import decode_sequences
-from data_prep.errors import DataError
-from data_prep.grids import grid_tensor, save_png
-from data_prep.manifest import load_manifest
-from data_prep.reader import eval_batches, train_batches
-from data_prep.verify import shard_file_problems
-from model import ImageTransformer
+from common.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
+                               export_folder, is_complete)
+from data_prep import (DataError, caption_for, decode_sequences, eval_batches, grid_tensor, load_manifest, save_png,
+                       shard_file_problems, train_batches)
+from model import ImageTransformer, bits_per_dim
+from model.precision import resolve_precision
 from model.pretrained import load_weights
-from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
-                              export_folder, is_complete)
 from train.checkpoint import (WriteFailure, check_compatible, choose_checkpoint, on_main_then_share,
                               remove_stale_temporaries, resolve_resume, run_changes, save_checkpoint, write_failure)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
 from train.optimizers import build_optimizers
-from train.precision import resolve_precision
 from train.run_lock import RunLock
 from train.schedule import learning_rate
 from train.stop_request import EXIT_STOPPED, StopRequest
 
-LN2 = math.log(2.0)
 
 
 class TrainingError(RuntimeError):
@@ -106,7 +100,7 @@ def preserved_rng() -> Iterator[None]:
 
 
 def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]:
-    """(cfg with bins, seq_len and n_classes of the data, the manifest of data.dir); ConfigError naming
+    """(cfg with bins, seq_len, n_classes and row_len: auto of the data, the manifest of data.dir); ConfigError naming
     the key when the folder is not usable or a value the config sets disagrees with the data."""
     if not os.path.isdir(cfg.data.dir):
         raise ConfigError(f"{source}: data.dir {cfg.data.dir!r} does not exist "
@@ -121,7 +115,9 @@ def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]
             raise ConfigError(f"{source}: model.{key}={getattr(cfg.model, key)!r} but data.dir {cfg.data.dir!r} "
                               f"has {value} (leave model.{key} out: the data sets it)")
     row = manifest.width * manifest.channels
-    if cfg.model.row_len and manifest.order == "raster" and cfg.model.row_len != row:
+    if cfg.model.row_len == "auto":  # the data's own row; patch order has no image row to embed
+        data["row_len"] = row if manifest.order == "raster" else 0
+    elif cfg.model.row_len and manifest.order == "raster" and cfg.model.row_len != row:
         raise ConfigError(f"{source}: model.row_len={cfg.model.row_len} but a row of {cfg.data.dir!r} is {row} bytes "
                           f"(width {manifest.width} x {manifest.channels} channels): set model.row_len={row}, or 0")
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **data)), manifest
@@ -156,7 +152,7 @@ def evaluate(accelerator: Any, net: ImageTransformer, cfg: TrainConfig) -> float
     total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
     if total[1].item() == 0:
         raise TrainingError(f"{cfg.data.dir}: the test split is empty; cannot evaluate")
-    return (total[0] / total[1]).item() / LN2
+    return bits_per_dim(total[0].item(), total[1].item())
 
 
 def sample_grid(net: ImageTransformer, manifest: Any, n: int, seed: int) -> torch.Tensor:
@@ -440,12 +436,12 @@ class Trainer:
         images_per_s = n_steps * self.global_batch / elapsed
         if self.window_steps > 0 and self.accelerator.is_main_process:
             train_loss = self.window_loss / self.window_steps
-            self.accelerator.log({"train/loss": train_loss, "train/bits_per_dim": train_loss / LN2,
+            self.accelerator.log({"train/loss": train_loss, "train/bits_per_dim": bits_per_dim(train_loss),
                                   "train/lr": lr, "train/grad_norm": grad_norm, "train/images_per_s": images_per_s,
                                   "train/bytes_per_s": images_per_s * self.manifest.seq_len,
                                   "train/bad_steps_total": state.bad_total,
                                   "train/samples_seen": state.samples_seen}, step=state.step)
-            self.bar.set_postfix(loss=f"{train_loss:.4f}", bpd=f"{train_loss / LN2:.3f}",
+            self.bar.set_postfix(loss=f"{train_loss:.4f}", bpd=f"{bits_per_dim(train_loss):.3f}",
                                  img_s=f"{images_per_s:.1f}")
         self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
 

@@ -14,10 +14,11 @@ checkpoint set aside NAME.damaged-XXXX: none of them is ever taken for a checkpo
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
-from model.pretrained import CONFIG_NAME, read_config
+CONFIG_NAME = "config.json"  # a model folder's config (model.pretrained writes it; tests/test_imports.py checks the name)
 
 CHECKPOINTS = "checkpoints"
 EXPORT = "export"
@@ -78,6 +79,14 @@ def _stored_model(checkpoint: str) -> str:
     return folder
 
 
+def _step(model: str) -> float:
+    """The step a model folder's config.json records; -inf when unreadable (from_pretrained says why)."""
+    try:
+        return int(json.loads(open(os.path.join(model, CONFIG_NAME), encoding="utf-8").read())["step"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return float("-inf")
+
+
 def model_folder(path) -> str:
     """The model folder that a model folder, a checkpoint folder or a run folder means.
 
@@ -95,7 +104,7 @@ def model_folder(path) -> str:
         return _stored_model(path)
     export, checkpoints = export_folder(path), complete_checkpoints(path)
     if os.path.isfile(os.path.join(export, CONFIG_NAME)):
-        if not checkpoints or read_config(export)["step"] >= checkpoints[-1][0]:
+        if not checkpoints or _step(export) >= checkpoints[-1][0]:
             return export
     if checkpoints:
         return _stored_model(checkpoints[-1][1])

@@ -267,6 +267,37 @@ def test_non_finite_losses_are_skipped_then_stop(digits16, tmp_path, fresh_accel
     assert complete_steps(tmp_path / "run") == []
 
 
+def test_images_per_s_leaves_out_the_first_step_evaluations_and_checkpoints(digits16, tmp_path, fresh_accelerate,
+                                                                              monkeypatch, capsys):
+    from train.trainer import Trainer
+
+    step, checkpoint = Trainer.step, Trainer.checkpoint
+    slow_first = iter([True])
+
+    def first_step_slow(self):  # the one-off costs of a GPU's first step: compilation, autotuning
+        if next(slow_first, False):
+            time.sleep(1.5)
+        return step(self)
+
+    def slow_checkpoint(self, *args, **kwargs):
+        time.sleep(1.5)
+        return checkpoint(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", first_step_slow)
+    monkeypatch.setattr(Trainer, "checkpoint", slow_checkpoint)
+    result = train_in_process(digits16, tmp_path / "run", "train.max_steps=10", "train.eval_at_start=false",
+                              "train.checkpoint_every=5")
+    assert result.exit_code == 0
+    warm_up = re.search(r"step 1: warm-up ([0-9.]+) s \(this process's first step", capsys.readouterr().out)
+    assert warm_up and float(warm_up.group(1)) >= 1.5
+    _, accumulator = read_scalars(str(tmp_path / "run"))
+    assert [e.value >= 1.5 for e in accumulator.Scalars("train/first_step_s")] == [True]
+    # 4 timed steps (2-5), then 5 (6-10; the checkpoint after step 5 is not one of them): a figure that
+    # counted a 1.5 s pause would be below 5 x 8 images / 1.5 s = 27 images/s
+    rates = [(e.step, e.value) for e in accumulator.Scalars("train/images_per_s")]
+    assert [s for s, _ in rates] == [5, 10] and min(v for _, v in rates) > 27, rates
+
+
 def test_tensorboard_gets_scalars_hyperparameters_and_images_in_one_event_file(digits16, tmp_path,
                                                                                fresh_accelerate):
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData

@@ -190,6 +190,20 @@ def load_ema(ema: AveragedModel, folder: str, saved: dict, net: torch.nn.Module,
         ema.update_parameters(net)  # with nothing averaged yet, this copies the resumed weights
 
 
+def compile_blocks(net: ImageTransformer, setting: str, device: torch.device) -> bool:
+    """torch.compile every block in place as train.compile says (auto: on CUDA); True when compiled.
+
+    One block at a time ("regional compilation"): the blocks share their code and shapes, so one
+    compilation serves them all instead of one graph of the whole depth. The weights stay where
+    they are: state_dict keys, DDP, checkpoints and the EMA see the same modules.
+    """
+    if setting == "false" or (setting == "auto" and device.type != "cuda"):
+        return False
+    for block in net.blocks:
+        block.compile()
+    return True
+
+
 def _configure_determinism(enabled: bool) -> bool:
     """Switch torch to deterministic kernels; returns the previous setting to restore it later."""
     previous = torch.are_deterministic_algorithms_enabled()
@@ -272,8 +286,10 @@ class Trainer:
         self.state = TrainState()
         self.eval_bits_per_dim: list[tuple[int, float]] = []
         self.last_eval_step = self.last_checkpoint_step = -1
-        # this window of log.every steps: summed loss, good steps, start time
-        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+        # this window of log.every steps: summed loss and good steps (the loss), then the steps timed
+        # and their seconds (the speed: neither the process's first step nor evaluations and checkpoints)
+        self.window_loss, self.window_steps = 0.0, 0
+        self.window_timed, self.window_seconds, self.clock_start = 0, 0.0, None
 
     def set_up(self, resume: Optional[str]) -> None:
         """Run folder, model, optimizer and EMA, the resumed state, trackers; the baseline evaluation."""
@@ -296,14 +312,15 @@ class Trainer:
             cfg.train.ema_decay)) if cfg.train.ema_decay > 0 else None
         if resume_path is not None:
             self.resume_from(resume_path)
-        elif resume == "auto":
+        compiled = compile_blocks(self.net, cfg.train.compile, self.device)  # after the EMA's copy of the net
+        if resume_path is None and resume == "auto":
             accelerator.print(f"--resume auto: no complete checkpoint in {checkpoints_folder(self.run_dir)}; fresh start")
         accelerator.init_trackers(os.path.basename(os.path.abspath(self.run_dir)), config=flatten_config(cfg),
                                   init_kwargs={"wandb": {"dir": os.path.join(self.run_dir, LOGS)}})
         accelerator.print(f"model: {sum(p.numel() for p in self.params) / 1e6:.2f}M parameters, "
                           f"{cfg.model.n_layers} layers, attention {cfg.model.attention}; {self.world} rank(s), "
                           f"global batch {self.global_batch}, training steps {self.state.step} -> {self.max_steps}, "
-                          f"mixed precision {accelerator.mixed_precision}")
+                          f"mixed precision {accelerator.mixed_precision}, blocks compiled: {'yes' if compiled else 'no'}")
         if resume_path is not None:
             self.last_checkpoint_step = self.state.step
         elif cfg.train.eval_at_start and self.max_steps > 0:
@@ -424,22 +441,43 @@ class Trainer:
                     "or use train.mixed_precision=bf16 instead of fp16")
         return grad_norm
 
+    def clock(self, running: bool) -> None:
+        """Start (running) or stop the images/s clock: what runs while it is stopped (the process's
+        first step with its compilation and autotuning, evaluations, checkpoints) is not in the figure."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # queued steps belong to the segment that queued them
+        now = time.perf_counter()
+        if self.clock_start is not None:
+            self.window_seconds += now - self.clock_start
+        self.clock_start = now if running else None
+
+    def report_first_step(self, began: float) -> None:
+        """Print and log the seconds from "training from step N" to the first step done, then start the clock."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - began
+        self.accelerator.print(f"step {self.state.step}: warm-up {seconds:.1f} s (this process's first step: "
+                               "compilation, autotuning, first batch; left out of images/s)", flush=True)
+        self.accelerator.log({"train/first_step_s": seconds}, step=self.state.step)
+        self.clock(True)
+
     def log_window(self, lr: float, grad_norm: float) -> None:
         """The train/* scalars of the steps since the last call, to every tracker and the progress bar."""
-        state, every = self.state, self.cfg.log.every
-        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        n_steps = every if state.step % every == 0 else max(self.window_steps, 1)
-        images_per_s = n_steps * self.global_batch / elapsed
+        state = self.state
+        self.clock(True)  # closes the running segment
+        speed = {}
+        if self.window_timed > 0:  # none when the window held only the process's first step
+            images_per_s = self.window_timed * self.global_batch / max(self.window_seconds, 1e-9)
+            speed = {"train/images_per_s": images_per_s, "train/bytes_per_s": images_per_s * self.manifest.seq_len}
         if self.window_steps > 0 and self.accelerator.is_main_process:
             train_loss = self.window_loss / self.window_steps
             self.accelerator.log({"train/loss": train_loss, "train/bits_per_dim": train_loss / LN2,
-                                  "train/lr": lr, "train/grad_norm": grad_norm, "train/images_per_s": images_per_s,
-                                  "train/bytes_per_s": images_per_s * self.manifest.seq_len,
+                                  "train/lr": lr, "train/grad_norm": grad_norm, **speed,
                                   "train/bad_steps_total": state.bad_total,
                                   "train/samples_seen": state.samples_seen}, step=state.step)
             self.bar.set_postfix(loss=f"{train_loss:.4f}", bpd=f"{train_loss / LN2:.3f}",
-                                 img_s=f"{images_per_s:.1f}")
-        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+                                 **({"img_s": f"{speed['train/images_per_s']:.1f}"} if speed else {}))
+        self.window_loss, self.window_steps, self.window_timed, self.window_seconds = 0.0, 0, 0, 0.0
 
     def evaluate_and_log(self, with_samples: bool) -> None:
         """Exact test bits/dim (and a sample grid) of the evaluated weights, to every tracker."""
@@ -489,12 +527,17 @@ class Trainer:
         self.accelerator.print(f"training from step {state.step}", flush=True)
         self.bar = tqdm(total=self.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                         disable=not (self.accelerator.is_main_process and cfg.log.progress_bar))
-        self.window_start = time.perf_counter()
+        began, first = time.perf_counter(), True
         self.model.train()
         # A stop requested while starting up (or during the first evaluation) is honoured after one step.
         with contextlib.closing(self.bar):
             while state.step < self.max_steps:
                 any_stop, lr, grad_norm = self.step()
+                if first:
+                    self.report_first_step(began)
+                    first = False
+                else:
+                    self.window_timed += 1
                 self.bar.update(1)
                 if state.step % cfg.log.every == 0 or state.step == self.max_steps:
                     self.log_window(lr, grad_norm)
@@ -502,13 +545,17 @@ class Trainer:
                     return self.stop.signal_name or "a signal on another rank"
                 if state.step % cfg.train.eval_every == 0 and state.step < self.max_steps:
                     every = cfg.train.sample_every
+                    self.clock(False)
                     self.evaluate_and_log(with_samples=every == 0 or state.step % every == 0)
+                    self.clock(True)
                 # No checkpoint in the middle of a bad streak: the next good step saves instead.
                 due = state.step - max(self.last_checkpoint_step, 0) >= cfg.train.checkpoint_every or \
                     state.step % cfg.train.checkpoint_every == 0
                 if due and state.bad_in_a_row == 0 and state.step < self.max_steps and \
                         self.last_checkpoint_step != state.step:
+                    self.clock(False)
                     self.checkpoint()
+                    self.clock(True)
         return None
 
     def finish(self, stopped_by: Optional[str]) -> int:

@@ -143,9 +143,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"grid: {result.grid_path} ({width}x{height} px)")
     for path in result.written[1:]:
         print(f"wrote: {path}")
-    seconds = max(stats.seconds, 1e-9)
-    print(f"{stats.images} images, {stats.bytes_generated} bytes in {stats.seconds:.2f} s: "
-          f"{stats.images / seconds:.2f} images/s, {stats.bytes_generated / seconds:,.0f} bytes/s "
+    steady = max(stats.seconds - stats.warm_up_seconds, 1e-9)
+    print(f"{stats.images} images, {stats.bytes_generated} bytes in {stats.seconds:.2f} s = warm-up "
+          f"{stats.warm_up_seconds:.2f} s (compilation, autotuning, graph capture, first bytes) + {steady:.2f} s at "
+          f"{stats.images_per_s:.2f} images/s, {stats.bytes_generated / steady:,.0f} bytes/s "
           f"({args.mode}, {next(loaded.net.parameters()).device}, batch {args.batch_size})")
     return 0
 

@@ -114,7 +114,18 @@ def draw(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def next_byte(net: torch.nn.Module, logits: torch.Tensor, uniforms: torch.Tensor,
               options: SamplingOptions) -> torch.Tensor:
     """The one sampling function both modes share: head logits [R, head_dim] -> bytes [B] (R = 2B
-    under guidance: conditional rows, then unconditional ones)."""
+    under guidance: conditional rows, then unconditional ones).
+
+    With nothing to change in the distribution (temperature 1, no top-k, top-p or guidance), a
+    head that draws by itself (the logistic mixture: a component, then a logistic) does so: the
+    same distribution without its bins log-probabilities, though other bytes for a seed than the
+    inverse CDF below. Any other temperature T sharpens (T < 1) or flattens (T > 1) the bins-level
+    distribution itself, p^(1/T) renormalised, for either head.
+    """
+    direct = getattr(net.head, "sample", None)
+    if direct is not None and options.temperature == 1 and options.guidance == 1 and \
+            options.top_k is None and options.top_p is None:
+        return direct(logits, uniforms)
     log_probs = net.log_probs(logits.float())  # (B, bins) normalized for either head
     if options.guidance != 1:
         # the model's rows are [conditional; unconditional] (see _condition_rows): guide, renormalise

@@ -1,16 +1,17 @@
 """train.compile: the compiled blocks (inductor, here on the CPU) give eager's loss and gradients, with
-no graph break inside a block; the config key's values."""
+no graph break inside a block; the config key's values. train.kernel_cache: the cache variables."""
 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
 from model import ImageTransformer, ModelConfig
 from train.config import ConfigError, load_config
-from train.trainer import compile_blocks
+from train.trainer import KERNEL_CACHE_VARIABLES, compile_blocks, kernel_cache
 
 TINY = dict(bins=16, seq_len=24, n_layers=2, n_heads=2, d_query=8, d_ff=32, attention="causal-linear",
             backend="torch", chunk_size=8, head="logistic-mixture", mixtures=3, condition="class",
@@ -85,3 +86,29 @@ def test_compile_key_takes_yaml_booleans_and_refuses_other_values():
     assert load_config(None, ["train.max_steps=1", "train.compile=false"]).train.compile == "false"
     with pytest.raises(ConfigError, match="train.compile must be one of auto, true, false, got 'yes'"):
         load_config(None, ["train.max_steps=1", "train.compile=yes"])
+
+
+@pytest.fixture
+def no_cache_variables(monkeypatch):
+    """None of the kernel-cache variables set (monkeypatch restores the caller's afterwards)."""
+    for name in KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_kernel_cache_goes_under_the_run_folder_for_the_run_only(tmp_path, no_cache_variables):
+    with kernel_cache(str(tmp_path / "run"), enabled=True):
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "run" / ".kernel-cache" / "triton")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "run" / ".kernel-cache" / "inductor")
+        assert os.environ["TRITON_CACHE_AUTOTUNING"] == "1"
+    assert not any(name in os.environ for name in KERNEL_CACHE_VARIABLES)
+
+
+def test_kernel_cache_leaves_what_the_user_set_and_can_be_turned_off(tmp_path, no_cache_variables, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/shared/triton")
+    with kernel_cache(str(tmp_path), enabled=True):
+        assert os.environ["TRITON_CACHE_DIR"] == "/shared/triton"
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path))
+    assert os.environ["TRITON_CACHE_DIR"] == "/shared/triton" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    with kernel_cache(str(tmp_path), enabled=False):
+        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and "TRITON_CACHE_AUTOTUNING" not in os.environ
+

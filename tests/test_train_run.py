@@ -298,6 +298,28 @@ def test_images_per_s_leaves_out_the_first_step_evaluations_and_checkpoints(digi
     assert [s for s, _ in rates] == [5, 10] and min(v for _, v in rates) > 27, rates
 
 
+def test_the_model_is_built_with_the_kernel_cache_under_the_run_folder(digits16, tmp_path, fresh_accelerate,
+                                                                      monkeypatch):
+    # Triton's autotuner reads TRITON_CACHE_AUTOTUNING when fla's kernels are defined: with the model
+    from model import ImageTransformer
+    from train.trainer import KERNEL_CACHE_VARIABLES
+
+    for name in KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    seen, build = [], ImageTransformer.__init__
+
+    def spying_init(self, *args, **kwargs):
+        seen.append({name: os.environ.get(name) for name in KERNEL_CACHE_VARIABLES})
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageTransformer, "__init__", spying_init)
+    assert train_in_process(digits16, tmp_path / "run", "train.max_steps=1", "train.eval_at_start=false").exit_code == 0
+    cache = str(tmp_path / "run" / ".kernel-cache")
+    assert seen[0] == {"TRITON_CACHE_DIR": os.path.join(cache, "triton"), "TRITON_CACHE_AUTOTUNING": "1",
+                       "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}
+    assert not any(name in os.environ for name in KERNEL_CACHE_VARIABLES)  # the run's alone
+
+
 def test_tensorboard_gets_scalars_hyperparameters_and_images_in_one_event_file(digits16, tmp_path,
                                                                                fresh_accelerate):
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData

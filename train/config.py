@@ -77,6 +77,10 @@ class TrainSection:
     # torch.compile of every block's forward and backward (inductor fuses the element-wise work that
     # dominates at these widths): auto = on CUDA only (on a CPU the compilation outweighs a short run)
     compile: str = "auto"  # auto | true | false
+    # Triton's compiled kernels and autotuning results and inductor's compiled graphs kept in
+    # RUN/.kernel-cache, so that a restart or a requeue does not compile and autotune again (a
+    # TRITON_CACHE_DIR or TORCHINDUCTOR_CACHE_DIR set in the environment wins)
+    kernel_cache: bool = True
 
 
 @dataclass

@@ -36,8 +36,8 @@ from data_prep.manifest import load_manifest
 from data_prep.reader import eval_batches, train_batches
 from model import ImageTransformer
 from model.pretrained import load_weights
-from model.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
-                              export_folder, is_complete)
+from model.run_layout import (KERNEL_CACHE, LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name,
+                              checkpoints_folder, export_folder, is_complete)
 from train.checkpoint import (check_compatible, choose_checkpoint, on_main_then_share, remove_stale_temporaries,
                               resolve_resume, run_changes, save_checkpoint)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
@@ -190,6 +190,33 @@ def load_ema(ema: AveragedModel, folder: str, saved: dict, net: torch.nn.Module,
         ema.update_parameters(net)  # with nothing averaged yet, this copies the resumed weights
 
 
+KERNEL_CACHE_VARIABLES = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_AUTOTUNING")
+
+
+@contextlib.contextmanager
+def kernel_cache(run_dir: str, enabled: bool) -> Iterator[None]:
+    """Point Triton's and inductor's caches into RUN/.kernel-cache where the environment names none
+    (train.kernel_cache), for the run; the environment as it was afterwards.
+
+    Entered before the model is built: Triton's autotuner reads TRITON_CACHE_AUTOTUNING when a kernel
+    (fla's, imported with the model) is defined; the cache folders are read when kernels compile.
+    """
+    saved = {name: os.environ.get(name) for name in KERNEL_CACHE_VARIABLES}
+    if enabled:
+        cache = os.path.abspath(os.path.join(run_dir, KERNEL_CACHE))
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
+        os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # the benchmarked choices too, not only binaries
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def compile_blocks(net: ImageTransformer, setting: str, device: torch.device) -> bool:
     """torch.compile every block in place as train.compile says (auto: on CUDA); True when compiled.
 
@@ -247,7 +274,8 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
             on_main_then_share(accelerator, lock.acquire)
             if lock.warning:  # set on the main process only, where accelerator.print prints
                 accelerator.print(lock.warning)
-            return Trainer(cfg, manifest, accelerator, stop).run(resume)
+            with kernel_cache(run_dir, cfg.train.kernel_cache):
+                return Trainer(cfg, manifest, accelerator, stop).run(resume)
         finally:
             lock.release()  # a no-op on the ranks that do not hold it
             torch.use_deterministic_algorithms(previous_deterministic)

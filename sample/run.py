@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
     """How the bytes are drawn and on which device."""
     how.add_argument("--temperature", type=float, default=1.0,
-                     help="divide log-probabilities by this; lower is more conservative, 0 is greedy (default %(default)s)")
+                     help="divide log-probabilities by this; lower is more conservative, 0 is greedy. At 1 "
+                          "without top-k, top-p or guidance a logistic-mixture model draws from its mixture "
+                          "directly (the same distribution, fast at large batches) (default %(default)s)")
     how.add_argument("--top-k", type=int, default=None, help="keep only the K most likely byte values")
     how.add_argument("--top-p", type=float, default=None,
                      help="keep the smallest set of byte values whose probability reaches P (nucleus)")

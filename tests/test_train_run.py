@@ -320,6 +320,51 @@ def test_the_model_is_built_with_the_kernel_cache_under_the_run_folder(digits16,
     assert not any(name in os.environ for name in KERNEL_CACHE_VARIABLES)  # the run's alone
 
 
+def test_a_training_step_reads_from_the_device_once(digits16, tmp_path, fresh_accelerate, monkeypatch):
+    """The one host sync of a step is the flags' read (stop, non-finite, loss, gradient norm): on a GPU
+    nothing else in our code waits for the device, logging included (it uses what that read returned)."""
+    import torch
+
+    from train.trainer import Trainer
+
+    ours = (os.path.join(REPO, "train") + os.sep, os.path.join(REPO, "model") + os.sep)
+    reads, inside = [], []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if inside and frame.f_code.co_filename.startswith(ours):
+                code = frame.f_code
+                reads.append(f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno} {name}")
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        counted(name)
+    step = Trainer.step
+
+    def watched_step(self):
+        inside.append(True)
+        try:
+            return step(self)
+        finally:
+            inside.pop()
+            steps.append(reads[:])
+            reads.clear()
+
+    steps = []
+    monkeypatch.setattr(Trainer, "step", watched_step)
+    assert train_in_process(digits16, tmp_path / "run", "train.max_steps=3", "train.eval_at_start=false",
+                            "log.every=1").exit_code == 0
+    # the range checks of the bytes and labels read host tensors only on the host (on a GPU they assert
+    # on the device; the trainer leaves the labels on the host): here they cannot be told from a sync
+    steps = [[read for read in found if not read.startswith(("transformer.py:_check_bytes:",
+                                                                         "conditioning.py:forward:"))] for found in steps]
+    assert len(steps) == 3 and all(len(found) == 1 and found[0].endswith(" tolist") for found in steps), steps
+
+
 def test_tensorboard_gets_scalars_hyperparameters_and_images_in_one_event_file(digits16, tmp_path,
                                                                                fresh_accelerate):
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData

@@ -410,32 +410,43 @@ class Trainer:
                     raise TrainingError(f"step {self.state.step}: accelerate's accumulation window is out of "
                                         f"step with train.grad_accum={cfg.train.grad_accum}")
                 # the model's own nll, through the wrapped forward so that DDP reduces the gradients
-                labels = batch.labels.to(self.device, non_blocking=True)
-                loss = self.model(seqs, labels, batch.captions, return_nll=True).mean()  # nats per byte
+                # the labels stay on the host, where the model checks their range without waiting for the device
+                loss = self.model(seqs, batch.labels, batch.captions, return_nll=True).mean()  # nats per byte
                 accelerator.backward(loss)
             loss_sum += loss.detach() / cfg.train.grad_accum
-        # One small collective per step (and one host sync): every rank learns whether any rank
-        # saw a non-finite loss or received a stop signal, so that all take the same branch.
+        # One small collective per step and the step's one host sync: every rank learns whether any
+        # rank saw a non-finite loss or received a stop signal, so that all take the same branch; the
+        # loss and the gradient norm come back with it. Under a loss scaler (fp16 on a GPU) clipping
+        # waits for the answer: the scaler unscales only for a step that will be taken.
+        clip_now = accelerator.scaler is None
+        norm = self.clip() if clip_now else torch.full((), float("nan"), device=self.device)
         finite = torch.isfinite(loss_sum)
         flags = torch.stack([(~finite).float(), torch.tensor(float(self.stop.requested), device=self.device),
-                             torch.where(finite, loss_sum, torch.zeros_like(loss_sum))])
+                             torch.where(finite, loss_sum, torch.zeros_like(loss_sum)), norm.float()])
         if self.world > 1:
             flags = accelerator.reduce(flags, reduction="sum")
-        count_nonfinite, count_stop, loss_total = flags.tolist()
+        count_nonfinite, count_stop, loss_total, norm_total = flags.tolist()
         lr = learning_rate(self.state.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
                            total_steps=self.max_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
-        grad_norm = self.update(count_nonfinite > 0, lr, loss_total / self.world)
+        # every rank holds the same (all-reduced) gradients, hence the same norm: the sum over ranks / world
+        grad_norm = self.update(count_nonfinite > 0, lr, loss_total / self.world,
+                                norm_total / self.world if clip_now else None)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         return count_stop > 0, lr, grad_norm
 
-    def update(self, nonfinite: bool, lr: float, mean_loss: float) -> float:
-        """Clip and apply the summed gradients unless anything is non-finite; returns the gradient norm."""
+    def clip(self) -> torch.Tensor:
+        """Clip the summed gradients to optim.grad_clip (0: not at all); their norm, on the device."""
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return self.accelerator.clip_grad_norm_(self.params, max_norm)
+
+    def update(self, nonfinite: bool, lr: float, mean_loss: float, grad_norm: Optional[float] = None) -> float:
+        """Apply the summed gradients (clipped first unless grad_norm says they were) unless anything is
+        non-finite; returns the gradient norm."""
         accelerator, state = self.accelerator, self.state
-        grad_norm = float("nan")
         if not nonfinite:
-            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(self.params, max_norm))
+            if grad_norm is None:
+                grad_norm = float(self.clip())
             # Gradients are identical on every rank after the all-reduce, so this check agrees
             # everywhere. With a GradScaler (fp16 on a GPU) an inf norm is its ordinary overflow
             # skip, counted below; without one (fp16 on CPU has none) it would be applied.
@@ -448,6 +459,7 @@ class Trainer:
             # The scaler skipped the update (overflow): a bad step like any other, so that a run
             # that never steps cannot end with exit 0.
             nonfinite = bool(accelerator.optimizer_step_was_skipped)
+        grad_norm = float("nan") if grad_norm is None else grad_norm
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         if not nonfinite:

@@ -16,8 +16,9 @@
 # Packages: the project (or PYTHONPATH=repo root), webdataset and, for the fla backend,
 # flash-linear-attention must be importable. A machine without network gets them as wheels: every
 # *.whl in $WHEELS (default .whl) is installed into /tmp/site first, e.g. prepared where pip works with
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .whl webdataset braceexpand flash-linear-attention   (and what their METADATA requires)
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: \
+#       --python-version 3.12 -d .whl webdataset==1.0.2 braceexpand==0.1.7 fla-core==0.6.0
+# (the H200 image has einops, numpy and pyyaml, which they require), and `.whl` carried to the machine.
 # Each step has a time limit, so one hang cannot eat the rest; a failed step is reported and the
 # others still run. Writes:
 #   bench/results/gpu-YYYY-MM-DD.json  every figure (name, value, unit, config) + device and versions,

@@ -7,6 +7,9 @@ For each shape (MNIST: 784 bytes, 8 layers; CIFAR-10: 3,072 bytes, 16 layers; 8 
 size, three ways of drawing bytes with the same sampling function (model.generation.next_byte):
   recurrent-linear  causal-linear model, its recurrent twin: O(1) work and memory per byte (on CUDA,
                     whole-image mode: one captured CUDA graph replayed per byte)
+  recurrent-256-levels  the same drawn through the 256-level log-probabilities and an inverse CDF (what
+                    temperature != 1, top-k, top-p and guidance use; top-k 256 changes nothing else),
+                    instead of from the logistic mixture directly
   recurrent-compiled  the same with the step's kernels fused by torch.compile (then captured)
   recurrent-eager   the same without the CUDA graph (a few hundred kernel launches per byte)
   softmax-kv-cache  softmax model, one step per byte over a KV cache: O(t) work at byte t, O(L) memory
@@ -39,7 +42,8 @@ import torch  # noqa: E402
 from model import ImageTransformer, ModelConfig  # noqa: E402
 from model.generation import SamplingOptions, generate_images, image_uniforms, next_byte  # noqa: E402
 
-METHODS = ("recurrent-linear", "recurrent-compiled", "recurrent-eager", "softmax-kv-cache", "parallel-rerun")
+METHODS = ("recurrent-linear", "recurrent-256-levels", "recurrent-compiled", "recurrent-eager", "softmax-kv-cache",
+           "parallel-rerun")
 
 
 @dataclass
@@ -188,10 +192,10 @@ def measure_rerun(net: ImageTransformer, batch: int, starts: list[int], width: i
 
 
 def measure_full(net: ImageTransformer, batch: int, mode: str, device: torch.device, cuda_graph: bool,
-                 bf16: bool, compile: bool = False) -> tuple[float, int, torch.Tensor]:
+                 bf16: bool, compile: bool = False, top_k=None) -> tuple[float, int, torch.Tensor]:
     """Seconds per image generating whole images with the sampler's own loop, peak bytes, the images."""
-    options = SamplingOptions(batch_size=batch, mode=mode, progress=False, cuda_graph=cuda_graph, precision="bf16" if bf16 else "fp32",
-                              compile=compile)
+    options = SamplingOptions(batch_size=batch, mode=mode, progress=False, cuda_graph=cuda_graph,
+                              precision="bf16" if bf16 else "fp32", compile=compile, top_k=top_k)
     # warm-up (kernels, cuBLAS handles, allocator, graph capture, compilation) on the last bytes: the
     # given prefix is read in one parallel pass, so keep its activations (~B x K x d_ff floats) near 4 GB
     given = min(net.config.seq_len - 4, int(4e9 / (batch * net.config.d_ff * 4 * 2)))
@@ -220,6 +224,7 @@ def run_cell(shape: Shape, method: str, batch: int, args, device: torch.device, 
     if method == "softmax-kv-cache" and args.max_softmax_batch and batch > args.max_softmax_batch:
         return Cell(None, None, f"skipped: batch > --max-softmax-batch {args.max_softmax_batch}")
     attention = "softmax" if method == "softmax-kv-cache" else "causal-linear"
+    top_k = 256 if method == "recurrent-256-levels" else None  # no filter, the 256-level path
     key = (shape.name, attention)
     if key not in nets:
         nets.clear()  # one shape's models at a time
@@ -228,12 +233,12 @@ def run_cell(shape: Shape, method: str, batch: int, args, device: torch.device, 
     if args.full:
         seconds, peak, images = measure_full(net, batch, "parallel" if parallel else "recurrent", device,
                                              cuda_graph=method != "recurrent-eager", bf16=args.bf16,
-                                             compile=method == "recurrent-compiled")
+                                             compile=method == "recurrent-compiled", top_k=top_k)
         return Cell(1.0 / seconds, peak / batch, images=images)
     width = args.parallel_bytes if parallel else args.bytes
     starts = window_starts(shape.seq_len, args.positions, width)
     measure = measure_rerun if parallel else measure_stepping
-    per_byte, peak = measure(net, batch, starts, width, SamplingOptions(progress=False), device)
+    per_byte, peak = measure(net, batch, starts, width, SamplingOptions(progress=False, top_k=top_k), device)
     seconds_per_image = shape.seq_len * per_byte / batch
     return Cell(1.0 / seconds_per_image, peak / batch)
 
@@ -337,7 +342,8 @@ def main(argv=None) -> int:
     header = ["shape", "L", "layers", "batch"]
     for method in METHODS:
         header += [f"{method} img/s", f"{method} MiB/img"]
-    header += ["recurrent / parallel", "recurrent / softmax-kv", "graph / eager", "compiled / graph"]
+    header += ["recurrent / parallel", "recurrent / softmax-kv", "graph / eager", "compiled / graph",
+               "direct / 256-level draw"]
     print()
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -348,7 +354,8 @@ def main(argv=None) -> int:
         values += [ratio(cells["recurrent-linear"], cells["parallel-rerun"]),
                    ratio(cells["recurrent-linear"], cells["softmax-kv-cache"]),
                    ratio(cells["recurrent-linear"], cells["recurrent-eager"], digits=1),
-                   ratio(cells["recurrent-compiled"], cells["recurrent-linear"], digits=2)]
+                   ratio(cells["recurrent-compiled"], cells["recurrent-linear"], digits=2),
+                   ratio(cells["recurrent-linear"], cells["recurrent-256-levels"], digits=2)]
         print("| " + " | ".join(values) + " |")
     print()
     for shape in shapes:
@@ -360,7 +367,8 @@ def main(argv=None) -> int:
         if best["recurrent-linear"]:
             linear, lb = best["recurrent-linear"]
             line = f"{shape.name}: best recurrent-linear {linear:.4g} images/s (batch {lb})"
-            for other in ("recurrent-compiled", "recurrent-eager", "softmax-kv-cache", "parallel-rerun"):
+            for other in ("recurrent-256-levels", "recurrent-compiled", "recurrent-eager", "softmax-kv-cache",
+                          "parallel-rerun"):
                 if best[other]:
                     rate, b = best[other]
                     line += f"; {linear / rate:.1f}x the best {other} ({rate:.3g}, batch {b})"

@@ -6,6 +6,7 @@
     RUN/checkpoints/step_0000500/        accelerate's save_state files (exact resume) + meta.json
     RUN/checkpoints/step_0000500/model/  the weights evaluated and sampled (a model folder)
     RUN/export/                          the newest model (a model folder)
+    RUN/.kernel-cache/{triton,inductor}/  compiled kernels and autotuning results (train.kernel_cache)
 A model folder is model.safetensors + config.json (model.pretrained). A checkpoint is complete once
 its meta.json exists (written last). Folders are written as NAME.tmp-XXXX and renamed; a folder being
 replaced is NAME.replaced-XXXX for a moment, one being deleted NAME.deleting-XXXX, a damaged
@@ -27,6 +28,7 @@ META_NAME = "meta.json"
 RUN_CONFIG = "config.yaml"
 LOGS = "logs"
 SAMPLES = "samples"
+KERNEL_CACHE = ".kernel-cache"
 STEP_FOLDER = re.compile(r"^step_(\d{7,})$")  # checkpoint_name's 7 digits, or more
 SIDE_FOLDER = re.compile(r"^(step_\d{7,}|export)\.(tmp|replaced|deleting|damaged)-")
 

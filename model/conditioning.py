@@ -67,12 +67,16 @@ class ConditionEmbedding(nn.Module):
             if labels is None:
                 classes = torch.full((batch,), self.n_classes, dtype=torch.long, device=device)
             else:
-                classes = torch.as_tensor(labels, device=device).long().reshape(-1)
+                classes = torch.as_tensor(labels).long().reshape(-1)
                 if classes.shape[0] != batch:
                     raise ValueError(f"labels has {classes.shape[0]} entries for a batch of {batch}")
-                if classes.numel() and (classes.min() < 0 or classes.max() >= self.n_classes):
+                if classes.device.type != "cpu":  # asserted on the device: no host sync per training step
+                    torch._assert_async(((classes >= 0) & (classes < self.n_classes)).all(),
+                                        f"labels must be in [0, {self.n_classes})")
+                elif classes.numel() and (classes.min() < 0 or classes.max() >= self.n_classes):
                     raise ValueError(f"labels must be in [0, {self.n_classes}), got "
                                      f"{classes.min().item()}..{classes.max().item()}")
+                classes = classes.to(device)
                 classes = classes.masked_fill(self._dropped(batch, device, drop), self.n_classes)
             embedded = self.class_embedding(classes)  # (B, d)
             parts.append(embedded.unsqueeze(1))

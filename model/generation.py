@@ -41,11 +41,54 @@ class SamplingOptions:
 
 @dataclass
 class GenerationStats:
-    """What the last line of the CLI reports."""
+    """What the last line of the CLI reports: seconds = warm_up_seconds + the steady drawing's seconds."""
 
     images: int
     bytes_generated: int
     seconds: float
+    # one-off costs (compilation, Triton autotuning, CUDA-graph capture, first kernel launches): the
+    # seconds the run took beyond what its bytes cost at the steady rate
+    warm_up_seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        """Images per second at the steady rate (the warm-up left out)."""
+        return self.images / max(self.seconds - self.warm_up_seconds, 1e-9)
+
+
+WARM_UP_BYTES = 4  # the first bytes of a batch: prefill, 2 eager steps, graph capture, first replay
+
+
+class _WarmUpClock:
+    """Times the first WARM_UP_BYTES bytes of each new batch size apart from the rest: they pay the
+    one-off costs (a batch size seen before reuses its compiled code, so all of it is steady)."""
+
+    def __init__(self, device: torch.device, bar):
+        self.device, self.bar = device, bar
+        self.sizes: set[int] = set()
+        self.seconds, self.bytes = 0.0, 0  # spent in warm-up bytes
+
+    def start_batch(self, size: int) -> None:
+        """A batch of `size` images begins."""
+        self.new, self.drawn, self.began = size not in self.sizes, 0, time.perf_counter()
+        self.sizes.add(size)
+
+    def advance(self, batch: int) -> None:
+        """One byte of every image of the batch is drawn (queued, on a GPU)."""
+        self.bar.update(batch)
+        self.drawn += 1
+        if self.new and self.drawn == WARM_UP_BYTES:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # once per batch size: the warm-up's work is done
+            self.seconds += time.perf_counter() - self.began
+            self.bytes += WARM_UP_BYTES * batch
+
+    def stats(self, images: int, total_bytes: int, seconds: float) -> GenerationStats:
+        """The run's stats, its warm-up the excess over the steady rate of the other bytes."""
+        if total_bytes <= self.bytes or seconds <= self.seconds:  # too short to tell: all steady
+            return GenerationStats(images, total_bytes, seconds)
+        steady_rate = (total_bytes - self.bytes) / (seconds - self.seconds)  # bytes/s
+        return GenerationStats(images, total_bytes, seconds, max(0.0, seconds - total_bytes / steady_rate))
 
 
 def image_uniforms(seed: int, image_indices: list[int], length: int) -> torch.Tensor:
@@ -71,7 +114,18 @@ def draw(log_probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def next_byte(net: torch.nn.Module, logits: torch.Tensor, uniforms: torch.Tensor,
               options: SamplingOptions) -> torch.Tensor:
     """The one sampling function both modes share: head logits [R, head_dim] -> bytes [B] (R = 2B
-    under guidance: conditional rows, then unconditional ones)."""
+    under guidance: conditional rows, then unconditional ones).
+
+    With nothing to change in the distribution (temperature 1, no top-k, top-p or guidance), a
+    head that draws by itself (the logistic mixture: a component, then a logistic) does so: the
+    same distribution without its bins log-probabilities, though other bytes for a seed than the
+    inverse CDF below. Any other temperature T sharpens (T < 1) or flattens (T > 1) the bins-level
+    distribution itself, p^(1/T) renormalised, for either head.
+    """
+    direct = getattr(net.head, "sample", None)
+    if direct is not None and options.temperature == 1 and options.guidance == 1 and \
+            options.top_k is None and options.top_p is None:
+        return direct(logits, uniforms)
     log_probs = net.log_probs(logits.float())  # (B, bins) normalized for either head
     if options.guidance != 1:
         # the model's rows are [conditional; unconditional] (see _condition_rows): guide, renormalise
@@ -215,10 +269,12 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
     result = torch.empty(n_images, seq_len, dtype=torch.long)
     bar = tqdm(total=n_images * (seq_len - start), unit="B", unit_scale=True, desc="sampling",
                disable=not options.progress, leave=False)
+    clock = _WarmUpClock(device, bar)
     began = time.perf_counter()
     try:
         for first in range(0, n_images, options.batch_size):
             rows = list(range(first, min(first + options.batch_size, n_images)))
+            clock.start_batch(len(rows))
             out = torch.zeros(len(rows), seq_len, dtype=torch.long, device=device)  # (B, L)
             if prefix is not None:
                 out[:, :start] = prefix[rows].to(device)
@@ -229,10 +285,9 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
             # inference mode: no version counters or view tracking, about 9% less overhead per byte on
             # a CPU; `out` is copied into the ordinary `result` below, so callers get a normal tensor
             with torch.inference_mode(), autocast(device, options.precision):
-                run(net, out, start, condition, copies, uniforms, options, bar.update)
+                run(net, out, start, condition, copies, uniforms, options, clock.advance)
             result[rows] = out.cpu()
     finally:
         bar.close()
         net.train(was_training)
-    seconds = time.perf_counter() - began
-    return result, GenerationStats(n_images, n_images * (seq_len - start), seconds)
+    return result, clock.stats(n_images, n_images * (seq_len - start), time.perf_counter() - began)

@@ -71,6 +71,25 @@ class LogisticMixtureHead(nn.Module):
         levels = torch.arange(self.bins, device=logits.device)
         return self._log_prob_of(logits, levels)
 
+    def sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """One level per row of logits (B, 3K) from one uniform per row (B,) in [0, 1): exactly the
+        distribution log_probs gives, drawn without evaluating the bins levels.
+
+        The uniform picks a component by the mixture weights; where it fell inside that component's
+        share is itself uniform, and through the logistic's inverse CDF it gives x, rounded to the
+        nearest level and clamped (the end levels reach to -inf and +inf, as in log_probs).
+        """
+        weights, means, log_scales = logits.double().chunk(3, dim=-1)  # (B, K) each
+        cdf = torch.softmax(weights, dim=-1).cumsum(-1)  # (B, K)
+        target = uniforms.double().unsqueeze(-1) * cdf[:, -1:]  # (B, 1)
+        component = torch.searchsorted(cdf, target, right=True).clamp_(max=self.mixtures - 1)  # (B, 1)
+        below = torch.where(component > 0, cdf.gather(-1, (component - 1).clamp(min=0)), 0.0)
+        within = (target - below) / (cdf.gather(-1, component) - below)  # (B, 1) uniform in [0, 1)
+        scale = log_scales.gather(-1, component).clamp(min=self.min_log_scale).exp()
+        x = means.gather(-1, component) + scale * (torch.log(within) - torch.log1p(-within))  # (B, 1)
+        level = torch.round((x + 1.0) * (self.bins - 1) / 2.0).clamp_(0, self.bins - 1)
+        return level.squeeze(-1).long()
+
     def nll(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood in nats of target (...) under logits (..., 3K), fp32."""
         # only the target level is evaluated: (..., 1) instead of (..., bins, K)

@@ -176,11 +176,16 @@ class ImageTransformer(nn.Module):
 
     # ---------------------------------------------------------------- parallel (training) path
     def check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:
-        """Validate an integer tensor [B, K] of bytes in [0, bins) and return it as long."""
+        """Validate an integer tensor [B, K] of bytes in [0, bins) and return it as long. On an
+        accelerator the range is asserted on the device: no host sync per training step (a bad byte
+        fails a later call there); on the host it is a ValueError."""
         if seq.dim() != 2 or seq.dtype.is_floating_point or seq.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor [B, K], got {tuple(seq.shape)} {seq.dtype}")
         seq = seq.long()
-        if seq.numel() and (seq.min() < 0 or seq.max() >= self.config.bins):
+        if seq.device.type != "cpu":
+            torch._assert_async(((seq >= 0) & (seq < self.config.bins)).all(),
+                                f"{name} values must be in [0, {self.config.bins})")
+        elif seq.numel() and (seq.min() < 0 or seq.max() >= self.config.bins):
             raise ValueError(f"{name} values must be in [0, {self.config.bins}), got "
                              f"{seq.min().item()}..{seq.max().item()}")
         return seq
@@ -291,7 +296,7 @@ class ImageTransformer(nn.Module):
         device = self.byte_embedding.weight.device
         if prefix is None:
             prefix = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        prefix = self.check_bytes(prefix.to(device), "prefix")
+        prefix = self.check_bytes(prefix, "prefix").to(device)  # checked where it was given: a clear error
         if prefix.shape[0] != batch:
             raise ValueError(f"prefix has {prefix.shape[0]} rows for a state of batch {batch}")
         if prefix.shape[1] >= self.config.seq_len:

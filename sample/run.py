@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
     """How the bytes are drawn and on which device."""
     how.add_argument("--temperature", type=float, default=1.0,
-                     help="divide log-probabilities by this; lower is more conservative, 0 is greedy (default %(default)s)")
+                     help="divide log-probabilities by this; lower is more conservative, 0 is greedy. At 1 "
+                          "without top-k, top-p or guidance a logistic-mixture model draws from its mixture "
+                          "directly (the same distribution, fast at large batches) (default %(default)s)")
     how.add_argument("--top-k", type=int, default=None, help="keep only the K most likely byte values")
     how.add_argument("--top-p", type=float, default=None,
                      help="keep the smallest set of byte values whose probability reaches P (nucleus)")
@@ -148,9 +150,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"grid: {result.grid_path} ({width}x{height} px)")
     for path in result.written[1:]:
         print(f"wrote: {path}")
-    seconds, device = max(stats.seconds, 1e-9), next(loaded.net.parameters()).device
-    print(f"{stats.images} images, {stats.bytes_generated} bytes in {stats.seconds:.2f} s: "
-          f"{stats.images / seconds:.2f} images/s, {stats.bytes_generated / seconds:,.0f} bytes/s "
+    steady, device = max(stats.seconds - stats.warm_up_seconds, 1e-9), next(loaded.net.parameters()).device
+    print(f"{stats.images} images, {stats.bytes_generated} bytes in {stats.seconds:.2f} s = warm-up "
+          f"{stats.warm_up_seconds:.2f} s (compilation, autotuning, graph capture, first bytes) + {steady:.2f} s at "
+          f"{stats.images_per_s:.2f} images/s, {stats.bytes_generated / steady:,.0f} bytes/s "
           f"({args.mode}, {device}, batch {args.batch_size}, {sampling_precision(args.precision, device)})")
     return 0
 

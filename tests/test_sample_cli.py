@@ -1,5 +1,7 @@
 """The sampler CLI: grid geometry, class and caption paths, checkpoint forms, and each bad input."""
 
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,30 @@ def test_class_grid_has_one_row_per_class(tmp_path, export, capsys):
     assert len(list((tmp_path / "classes").iterdir())) == 6
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "images/s" in last and "bytes/s" in last
+
+
+def test_printed_speed_leaves_out_the_warm_up_and_reports_it(tmp_path, export, capsys, monkeypatch):
+    from model.transformer import ImageTransformer
+
+    prefill, pause = ImageTransformer.prefill, 1.0
+
+    def slow_first_prefill(self, *args, **kwargs):  # a GPU's one-off costs: compilation, autotuning
+        if not hasattr(slow_first_prefill, "done"):
+            slow_first_prefill.done = True
+            time.sleep(pause)
+        return prefill(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageTransformer, "prefill", slow_first_prefill)
+    # two batches of 4: the second batch size is one seen before, so all of it is steady
+    assert run_cli("--checkpoint", export, "--out", tmp_path / "g.png", "--n", 8, "--batch-size", 4) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    found = re.fullmatch(r"8 images, 288 bytes in ([0-9.]+) s = warm-up ([0-9.]+) s \(compilation, autotuning, "
+                         r"graph capture, first bytes\) \+ ([0-9.]+) s at ([0-9.]+) images/s, ([0-9,]+) bytes/s "
+                         r"\(recurrent, cpu, batch 4\)", last)
+    assert found, last
+    total, warm_up, steady, rate = (float(found.group(i)) for i in range(1, 5))
+    assert warm_up >= pause and abs(total - warm_up - steady) < 0.02 and steady < pause
+    assert rate == pytest.approx(8 / steady, rel=0.05) and rate > 8 / pause
 
 
 def test_class_names_and_captions_condition_the_model(tmp_path, export):

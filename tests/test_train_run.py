@@ -267,6 +267,104 @@ def test_non_finite_losses_are_skipped_then_stop(digits16, tmp_path, fresh_accel
     assert complete_steps(tmp_path / "run") == []
 
 
+def test_images_per_s_leaves_out_the_first_step_evaluations_and_checkpoints(digits16, tmp_path, fresh_accelerate,
+                                                                              monkeypatch, capsys):
+    from train.trainer import Trainer
+
+    step, checkpoint = Trainer.step, Trainer.checkpoint
+    slow_first = iter([True])
+
+    def first_step_slow(self):  # the one-off costs of a GPU's first step: compilation, autotuning
+        if next(slow_first, False):
+            time.sleep(1.5)
+        return step(self)
+
+    def slow_checkpoint(self, *args, **kwargs):
+        time.sleep(1.5)
+        return checkpoint(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", first_step_slow)
+    monkeypatch.setattr(Trainer, "checkpoint", slow_checkpoint)
+    result = train_in_process(digits16, tmp_path / "run", "train.max_steps=10", "train.eval_at_start=false",
+                              "train.checkpoint_every=5")
+    assert result.exit_code == 0
+    warm_up = re.search(r"step 1: warm-up ([0-9.]+) s \(this process's first step", capsys.readouterr().out)
+    assert warm_up and float(warm_up.group(1)) >= 1.5
+    _, accumulator = read_scalars(str(tmp_path / "run"))
+    assert [e.value >= 1.5 for e in accumulator.Scalars("train/first_step_s")] == [True]
+    # 4 timed steps (2-5), then 5 (6-10; the checkpoint after step 5 is not one of them): a figure that
+    # counted a 1.5 s pause would be below 5 x 8 images / 1.5 s = 27 images/s
+    rates = [(e.step, e.value) for e in accumulator.Scalars("train/images_per_s")]
+    assert [s for s, _ in rates] == [5, 10] and min(v for _, v in rates) > 27, rates
+
+
+def test_the_model_is_built_with_the_kernel_cache_under_the_run_folder(digits16, tmp_path, fresh_accelerate,
+                                                                      monkeypatch):
+    # Triton's autotuner reads TRITON_CACHE_AUTOTUNING when fla's kernels are defined: with the model
+    from model import ImageTransformer
+    from train.trainer import KERNEL_CACHE_VARIABLES
+
+    for name in KERNEL_CACHE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    seen, build = [], ImageTransformer.__init__
+
+    def spying_init(self, *args, **kwargs):
+        seen.append({name: os.environ.get(name) for name in KERNEL_CACHE_VARIABLES})
+        build(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageTransformer, "__init__", spying_init)
+    assert train_in_process(digits16, tmp_path / "run", "train.max_steps=1", "train.eval_at_start=false").exit_code == 0
+    cache = str(tmp_path / "run" / ".kernel-cache")
+    assert seen[0] == {"TRITON_CACHE_DIR": os.path.join(cache, "triton"), "TRITON_CACHE_AUTOTUNING": "1",
+                       "TORCHINDUCTOR_CACHE_DIR": os.path.join(cache, "inductor")}
+    assert not any(name in os.environ for name in KERNEL_CACHE_VARIABLES)  # the run's alone
+
+
+def test_a_training_step_reads_from_the_device_once(digits16, tmp_path, fresh_accelerate, monkeypatch):
+    """The one host sync of a step is the flags' read (stop, non-finite, loss, gradient norm): on a GPU
+    nothing else in our code waits for the device, logging included (it uses what that read returned)."""
+    import torch
+
+    from train.trainer import Trainer
+
+    ours = (os.path.join(REPO, "train") + os.sep, os.path.join(REPO, "model") + os.sep)
+    reads, inside = [], []
+
+    def counted(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if inside and frame.f_code.co_filename.startswith(ours):
+                code = frame.f_code
+                reads.append(f"{os.path.basename(code.co_filename)}:{code.co_name}:{frame.f_lineno} {name}")
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        counted(name)
+    step = Trainer.step
+
+    def watched_step(self):
+        inside.append(True)
+        try:
+            return step(self)
+        finally:
+            inside.pop()
+            steps.append(reads[:])
+            reads.clear()
+
+    steps = []
+    monkeypatch.setattr(Trainer, "step", watched_step)
+    assert train_in_process(digits16, tmp_path / "run", "train.max_steps=3", "train.eval_at_start=false",
+                            "log.every=1").exit_code == 0
+    # the range checks of the bytes and labels read host tensors only on the host (on a GPU they assert
+    # on the device; the trainer leaves the labels on the host): here they cannot be told from a sync
+    steps = [[read for read in found if not read.startswith(("transformer.py:_check_bytes:",
+                                                                         "conditioning.py:forward:"))] for found in steps]
+    assert len(steps) == 3 and all(len(found) == 1 and found[0].endswith(" tolist") for found in steps), steps
+
+
 def test_tensorboard_gets_scalars_hyperparameters_and_images_in_one_event_file(digits16, tmp_path,
                                                                                fresh_accelerate):
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData

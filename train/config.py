@@ -76,6 +76,13 @@ class TrainSection:
     # use the average; checkpoints keep both. 0.995 averages over the last ~200 steps.
     ema_decay: float = 0.0
     cpu_threads: Optional[int] = None  # torch threads per rank when training on CPU; None: torch's default
+    # torch.compile of every block's forward and backward (inductor fuses the element-wise work that
+    # dominates at these widths): auto = on CUDA only (on a CPU the compilation outweighs a short run)
+    compile: str = "auto"  # auto | true | false
+    # Triton's compiled kernels and autotuning results and inductor's compiled graphs kept in
+    # RUN/.kernel-cache, so that a restart or a requeue does not compile and autotune again (a
+    # TRITON_CACHE_DIR or TORCHINDUCTOR_CACHE_DIR set in the environment wins)
+    kernel_cache: bool = True
 
 
 @dataclass
@@ -113,6 +120,7 @@ TRAINING_DEFAULTS = {"model": {"condition": "class", "row_len": "auto"}}
 CHOICES = {
     ("optim", "name"): ("adamw", "radam", "muon"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),
+    ("train", "compile"): ("auto", "true", "false"),
 }
 PATHS = {("data", "dir"), ("train", "run_dir")}
 POSITIVE = {
@@ -212,6 +220,8 @@ def _set_value(given: dict, dotted: str, value: Any, source: str) -> None:
     if key not in fields:
         raise ConfigError(f"{source}: unknown key {dotted!r} (known in {section_name}: {', '.join(fields)})")
     field_name, field_type = fields[key]
+    if isinstance(value, bool) and "true" in CHOICES.get((section_name, key), ()):
+        value = str(value).lower()  # `compile: true` in YAML is the choice "true"
     coerced = _coerce(value, field_type, f"{source}: {dotted}")
     choices = CHOICES.get((section_name, key))
     if choices is not None and coerced not in choices:

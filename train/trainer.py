@@ -28,8 +28,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.tensorboard.summary import hparams
 from tqdm.auto import tqdm
 
-from common.run_layout import (LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name, checkpoints_folder,
-                               export_folder, is_complete)
+from common.run_layout import (KERNEL_CACHE, LOGS, RUN_CONFIG, SAMPLES, checkpoint_model, checkpoint_name,
+                               checkpoints_folder, export_folder, is_complete)
 from data_prep import (DataError, caption_for, decode_sequences, eval_batches, grid_tensor, load_manifest, save_png,
                        shard_file_problems, train_batches)
 from model import ImageTransformer, bits_per_dim
@@ -187,6 +187,47 @@ def load_ema(ema: AveragedModel, folder: str, saved: dict, net: torch.nn.Module,
         ema.update_parameters(net)  # with nothing averaged yet, this copies the resumed weights
 
 
+KERNEL_CACHE_VARIABLES = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_AUTOTUNING")
+
+
+@contextlib.contextmanager
+def kernel_cache(run_dir: str, enabled: bool) -> Iterator[None]:
+    """Point Triton's and inductor's caches into RUN/.kernel-cache where the environment names none
+    (train.kernel_cache), for the run; the environment as it was afterwards.
+
+    Entered before the model is built: Triton's autotuner reads TRITON_CACHE_AUTOTUNING when a kernel
+    (fla's, imported with the model) is defined; the cache folders are read when kernels compile.
+    """
+    saved = {name: os.environ.get(name) for name in KERNEL_CACHE_VARIABLES}
+    if enabled:
+        cache = os.path.abspath(os.path.join(run_dir, KERNEL_CACHE))
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(cache, "inductor"))
+        os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")  # the benchmarked choices too, not only binaries
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def compile_blocks(net: ImageTransformer, setting: str, device: torch.device) -> bool:
+    """torch.compile every block in place as train.compile says (auto: on CUDA); True when compiled.
+
+    One block at a time ("regional compilation"): the blocks share their code and shapes, so one
+    compilation serves them all instead of one graph of the whole depth. The weights stay where
+    they are: state_dict keys, DDP, checkpoints and the EMA see the same modules.
+    """
+    if setting == "false" or (setting == "auto" and device.type != "cuda"):
+        return False
+    for block in net.blocks:
+        block.compile()
+    return True
+
+
 def _configure_determinism(enabled: bool) -> bool:
     """Switch torch to deterministic kernels; returns the previous setting to restore it later."""
     previous = torch.are_deterministic_algorithms_enabled()
@@ -237,7 +278,8 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
             on_main_then_share(accelerator, lock.acquire)
             if lock.warning:  # set on the main process only, where accelerator.print prints
                 accelerator.print(lock.warning)
-            return Trainer(cfg, manifest, accelerator, stop).run(resume)
+            with kernel_cache(run_dir, cfg.train.kernel_cache):
+                return Trainer(cfg, manifest, accelerator, stop).run(resume)
         finally:
             lock.release()  # a no-op on the ranks that do not hold it
             torch.use_deterministic_algorithms(previous_deterministic)
@@ -276,8 +318,10 @@ class Trainer:
         self.state = TrainState()
         self.eval_bits_per_dim: list[tuple[int, float]] = []
         self.last_eval_step = self.last_checkpoint_step = -1
-        # this window of log.every steps: summed loss, good steps, start time
-        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+        # this window of log.every steps: summed loss and good steps (the loss), then the steps timed
+        # and their seconds (the speed: neither the process's first step nor evaluations and checkpoints)
+        self.window_loss, self.window_steps = 0.0, 0
+        self.window_timed, self.window_seconds, self.clock_start = 0, 0.0, None
 
     def set_up(self, resume: Optional[str]) -> None:
         """Run folder, model, optimizer and EMA, the resumed state, trackers; the baseline evaluation."""
@@ -300,14 +344,15 @@ class Trainer:
             cfg.train.ema_decay)) if cfg.train.ema_decay > 0 else None
         if resume_path is not None:
             self.resume_from(resume_path)
-        elif resume == "auto":
+        compiled = compile_blocks(self.net, cfg.train.compile, self.device)  # after the EMA's copy of the net
+        if resume_path is None and resume == "auto":
             accelerator.print(f"--resume auto: no complete checkpoint in {checkpoints_folder(self.run_dir)}; fresh start")
         accelerator.init_trackers(os.path.basename(os.path.abspath(self.run_dir)), config=flatten_config(cfg),
                                   init_kwargs={"wandb": {"dir": os.path.join(self.run_dir, LOGS)}})
         accelerator.print(f"model: {sum(p.numel() for p in self.params) / 1e6:.2f}M parameters, "
                           f"{cfg.model.n_layers} layers, attention {cfg.model.attention}; {self.world} rank(s), "
                           f"global batch {self.global_batch}, training steps {self.state.step} -> {self.max_steps}, "
-                          f"mixed precision {accelerator.mixed_precision}")
+                          f"mixed precision {accelerator.mixed_precision}, blocks compiled: {'yes' if compiled else 'no'}")
         if resume_path is not None:
             self.last_checkpoint_step = self.state.step
         elif cfg.train.eval_at_start and self.max_steps > 0:
@@ -369,32 +414,43 @@ class Trainer:
                     raise TrainingError(f"step {self.state.step}: accelerate's accumulation window is out of "
                                         f"step with train.grad_accum={cfg.train.grad_accum}")
                 # the model's own nll, through the wrapped forward so that DDP reduces the gradients
-                labels = batch.labels.to(self.device, non_blocking=True)
-                loss = self.model(seqs, labels, batch.captions, return_nll=True).mean()  # nats per byte
+                # the labels stay on the host, where the model checks their range without waiting for the device
+                loss = self.model(seqs, batch.labels, batch.captions, return_nll=True).mean()  # nats per byte
                 accelerator.backward(loss)
             loss_sum += loss.detach() / cfg.train.grad_accum
-        # One small collective per step (and one host sync): every rank learns whether any rank
-        # saw a non-finite loss or received a stop signal, so that all take the same branch.
+        # One small collective per step and the step's one host sync: every rank learns whether any
+        # rank saw a non-finite loss or received a stop signal, so that all take the same branch; the
+        # loss and the gradient norm come back with it. Under a loss scaler (fp16 on a GPU) clipping
+        # waits for the answer: the scaler unscales only for a step that will be taken.
+        clip_now = accelerator.scaler is None
+        norm = self.clip() if clip_now else torch.full((), float("nan"), device=self.device)
         finite = torch.isfinite(loss_sum)
         flags = torch.stack([(~finite).float(), torch.tensor(float(self.stop.requested), device=self.device),
-                             torch.where(finite, loss_sum, torch.zeros_like(loss_sum))])
+                             torch.where(finite, loss_sum, torch.zeros_like(loss_sum)), norm.float()])
         if self.world > 1:
             flags = accelerator.reduce(flags, reduction="sum")
-        count_nonfinite, count_stop, loss_total = flags.tolist()
+        count_nonfinite, count_stop, loss_total, norm_total = flags.tolist()
         lr = learning_rate(self.state.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
                            total_steps=self.max_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
-        grad_norm = self.update(count_nonfinite > 0, lr, loss_total / self.world)
+        # every rank holds the same (all-reduced) gradients, hence the same norm: the sum over ranks / world
+        grad_norm = self.update(count_nonfinite > 0, lr, loss_total / self.world,
+                                norm_total / self.world if clip_now else None)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         return count_stop > 0, lr, grad_norm
 
-    def update(self, nonfinite: bool, lr: float, mean_loss: float) -> float:
-        """Clip and apply the summed gradients unless anything is non-finite; returns the gradient norm."""
+    def clip(self) -> torch.Tensor:
+        """Clip the summed gradients to optim.grad_clip (0: not at all); their norm, on the device."""
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return self.accelerator.clip_grad_norm_(self.params, max_norm)
+
+    def update(self, nonfinite: bool, lr: float, mean_loss: float, grad_norm: Optional[float] = None) -> float:
+        """Apply the summed gradients (clipped first unless grad_norm says they were) unless anything is
+        non-finite; returns the gradient norm."""
         accelerator, state = self.accelerator, self.state
-        grad_norm = float("nan")
         if not nonfinite:
-            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(self.params, max_norm))
+            if grad_norm is None:
+                grad_norm = float(self.clip())
             # Gradients are identical on every rank after the all-reduce, so this check agrees
             # everywhere. With a GradScaler (fp16 on a GPU) an inf norm is its ordinary overflow
             # skip, counted below; without one (fp16 on CPU has none) it would be applied.
@@ -407,6 +463,7 @@ class Trainer:
             # The scaler skipped the update (overflow): a bad step like any other, so that a run
             # that never steps cannot end with exit 0.
             nonfinite = bool(accelerator.optimizer_step_was_skipped)
+        grad_norm = float("nan") if grad_norm is None else grad_norm
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         if not nonfinite:
@@ -428,22 +485,43 @@ class Trainer:
                     "or use train.mixed_precision=bf16 instead of fp16")
         return grad_norm
 
+    def clock(self, running: bool) -> None:
+        """Start (running) or stop the images/s clock: what runs while it is stopped (the process's
+        first step with its compilation and autotuning, evaluations, checkpoints) is not in the figure."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # queued steps belong to the segment that queued them
+        now = time.perf_counter()
+        if self.clock_start is not None:
+            self.window_seconds += now - self.clock_start
+        self.clock_start = now if running else None
+
+    def report_first_step(self, began: float) -> None:
+        """Print and log the seconds from "training from step N" to the first step done, then start the clock."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - began
+        self.accelerator.print(f"step {self.state.step}: warm-up {seconds:.1f} s (this process's first step: "
+                               "compilation, autotuning, first batch; left out of images/s)", flush=True)
+        self.accelerator.log({"train/first_step_s": seconds}, step=self.state.step)
+        self.clock(True)
+
     def log_window(self, lr: float, grad_norm: float) -> None:
         """The train/* scalars of the steps since the last call, to every tracker and the progress bar."""
-        state, every = self.state, self.cfg.log.every
-        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        n_steps = every if state.step % every == 0 else max(self.window_steps, 1)
-        images_per_s = n_steps * self.global_batch / elapsed
+        state = self.state
+        self.clock(True)  # closes the running segment
+        speed = {}
+        if self.window_timed > 0:  # none when the window held only the process's first step
+            images_per_s = self.window_timed * self.global_batch / max(self.window_seconds, 1e-9)
+            speed = {"train/images_per_s": images_per_s, "train/bytes_per_s": images_per_s * self.manifest.seq_len}
         if self.window_steps > 0 and self.accelerator.is_main_process:
             train_loss = self.window_loss / self.window_steps
             self.accelerator.log({"train/loss": train_loss, "train/bits_per_dim": bits_per_dim(train_loss),
-                                  "train/lr": lr, "train/grad_norm": grad_norm, "train/images_per_s": images_per_s,
-                                  "train/bytes_per_s": images_per_s * self.manifest.seq_len,
+                                  "train/lr": lr, "train/grad_norm": grad_norm, **speed,
                                   "train/bad_steps_total": state.bad_total,
                                   "train/samples_seen": state.samples_seen}, step=state.step)
             self.bar.set_postfix(loss=f"{train_loss:.4f}", bpd=f"{bits_per_dim(train_loss):.3f}",
-                                 img_s=f"{images_per_s:.1f}")
-        self.window_loss, self.window_steps, self.window_start = 0.0, 0, time.perf_counter()
+                                 **({"img_s": f"{speed['train/images_per_s']:.1f}"} if speed else {}))
+        self.window_loss, self.window_steps, self.window_timed, self.window_seconds = 0.0, 0, 0, 0.0
 
     def evaluate_and_log(self, with_samples: bool) -> None:
         """Exact test bits/dim (and a sample grid) of the evaluated weights, to every tracker."""
@@ -499,12 +577,17 @@ class Trainer:
         self.accelerator.print(f"training from step {state.step}", flush=True)
         self.bar = tqdm(total=self.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                         disable=not (self.accelerator.is_main_process and cfg.log.progress_bar))
-        self.window_start = time.perf_counter()
+        began, first = time.perf_counter(), True
         self.model.train()
         # A stop requested while starting up (or during the first evaluation) is honoured after one step.
         with contextlib.closing(self.bar):
             while state.step < self.max_steps:
                 any_stop, lr, grad_norm = self.step()
+                if first:
+                    self.report_first_step(began)
+                    first = False
+                else:
+                    self.window_timed += 1
                 self.bar.update(1)
                 if state.step % cfg.log.every == 0 or state.step == self.max_steps:
                     self.log_window(lr, grad_norm)
@@ -512,13 +595,17 @@ class Trainer:
                     return self.stop.signal_name or "a signal on another rank"
                 if state.step % cfg.train.eval_every == 0 and state.step < self.max_steps:
                     every = cfg.train.sample_every
+                    self.clock(False)
                     self.evaluate_and_log(with_samples=every == 0 or state.step % every == 0)
+                    self.clock(True)
                 # No checkpoint in the middle of a bad streak: the next good step saves instead.
                 due = state.step - max(self.last_checkpoint_step, 0) >= cfg.train.checkpoint_every or \
                     state.step % cfg.train.checkpoint_every == 0
                 if due and state.bad_in_a_row == 0 and state.step < self.max_steps and \
                         self.last_checkpoint_step != state.step:
+                    self.clock(False)
                     self.checkpoint()
+                    self.clock(True)
         return None
 
     def finish(self, stopped_by: Optional[str]) -> int:

@@ -75,7 +75,7 @@ def test_printed_speed_leaves_out_the_warm_up_and_reports_it(tmp_path, export, c
     last = capsys.readouterr().out.strip().splitlines()[-1]
     found = re.fullmatch(r"8 images, 288 bytes in ([0-9.]+) s = warm-up ([0-9.]+) s \(compilation, autotuning, "
                          r"graph capture, first bytes\) \+ ([0-9.]+) s at ([0-9.]+) images/s, ([0-9,]+) bytes/s "
-                         r"\(recurrent, cpu, batch 4\)", last)
+                         r"\(recurrent, cpu, batch 4, (fp32|bf16)\)", last)
     assert found, last
     total, warm_up, steady, rate = (float(found.group(i)) for i in range(1, 5))
     assert warm_up >= pause and abs(total - warm_up - steady) < 0.02 and steady < pause

@@ -48,7 +48,8 @@ DOWNLOAD, GPU = "needs a download", "needs a GPU"
 # command pattern -> why it is not run here
 SKIPPED = {
     r"bench/loader_speed\.py": f"{DOWNLOAD} (it reads data/mnist, which the MNIST download prepares)",
-    r"bench/precision_check\.py|gpu_suite\.sh": f"{GPU} (bf16 against fp32 on the GPU; the CUDA suite)",
+    r"bench/precision_check\.py": f"{GPU} (bf16 against fp32 on the GPU)",
+    r"gpu_suite\.sh": f"{GPU} (the GPU suite; its CPU dry run is `bash bench/gpu_suite.sh --device cpu`)",
     r"^pip install": f"{DOWNLOAD} (pip fetches the dependencies; CI installs the project before the tests)",
     r"python3 -m pytest": "runs the whole test suite, this test included",
     r"--dataset (mnist|cifar10) .*--download": f"{DOWNLOAD} (MNIST / CIFAR-10 from the internet)",

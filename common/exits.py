@@ -1,5 +1,5 @@
 """The one mapping from errors to exit codes, for every command line (lit-prepare, lit-verify,
-lit-train, lit-sample, lit-eval): 0 done, 1 failure, 2 bad usage or config, each error as one line."""
+lit-train, lit-sample, lit-eval, lit-demo): 0 done, 1 failure, 2 bad usage or config, each error as one line."""
 
 from __future__ import annotations
 

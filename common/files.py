@@ -31,9 +31,11 @@ def fsync_file(path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path) -> Iterator[BinaryIO]:
+def atomic_file(path, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary stream to a temporary file beside path (same folder, so os.replace is atomic): it
-    becomes path when the block ends without an error and is removed otherwise."""
+    becomes path when the block ends without an error and is removed otherwise. durable=False skips
+    the fsync, for many small outputs that can be made again (per-image PNGs: after a power cut the
+    newest may be empty, never half of an old and a new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix or ".tmp")
@@ -41,8 +43,9 @@ def atomic_file(path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(handle, "wb") as stream:
             yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                stream.flush()
+                os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

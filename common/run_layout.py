@@ -84,7 +84,8 @@ def _stored_model(checkpoint: str) -> str:
 def _step(model: str) -> float:
     """The step a model folder's config.json records; -inf when unreadable (from_pretrained says why)."""
     try:
-        return int(json.loads(open(os.path.join(model, CONFIG_NAME), encoding="utf-8").read())["step"])
+        with open(os.path.join(model, CONFIG_NAME), encoding="utf-8") as stream:
+            return int(json.load(stream)["step"])
     except (OSError, ValueError, TypeError, KeyError):
         return float("-inf")
 

@@ -32,11 +32,11 @@ def grid_tensor(images: np.ndarray, columns: int, padding: int = 2, scale: int =
     return make_grid(batch, nrow=columns, padding=padding, pad_value=1.0)
 
 
-def save_png(tensor: torch.Tensor, path) -> None:
-    """Write a float image [C, H, W] in [0, 1] as PNG, atomically."""
+def save_png(tensor: torch.Tensor, path, durable: bool = True) -> None:
+    """Write a float image [C, H, W] in [0, 1] as PNG, atomically (durable: as common.files.atomic_file)."""
     from torchvision.utils import save_image
 
-    with atomic_file(path) as stream:
+    with atomic_file(path, durable) as stream:
         save_image(tensor, stream, format="PNG")
 
 

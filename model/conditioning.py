@@ -76,7 +76,7 @@ class ConditionEmbedding(nn.Module):
                 elif classes.numel() and (classes.min() < 0 or classes.max() >= self.n_classes):
                     raise ValueError(f"labels must be in [0, {self.n_classes}), got "
                                      f"{classes.min().item()}..{classes.max().item()}")
-                classes = classes.to(device)
+                classes = classes.to(device, non_blocking=True)  # a blocking copy would sync the stream
                 classes = classes.masked_fill(self._dropped(batch, device, drop), self.n_classes)
             embedded = self.class_embedding(classes)  # (B, d)
             parts.append(embedded.unsqueeze(1))
@@ -87,7 +87,7 @@ class ConditionEmbedding(nn.Module):
             else:
                 if len(captions) != batch:
                     raise ValueError(f"captions has {len(captions)} entries for a batch of {batch}")
-                tokens = encode_captions(captions, self.caption_len).to(device)
+                tokens = encode_captions(captions, self.caption_len).to(device, non_blocking=True)
                 tokens = tokens.masked_fill(self._dropped(batch, device, drop).unsqueeze(1), CAPTION_NULL)
             embedded = self.caption_embedding(tokens)  # (B, caption_len, d)
             parts.append(embedded)

@@ -31,6 +31,8 @@ def resolve_precision(setting: str, device: torch.device) -> str:
 
 def sampling_precision(precision: str, device: torch.device) -> str:
     """--precision as it runs here: `auto` becomes bf16 where the device computes it natively, else fp32."""
+    if precision not in PRECISIONS:  # e.g. the trainer's "no" or "fp16": never silently bf16
+        raise ValueError(f"precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
     return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from common.files import atomic_file
+from common.files import atomic_file, fsync_folder
 from data_prep import decode_sequences, save_png, to_chw
 
 
@@ -23,7 +23,8 @@ def decode(seqs: torch.Tensor, image: dict) -> np.ndarray:
 def save_per_image(images: np.ndarray, folder: Path, names: Sequence[str]) -> None:
     """Write one PNG per image into folder, named by names (without suffix)."""
     for image, name in zip(images, names):
-        save_png(to_chw(image[None])[0], folder / f"{name}.png")
+        save_png(to_chw(image[None])[0], folder / f"{name}.png", durable=False)
+    fsync_folder(folder)  # the names; an fsync per file would cost seconds for thousands of images
 
 
 def save_npz(path: Path, seqs: torch.Tensor, image: dict, labels: Optional[torch.Tensor],

@@ -72,6 +72,12 @@ def test_bf16_autocast_samples_valid_bytes():
     assert out.shape == (2, 36) and 0 <= out.min() and out.max() < 16
 
 
+@pytest.mark.parametrize("precision", ["no", "fp16", "BF16"])
+def test_a_precision_the_sampler_does_not_know_is_refused_not_run_as_bf16(precision):
+    with pytest.raises(ValueError, match=f"precision '{precision}': must be one of auto, bf16, fp32"):
+        generate_images(tiny_model(), 1, options(precision=precision))
+
+
 @pytest.mark.parametrize("head", ["categorical", "logistic-mixture"])
 def test_compiled_step_draws_the_same_images(monkeypatch, head):
     # --compile traces the recurrent step (in-place state, position and byte counters as tensors)

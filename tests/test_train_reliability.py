@@ -319,6 +319,28 @@ def test_a_full_disk_in_the_other_writes_of_a_checkpoint(where, digits16, tmp_pa
                                                                           "logs", "samples"]
 
 
+def test_a_full_disk_at_a_later_export_does_not_blame_the_intact_one(digits16, tmp_path, fresh_accelerate, capsys,
+                                                                  monkeypatch):
+    import safetensors
+
+    import model.pretrained
+
+    run = tmp_path / "run"
+    assert run_main(cli_args(digits16, run, "train.max_steps=2", "train.eval_at_start=false")) == 0
+    capsys.readouterr()
+    real = model.pretrained.save_model
+
+    def full_at_export(net, path, **kwargs):
+        if os.path.basename(os.path.dirname(path)).startswith("export.tmp-"):  # not a checkpoint's model/
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(net, path, **kwargs)
+
+    monkeypatch.setattr(model.pretrained, "save_model", full_at_export)
+    assert run_main(cli_args(digits16, run, "train.max_steps=4", "train.eval_at_start=false") + ["--resume", "auto"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"export of step 4 not saved: {run / 'export'}: No space left on device"), err
+
+
 @pytest.mark.parametrize("in_the_way", ["run folder", "logs folder"])
 def test_a_run_folder_that_cannot_be_written_is_one_line(in_the_way, digits16, tmp_path, fresh_accelerate, capsys):
     # A file where a folder must go (as root, the test's user, a read-only folder would still be written).

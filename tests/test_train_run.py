@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from train.config import load_config
 from train.run import main as run_main
@@ -580,3 +581,13 @@ def test_bad_configs_exit_2_with_one_line(case, digits16, finished_run, tmp_path
     assert len(err.splitlines()) == 1, err
     for word in words:
         assert word in err, err
+
+
+def test_row_len_auto_resumes_a_run_saved_without_row_embeddings(digits16, tmp_path, fresh_accelerate):
+    """A run saved with row_len 0 (as every run before `auto` became the default) goes on under the
+    default `auto` as the model it was, not refused as a different one (a Slurm requeue must resume)."""
+    run = tmp_path / "run"
+    assert train_in_process(digits16, run, "train.max_steps=2", "model.row_len=0").exit_code == 0
+    result = train_in_process(digits16, run, "train.max_steps=4", resume="auto")
+    assert result.exit_code == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["row_len"] == 0

@@ -53,15 +53,16 @@ TORCH_WRITE_FAILURE = re.compile(r"unexpected pos \d+|file write failed|basic_io
 RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
-def write_failure(err: BaseException, folder: str) -> Optional[str]:
+def write_failure(err: BaseException, folder: str, walk: bool = True) -> Optional[str]:
     """'FILE: reason' when err is a refused write into folder (OSError, or torch's or safetensors' form
-    of one), else None. Without a file name the file is the one written last in folder; without an
+    of one), else None. Without a file name the file is the one written last in folder (walk: folder is
+    the temporary one being written, not a published one whose files are older and intact); without an
     errno, a disk with under 1 MiB free is full."""
     text, match = str(err), RUST_OS_ERROR.search(str(err))
     if isinstance(err, OSError):
         code, file = err.errno, err.filename
     elif match or TORCH_WRITE_FAILURE.search(text):
-        written = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names]
+        written = [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names] if walk else []
         code, file = int(match.group(1)) if match else None, max(written, key=os.path.getmtime, default=None)
     else:
         return None

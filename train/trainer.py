@@ -35,14 +35,14 @@ from data_prep import (DataError, caption_for, decode_sequences, eval_batches, g
 from model import ImageTransformer, bits_per_dim
 from model.precision import resolve_precision
 from model.pretrained import load_weights
-from train.checkpoint import (WriteFailure, check_compatible, choose_checkpoint, on_main_then_share,
-                              remove_stale_temporaries, resolve_resume, run_changes, save_checkpoint, write_failure)
+from train.checkpoint import (CheckpointError, WriteFailure, check_compatible, choose_checkpoint, on_main_then_share,
+                              read_meta, remove_stale_temporaries, resolve_resume, run_changes, save_checkpoint,
+                              write_failure)
 from train.config import ConfigError, TrainConfig, flatten_config, write_config
 from train.optimizers import build_optimizers
 from train.run_lock import RunLock
 from train.schedule import learning_rate
 from train.stop_request import EXIT_STOPPED, StopRequest
-
 
 
 class TrainingError(RuntimeError):
@@ -239,6 +239,15 @@ def _configure_determinism(enabled: bool) -> bool:
     return previous
 
 
+def with_stored_row_len(cfg: TrainConfig, checkpoint: str) -> TrainConfig:
+    """cfg with the checkpoint's own row_len: `auto` continues a run as it was built (one saved before
+    `auto` became the default has 0, no row embeddings), never as a different model."""
+    with contextlib.suppress(CheckpointError, AttributeError):  # damage is named when the checkpoint is chosen
+        saved = read_meta(checkpoint)["model_config"].get("row_len", 0)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, row_len=saved))
+    return cfg
+
+
 def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str = "<config>") -> TrainResult:
     """Train as configured; returns a TrainResult with exit_code 0 (done) or 75 (stopped on a signal).
 
@@ -250,6 +259,7 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
     """
     # Handlers first: a stop request from here on is honoured (saved and exit 75), never lost.
     with StopRequest() as stop:
+        row_from_data = cfg.model.row_len == "auto"
         cfg, manifest = check_against_data(cfg, config_source)
         # Every shard of both splits is there and long enough before any step: a test shard is read
         # first at the first evaluation, which may come hours (and an unsaved checkpoint) later.
@@ -261,6 +271,8 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
         # Cheap checks before anything starts (the run lock and the file digests come later; with
         # --resume auto the newest checkpoint may turn out damaged, so its turn comes after them).
         resume_path = resolve_resume(run_dir, resume)
+        if row_from_data and resume_path is not None:
+            cfg = with_stored_row_len(cfg, resume_path)
         if resume_path is not None and resume != "auto":
             check_compatible(resume_path, dataclasses.asdict(cfg.model), manifest.image_info(), cfg.optim.name)
 
@@ -560,7 +572,7 @@ class Trainer:
                 try:
                     self.evaluated.save_pretrained(export_path, self.manifest.image_info(), self.state.step)
                 except Exception as err:  # save_pretrained has removed its temporary folder
-                    failure = write_failure(err, export_path)
+                    failure = write_failure(err, export_path, walk=False)  # export/ holds the old, intact model
                     if failure is None:
                         raise
                     raise WriteFailure(f"export of step {self.state.step} not saved: {failure}") from None

@@ -64,14 +64,14 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
 
     from train.optimizers import build_optimizers
 
-    section = dataclasses.replace(cfg.model, attention=attention, backend=backend)
+    section = dataclasses.replace(cfg.model, attention=attention)
     if args.layers:
         section = dataclasses.replace(section, n_layers=args.layers)
     values = dataclasses.asdict(section)
     seq_len = {"mnist": 28 * 28, "cifar10": 32 * 32 * 3}[args.dataset_of[id(cfg)]]
     model_config = ModelConfig.from_dict({**values, "bins": 256, "seq_len": seq_len, "n_classes": 10})
     torch.manual_seed(0)
-    net = ImageTransformer(model_config).to(device)
+    net = ImageTransformer(model_config, backend, cfg.train.chunk_size).to(device)
     optimizers = build_optimizers(net, cfg, device)
     batch = args.batch_size or cfg.train.batch_size
     seqs = torch.randint(0, 256, (batch, seq_len), device=device)  # (B, L)
@@ -114,7 +114,7 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the benchmark grid and print a table."""
-    from model.linear_backends import backend_available
+    from model.attention_ops import backend_available
 
     from train.config import load_config
     from train.precision import native_bf16

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +19,6 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from model.config import ModelConfig
-from model.linear_backends import backend_available
 
 FORMAT = 2  # format 1 was a torch pickle (export/model.pt)
 WEIGHTS_NAME = "model.safetensors"
@@ -120,19 +118,10 @@ def read_config(path) -> dict:
     return values
 
 
-def read_model_config(path, values: dict, backend: Optional[str]) -> ModelConfig:
-    """The ModelConfig of config.json values, with `backend` or, by default, the stored backend where it
-    is installed here, else 'auto' (all backends compute the same function on the same weights)."""
+def read_model_config(path, values: dict) -> ModelConfig:
+    """The ModelConfig of config.json values (older folders' backend and chunk_size are ignored)."""
     try:
-        config_values = dict(values["model_config"])
-        stored = config_values.get("backend", "auto")
-        if backend is not None:
-            config_values["backend"] = backend
-        elif not backend_available(stored):
-            warnings.warn(f"model folder {path}: backend {stored!r} is not installed here; using 'auto'",
-                          RuntimeWarning, stacklevel=3)
-            config_values["backend"] = "auto"
-        return ModelConfig.from_dict(config_values)
+        return ModelConfig.from_dict(values["model_config"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{Path(path) / CONFIG_NAME}: {error}") from None
 

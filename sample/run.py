@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sample.errors import run_reporting_errors  # noqa: E402
+from model.attention_ops import BACKEND_NAMES  # noqa: E402
 from model.generation import MODES, SamplingOptions  # noqa: E402
 
 
@@ -90,6 +91,9 @@ def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
                           "prefix at every byte, O(L^2), only to compare speed and results (default %(default)s)")
     how.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    how.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
+                     help="attention kernels of the prefill and --mode parallel: auto is fla's on CUDA "
+                          "where installed, else torch (default %(default)s)")
     how.add_argument("--bf16", action="store_true",
                      help="bf16 autocast (for GPUs; the recurrent state stays fp32)")
     how.add_argument("--compile", action="store_true",
@@ -115,7 +119,8 @@ def job_from_args(args: argparse.Namespace):
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, batch_size=args.batch_size, mode=args.mode,
                               bf16=args.bf16, progress=not args.no_progress, compile=args.compile,
-                              guidance=args.guidance, cuda_graph=not args.no_cuda_graph)
+                              guidance=args.guidance, cuda_graph=not args.no_cuda_graph,
+                              backend=args.backend)
     return SampleJob(checkpoint=args.checkpoint, out=args.out, n=args.n, columns=args.columns,
                      classes=args.classes, captions=args.caption, index=args.index,
                      offset=args.offset, data=args.data, split=args.split, options=options,

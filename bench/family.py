@@ -9,10 +9,11 @@ Data sets: the built-in digits (28x28) at 256 and at 8 levels, and scikit-learn'
 digits (real pen strokes from 43 writers, bundled inside the scikit-learn package: nothing is
 downloaded; the 17 grey levels 0..16 scaled to 0..255), split by a fixed seed into train and a
 held-out test set. Each run: configs/digits.yaml with the kind, the sizes and the steps given here,
-one CPU thread. Reported per (data, kind): test bits/dim (lit-eval, exact), the training step (forward
-and backward of one batch, best of 3, 1 thread), sampling seconds per image (lit-eval's recurrent
-sampler) and class agreement (lit-eval: share of samples the data's classifier takes for the class
-asked). Writes bench/results/family-DATE.json and the table between the markers in bench/RESULTS.md.
+one CPU thread. Reported per (data, kind): test bits/dim (lit-eval, exact), class agreement (lit-eval:
+share of samples the data's classifier takes for the class asked), and the training step (forward and
+backward of one batch) and sampling seconds per image (the recurrent sampler, 10 images), both timed
+with the kinds taking turns in one process, best of --rounds (--timing-only redoes just these). Writes
+bench/results/family-DATE.json and the table between the markers in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -78,23 +79,33 @@ def prepare(name: str, work: Path, args) -> tuple[Path, int]:
     return out, 8 if name == "sklearn" else 28
 
 
-def step_seconds(run_dir: Path, batch: int) -> float:
-    """Best of 3 forward+backward passes of the trained model over one random batch, 1 thread."""
+def interleaved_times(name: str, kinds: list, args) -> dict:
+    """kind -> (training step ms, sampling s per image), measured in one process, the kinds taking turns
+    in each round and the best round kept: a slow spell of a shared machine then slows every kind alike.
+    Random weights of the runs' shape (speed does not depend on the weights), 1 thread."""
     import torch
 
-    from model import ImageTransformer
+    from model import ImageTransformer, ModelConfig
+    from model.generation import SamplingOptions, generate_images
 
     torch.set_num_threads(1)
-    net = ImageTransformer.from_pretrained(run_dir / "export", backend="torch", chunk_size=32).train()
-    seq = torch.randint(0, net.config.bins, (batch, net.config.seq_len))
-    labels = torch.arange(batch) % net.config.n_classes
-    times = []
-    for _ in range(4):
-        began = time.perf_counter()
-        net.zero_grad(set_to_none=True)
-        net.nll(seq, labels).mean().backward()
-        times.append(time.perf_counter() - began)
-    return min(times[1:])
+    seq_len, bins, row_len = {"sklearn": (64, 256, 8), "digits8": (784, 8, 28), "digits256": (784, 256, 28)}[name]
+    nets = {kind: ImageTransformer(ModelConfig(bins=bins, seq_len=seq_len, n_layers=args.layers, n_heads=4,
+                                               d_query=args.d_query, d_ff=args.d_ff, attention=kind, condition="class",
+                                               row_len=row_len), "torch", 32) for kind in kinds}
+    seq, labels = torch.randint(0, bins, (args.batch, seq_len)), torch.arange(args.batch) % 10
+    options = SamplingOptions(batch_size=10, progress=False)
+    best = {kind: [float("inf"), float("inf")] for kind in kinds}
+    for _ in range(args.rounds + 1):  # the first round warms up
+        for kind, net in nets.items():
+            began = time.perf_counter()
+            net.train().zero_grad(set_to_none=True)
+            net.nll(seq, labels).mean().backward()
+            middle = time.perf_counter()
+            generate_images(net, 10, options, labels=torch.arange(10))
+            end = time.perf_counter()
+            best[kind] = [min(best[kind][0], middle - began), min(best[kind][1], (end - middle) / 10)]
+    return {kind: (1000 * step, sample) for kind, (step, sample) in best.items()}
 
 
 def one(name: str, kind: str, work: Path, args) -> dict:
@@ -115,24 +126,22 @@ def one(name: str, kind: str, work: Path, args) -> dict:
          "--json", result, "--device", "cpu", "--threads", "1", "--no-progress"], work / f"eval-{name}-{kind}.log")
     evaluation = json.loads(result.read_text())
     agreement = evaluation.get("agreement") or {}
-    n_images = agreement.get("n_per_class", 0) * len(evaluation.get("class_names", []))
     return dict(data=name, kind=kind, steps=args.steps, bits_per_dim=evaluation["bits_per_dim"],
-                step_ms=1000 * step_seconds(run_dir, args.batch), train_seconds=train_seconds,
-                sample_s_per_image=agreement["sample_seconds"] / n_images if n_images else None,
+                train_seconds=train_seconds,
                 agreement=agreement.get("overall"))
 
 
 def table(rows: list, args) -> str:
     """The markdown table, one block per data set, and each kind's change against causal-linear."""
     lines = [f"{args.layers} layers, 4 heads x {args.d_query}, feed-forward {args.d_ff}, batch {args.batch}, the same "
-             f"steps for every kind of a data set (configs/digits.yaml otherwise: Muon, bf16 where native), seed "
+             f"steps for every kind of a data set (configs/digits.yaml otherwise: Muon, mixed_precision auto), seed "
              f"{args.seed}, 1 CPU thread per run on a shared 2-core machine (times are indicative).", "",
              "| data | steps | kind | test bits/dim | vs causal-linear | step ms (fwd+bwd) | sampling s/image | class agreement |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base = next((r["bits_per_dim"] for r in rows if r["data"] == row["data"] and r["kind"] == "causal-linear"), None)
         change = f"{100 * (row['bits_per_dim'] / base - 1):+.1f}%" if base else "-"
-        sample = f"{row['sample_s_per_image']:.3f}" if row["sample_s_per_image"] is not None else "-"
+        sample = f"{row['sample_s_per_image']:.3f}"
         agreement = f"{100 * row['agreement']:.0f}%" if row["agreement"] is not None else "-"
         lines.append(f"| {row['data']} | {row['steps']} | {row['kind']} | {row['bits_per_dim']:.4f} | {change} | {row['step_ms']:.0f} "
                      f"| {sample} | {agreement} |")
@@ -180,13 +189,24 @@ def main(argv=None) -> int:
     parser.add_argument("--n-per-class", type=int, default=10, help="samples per class for class agreement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "family", help="data, runs and logs")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (the best is kept)")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="time the stored rows of --data again (today's bench/results/family-DATE.json); train nothing")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
+    stored = REPO / "bench" / "results" / f"family-{datetime.date.today().isoformat()}.json"
     rows = []
     for name in args.data:
-        for kind in args.kinds:
-            rows.append(one(name, kind, args.work, args))
-            print(json.dumps(rows[-1]), flush=True)
+        if args.timing_only:
+            rows += [row for row in json.loads(stored.read_text())["rows"] if row["data"] == name]
+        else:
+            for kind in args.kinds:
+                rows.append(one(name, kind, args.work, args))
+                print(json.dumps(rows[-1]), flush=True)
+        times = interleaved_times(name, [row["kind"] for row in rows if row["data"] == name], args)
+        for row in rows:
+            if row["data"] == name:
+                row["step_ms"], row["sample_s_per_image"] = times[row["kind"]]
     print(table(write_results(rows, args), args))
     return 0
 

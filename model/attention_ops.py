@@ -340,6 +340,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: tor
 def linear_recurrence(kind: str, q, k, v, g=None, beta=None, scale: float = 1.0, initial_state=None,
                       output_final_state: bool = False, backend: str = "auto", chunk_size: int = 64):
     """retention/gla/deltanet/gated-deltanet over whole sequences: fla's kernel where it runs, else torch."""
+    # fla's format check rejects T < H (it takes it for a head-first layout): short prefills run in torch
     if resolve_backend(backend, q.device) == "fla" and q.shape[1] >= q.shape[2]:
         module, name = FLA_KERNELS[kind]
         gates = dict(g=g) if beta is None else dict(beta=beta) if g is None else dict(g=g, beta=beta)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 KINDS = ("causal-linear", "retention", "gla", "deltanet", "gated-deltanet", "softmax")
 BACKEND_NAMES = ("auto", "torch", "fast-transformers", "fla")
 EPS = 1e-6  # causal-linear's normaliser floor
-GLA_MAX_CHUNK = 8  # gla's torch form holds a (C, C, K) decay per chunk: fwd+bwd at L=785, K=16 took 2.9 s at 8, 5.6 s at 16
+# gla's torch form holds a (C, C, K) decay per chunk: fwd+bwd at L=785, K=16 took 2.9 s at 8, 5.6 s at 16
+GLA_MAX_CHUNK = 8
 # fla's kernel for each kind (module, function) and which of g / beta it takes
 FLA_KERNELS = {"retention": ("fla.ops.simple_gla", "chunk_simple_gla"), "gla": ("fla.ops.gla", "chunk_gla"),
                "deltanet": ("fla.ops.delta_rule", "chunk_delta_rule"),

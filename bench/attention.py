@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def available_kinds(device: str) -> list[tuple[str, str]]:
     """(attention, backend) pairs that can run on `device`, softmax first."""
-    from model.linear_backends import backend_available
+    from model.attention_ops import backend_available
 
     kinds = [("softmax", "-"), ("causal-linear", "torch")]
     if backend_available("fast-transformers"):
@@ -76,9 +76,9 @@ def measure(job: dict) -> dict:
     backend = "auto" if job["backend"] == "-" else job["backend"]
     cfg = ModelConfig(bins=256, seq_len=length, n_layers=job["layers"], n_heads=job["heads"],
                       d_query=job["d_query"], d_ff=4 * job["heads"] * job["d_query"],
-                      attention=job["attention"], backend=backend, chunk_size=job["chunk_size"])
+                      attention=job["attention"])
     torch.manual_seed(0)
-    net = ImageTransformer(cfg).to(device).train()
+    net = ImageTransformer(cfg, backend, job["chunk_size"]).to(device).train()
     seq = torch.randint(0, 256, (job["batch"], length), device=device)
 
     def step() -> None:

@@ -75,8 +75,8 @@ class ReferenceModel(nn.Module):
 
 def ours(seq_len: int) -> ImageTransformer:
     config = ModelConfig(bins=BINS, seq_len=seq_len, n_layers=LAYERS, n_heads=HEADS, d_query=D_HEAD,
-                         d_ff=D_FF, head="categorical", condition="none", backend="torch")
-    return ImageTransformer(config)
+                         d_ff=D_FF, head="categorical", condition="none")
+    return ImageTransformer(config, backend="torch")
 
 
 def best_times(functions: dict, repeats: int) -> dict:

@@ -64,7 +64,7 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
 
     from train.optimizers import build_optimizers
 
-    section = dataclasses.replace(cfg.model, attention=attention, backend=backend)
+    section = dataclasses.replace(cfg.model, attention=attention)
     if args.layers:
         section = dataclasses.replace(section, n_layers=args.layers)
     values = dataclasses.asdict(section)
@@ -72,7 +72,7 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
     row = {"mnist": 28, "cifar10": 32 * 3}[args.dataset_of[id(cfg)]] if values["row_len"] == "auto" else values["row_len"]
     model_config = ModelConfig.from_dict({**values, "bins": 256, "seq_len": seq_len, "n_classes": 10, "row_len": row})
     torch.manual_seed(0)
-    net = ImageTransformer(model_config).to(device)
+    net = ImageTransformer(model_config, backend, cfg.train.chunk_size).to(device)
     optimizers = build_optimizers(net, cfg, device)
     batch = args.batch_size or cfg.train.batch_size
     seqs = torch.randint(0, 256, (batch, seq_len), device=device)  # (B, L)
@@ -115,7 +115,7 @@ def bench_one(cfg, attention: str, backend: str, args, device: torch.device, bf1
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the benchmark grid and print a table."""
-    from model.linear_backends import backend_available
+    from model.attention_ops import backend_available
 
     from train.config import load_config
     from model.precision import native_bf16

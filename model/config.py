@@ -6,8 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from model.attention_layer import ATTENTION_KINDS  # importing the layer registers every attention kind
-from model.linear_backends import BACKEND_NAMES
+from model.attention_ops import KINDS
 
 HEADS = ("categorical", "logistic-mixture")
 CONDITIONS = ("none", "class", "caption", "both")
@@ -30,9 +29,7 @@ class ModelConfig:
     d_value: Optional[int] = None  # None means d_query; resolved in __post_init__
     d_ff: int = 1024
     dropout: float = 0.0
-    attention: str = "causal-linear"
-    backend: str = "auto"
-    chunk_size: int = 64
+    attention: str = "causal-linear"  # one of model.attention_ops.KINDS
     head: str = "categorical"
     mixtures: int = 10
     condition: str = "none"
@@ -79,6 +76,9 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         # exports and checkpoints written before condition_inject existed hold prefix-only models
         values = {"condition_inject": "prefix", **values}
+        # backend and chunk_size were stored until they became run-time options (train.backend,
+        # lit-sample --backend): they never changed the weights, so older folders still load
+        values = {key: value for key, value in values.items() if key not in ("backend", "chunk_size")}
         for key in values:
             if key not in known:
                 raise ValueError(f"model config: unknown key {key!r} (known: {', '.join(sorted(known))})")
@@ -89,7 +89,7 @@ class ModelConfig:
             raise ValueError(f"model.{name}={getattr(self, name)!r} {why}")
 
         int_minimums = {"bins": 2, "seq_len": 1, "n_layers": 1, "n_heads": 1, "d_query": 1,
-                        "d_value": 1, "d_ff": 1, "chunk_size": 1, "mixtures": 1, "n_classes": 1,
+                        "d_value": 1, "d_ff": 1, "mixtures": 1, "n_classes": 1,
                         "caption_len": 1, "conv_kernel": 0, **({} if self.row_len == "auto" else {"row_len": 0})}
         for name, minimum in int_minimums.items():
             value = getattr(self, name)
@@ -105,7 +105,7 @@ class ModelConfig:
             if not 0.0 <= value <= 1.0:
                 fail(name, "must be in [0, 1]")
             setattr(self, name, float(value))
-        for name, choices in (("attention", tuple(ATTENTION_KINDS)), ("backend", BACKEND_NAMES), ("head", HEADS),
+        for name, choices in (("attention", KINDS), ("head", HEADS),
                               ("condition", CONDITIONS), ("condition_inject", CONDITION_INJECTIONS)):
             if getattr(self, name) not in choices:
                 fail(name, f"must be one of {', '.join(choices)}")

@@ -37,6 +37,7 @@ class SamplingOptions:
     cuda_graph: bool = True  # recurrent mode on CUDA: replay one captured step per byte
     compile: bool = False  # recurrent mode: fuse the step's kernels with torch.compile (slow first call)
     guidance: float = 1.0  # classifier-free guidance scale: 1 none, 0 unconditional, > 1 stronger condition
+    backend: str = "auto"  # attention backend of the model's parallel passes (model.attention_ops), set at load
 
 
 @dataclass

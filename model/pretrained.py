@@ -14,7 +14,6 @@ import dataclasses
 import json
 import secrets
 import shutil
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +22,6 @@ from torch import nn
 
 from common.files import fsync_file, publish_folder
 from model.config import ModelConfig
-from model.linear_backends import backend_available
 
 FORMAT = 2  # format 1 was a torch pickle (export/model.pt)
 WEIGHTS_NAME = "model.safetensors"
@@ -94,19 +92,10 @@ def read_config(path) -> dict:
     return values
 
 
-def read_model_config(path, values: dict, backend: Optional[str]) -> ModelConfig:
-    """The ModelConfig of config.json values, with `backend` or, by default, the stored backend where it
-    is installed here, else 'auto' (all backends compute the same function on the same weights)."""
+def read_model_config(path, values: dict) -> ModelConfig:
+    """The ModelConfig of config.json values (older folders' backend and chunk_size are ignored)."""
     try:
-        config_values = dict(values["model_config"])
-        stored = config_values.get("backend", "auto")
-        if backend is not None:
-            config_values["backend"] = backend
-        elif not backend_available(stored):
-            warnings.warn(f"model folder {path}: backend {stored!r} is not installed here; using 'auto'",
-                          RuntimeWarning, stacklevel=3)
-            config_values["backend"] = "auto"
-        return ModelConfig.from_dict(config_values)
+        return ModelConfig.from_dict(values["model_config"])
     except (TypeError, ValueError) as error:
         raise ValueError(f"{Path(path) / CONFIG_NAME}: {error}") from None
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from model.attention_layer import AttentionLayer, attention_params
+from model.attention_layer import AttentionLayer
 from model.conditioning import ConditionEmbedding
 from model.config import ModelConfig
 from model.heads import build_head
@@ -25,7 +25,7 @@ from model.pretrained import load_weights, read_config, read_model_config, write
 class RecurrentState:
     """Everything the recurrent twin carries between steps: per-layer states and the position."""
 
-    layers: list          # one LinearAttentionState or KVCache per layer
+    layers: list          # one LinearState or KVCache per layer
     position: int         # index in the full sequence of the next token step() consumes
     batch_size: int
     # what the condition adds at every position, set by prefill(): to the input embedding
@@ -52,11 +52,11 @@ def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(norm(x)), then x + ff(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backend: str, chunk_size: int):
         super().__init__()
         self.attention_norm = nn.LayerNorm(cfg.d_model)
         self.attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.d_query, cfg.d_value, cfg.attention,
-                                        **attention_params(cfg.attention, cfg))
+                                        backend, chunk_size)
         self.feed_forward_norm = nn.LayerNorm(cfg.d_model)
         # the condition's share of this block: "blocks" adds it to the residual stream at the block's
         # start; "film" also scales and shifts both normalised inputs (FiLM / adaptive LayerNorm).
@@ -111,9 +111,13 @@ def bits_per_dim(nats: float, n_bytes: float = 1.0) -> float:
 
 
 class ImageTransformer(nn.Module):
-    """Autoregressive model of byte sequences with an optional class/caption conditioning prefix."""
+    """Autoregressive model of byte sequences with an optional class/caption conditioning prefix.
 
-    def __init__(self, cfg: ModelConfig):
+    backend and chunk_size say how the attention runs (model.attention_ops), not what the model is:
+    they are not part of cfg and not saved with the weights.
+    """
+
+    def __init__(self, cfg: ModelConfig, backend: str = "auto", chunk_size: int = 64):
         super().__init__()
         if cfg.row_len == "auto":
             raise ValueError("model.row_len='auto' is the data's row: resolve it to a number (the trainer does)")
@@ -134,7 +138,7 @@ class ImageTransformer(nn.Module):
         self.byte_conv = (nn.Conv1d(d_model, d_model, cfg.conv_kernel, groups=d_model, bias=False)
                           if cfg.conv_kernel else None)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, backend, chunk_size) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d_model)
         self.head = build_head(cfg.head, d_model, cfg.bins, cfg.mixtures)
         self.apply(self._init_weights)
@@ -161,15 +165,12 @@ class ImageTransformer(nn.Module):
                          self.trained_steps if step is None else step)
 
     @classmethod
-    def from_pretrained(cls, path, backend: Optional[str] = None, map_location="cpu") -> "ImageTransformer":
+    def from_pretrained(cls, path, backend: str = "auto", chunk_size: int = 64,
+                        map_location="cpu") -> "ImageTransformer":
         """The model save_pretrained wrote into folder `path`, in eval mode, with its image_info and
-        trained_steps; ValueError (one line naming the file) for anything else.
-
-        backend overrides the stored causal-linear backend; by default the stored one is kept where it
-        is installed here, else 'auto' (a RuntimeWarning says so).
-        """
+        trained_steps, running on `backend`; ValueError (one line naming the file) for anything else."""
         values = read_config(path)
-        net = cls(read_model_config(path, values, backend))
+        net = cls(read_model_config(path, values), backend, chunk_size)
         load_weights(net, path)
         net.image_info, net.trained_steps = values["image"], values["step"]
         return net.to(map_location).eval()
@@ -349,7 +350,7 @@ class ImageTransformer(nn.Module):
     @property
     def graph_safe(self) -> bool:
         """Whether step_at() may be captured in a CUDA graph (every layer's recurrent twin allows it)."""
-        return all(getattr(block.attention.recurrent_attention, "graph_safe", False) for block in self.blocks)
+        return all(block.attention.graph_safe for block in self.blocks)
 
     @torch.no_grad()
     def generate(self, n: int, labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None,

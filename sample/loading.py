@@ -24,11 +24,11 @@ class LoadedModel:
     source: Path  # the model folder the weights came from
 
 
-def load_for_sampling(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load the model folder that path means (common.run_layout), on device, and check its image info."""
+def load_for_sampling(path: str | Path, device: str | torch.device = "cpu", backend: str = "auto") -> LoadedModel:
+    """Load the model folder that path means (common.run_layout), on device with `backend`, and check its image info."""
     try:
         folder = Path(model_folder(path))
-        net = ImageTransformer.from_pretrained(folder, map_location=device)
+        net = ImageTransformer.from_pretrained(folder, backend=backend, map_location=device)
     except FileNotFoundError as err:
         raise SampleUsageError(f"--checkpoint {err}") from None
     except ValueError as err:

@@ -166,7 +166,7 @@ def run_job(job: SampleJob) -> SampleResult:
     check_layout(job)
     out = Path(job.out)
     device = pick_device(job.device)
-    loaded = load_for_sampling(job.checkpoint, device)
+    loaded = load_for_sampling(job.checkpoint, device, job.options.backend)
     request = build_request(job, loaded)
     try:
         seqs, stats = generate_images(loaded.net, request.n_images, job.options, labels=request.labels,

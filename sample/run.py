@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 
 from common.exits import run_command  # noqa: E402
 from sample.errors import SampleUsageError  # noqa: E402
+from model.attention_ops import BACKEND_NAMES  # noqa: E402
 from model.generation import MODES, SamplingOptions  # noqa: E402
 from model.precision import PRECISIONS, sampling_precision  # noqa: E402
 
@@ -97,6 +98,9 @@ def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
     how.add_argument("--precision", choices=PRECISIONS, default="auto",
                      help="auto: bf16 where the device computes it natively (a GPU, a CPU with AVX512-BF16 "
                           "or AMX), like train.mixed_precision auto; the recurrent state stays fp32 (default %(default)s)")
+    how.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
+                     help="attention kernels of the prefill and --mode parallel: auto is fla's on CUDA "
+                          "where installed, else torch (default %(default)s)")
     how.add_argument("--compile", action="store_true",
                      help="recurrent mode: fuse each step's kernels with torch.compile (a one-off "
                           "compilation per batch size: ~15 s on a GPU, then 1.5-1.8x the images/s on an "
@@ -120,7 +124,7 @@ def job_from_args(args: argparse.Namespace):
     options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, batch_size=args.batch_size, mode=args.mode,
                               precision=args.precision, progress=not args.no_progress, compile=args.compile,
-                              guidance=args.guidance, cuda_graph=not args.no_cuda_graph)
+                              guidance=args.guidance, cuda_graph=not args.no_cuda_graph, backend=args.backend)
     return SampleJob(checkpoint=args.checkpoint, out=args.out, n=args.n, columns=args.columns,
                      classes=args.classes, captions=args.caption, index=args.index,
                      offset=args.offset, data=args.data, split=args.split, options=options,

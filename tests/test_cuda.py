@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from model import ImageTransformer, ModelConfig
-from model.linear_backends import backend_available, causal_linear, elu_feature_map
+from model.attention_ops import backend_available, causal_linear_attn, elu_feature_map, linear_recurrence
 from model.generation import SamplingOptions, generate_images
 
 pytestmark = [pytest.mark.cuda,
@@ -54,9 +54,8 @@ def relative_error(a: torch.Tensor, reference: torch.Tensor) -> float:
 def tiny_model(attention="causal-linear", backend="torch", head="logistic-mixture", layers=3, seq_len=96):
     torch.manual_seed(0)
     config = ModelConfig(bins=256, seq_len=seq_len, n_layers=layers, n_heads=4, d_query=16, d_ff=128,
-                         attention=attention, backend=backend, head=head, mixtures=5, condition="class",
-                         n_classes=10)
-    return ImageTransformer(config).to(DEVICE).eval()
+                         attention=attention, head=head, mixtures=5, condition="class", n_classes=10)
+    return ImageTransformer(config, backend).to(DEVICE).eval()
 
 
 def backends_here() -> list[str]:
@@ -66,7 +65,8 @@ def backends_here() -> list[str]:
 # ---------------------------------------------------------------- recurrent == parallel, causality
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("attention,backend", [("causal-linear", "torch"), ("causal-linear", "fla"),
-                                               ("softmax", "torch")])
+                                               ("softmax", "torch")] + [
+    (kind, backend) for kind in ("retention", "gla", "deltanet", "gated-deltanet") for backend in ("torch", "fla")])
 def test_recurrent_matches_parallel_on_cuda(attention, backend, precision):
     if backend not in backends_here():
         pytest.skip(f"backend {backend} not installed")
@@ -143,7 +143,9 @@ def kernel_inputs(length, dtype, batch=2, heads=8, dim=32, seed=0):
 
 
 def forward_and_grads(backend, q, k, v):
-    out = causal_linear(elu_feature_map(q), elu_feature_map(k), v, backend, 64, EPS)
+    out, _ = causal_linear_attn(*(t.transpose(1, 2) for t in (elu_feature_map(q), elu_feature_map(k), v)),
+                                backend=backend, chunk_size=64)
+    out = out.transpose(1, 2)
     weights = torch.randn(out.shape, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
     grads = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
     return (out,) + grads
@@ -201,3 +203,40 @@ def test_backend_matches_fp32_torch_backend_forward_and_gradients(backend, dtype
         record("backend_vs_torch_fp32", backend=backend, dtype=str(dtype).replace("torch.", ""),
                length=length, tensor=name, relative_error=error, tolerance=tolerance)
         assert error < tolerance, name
+
+
+# ---------------------------------------------------------------- the decaying and delta-rule kinds: torch vs fla
+def family_inputs(kind, length, dtype, batch=2, heads=4, dim=32, seed=0):
+    """q, k, v (B, T, H, D), g and beta as kind takes them (the layer's maps: unit keys for the delta rule)."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k, v = (torch.randn(batch, length, heads, dim, device=DEVICE, generator=generator) for _ in range(3))
+    if kind in ("deltanet", "gated-deltanet"):
+        q, k = (torch.nn.functional.normalize(t, dim=-1) for t in (q, k))
+    gate = torch.randn(batch, length, heads, *([dim] if kind == "gla" else []), device=DEVICE, generator=generator)
+    g = torch.nn.functional.logsigmoid(gate) / 16 if kind in ("retention", "gla", "gated-deltanet") else None
+    beta = torch.rand(batch, length, heads, device=DEVICE, generator=generator) if kind in ("deltanet", "gated-deltanet") else None
+    return [t if t is None else t.to(dtype if t is not g else torch.float32).requires_grad_() for t in (q, k, v, g, beta)]
+
+
+@pytest.mark.parametrize("length", [784, 3072])
+@pytest.mark.parametrize("kind", ["retention", "gla", "deltanet", "gated-deltanet"])
+def test_fla_kernel_matches_torch_form_forward_state_and_gradients(kind, length):
+    """fla's chunk kernel against our torch chunked form, fp32 inputs: output, final state and every
+    input gradient (fla's conventions: (B, T, H, D), g in log space per head or key dim, beta (B, T, H))."""
+    if not backend_available("fla"):
+        pytest.skip("flash-linear-attention not installed")
+    tensors = family_inputs(kind, length, torch.float32)
+    scale = 32 ** -0.5
+    initial = torch.randn(2, 4, 32, 32, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(3))
+
+    def run(backend):
+        out, state = linear_recurrence(kind, *tensors, scale, initial, True, backend, 64)
+        weights = torch.randn(out.shape, device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(1))
+        present = [t for t in tensors if t is not None]
+        return [out, state] + list(torch.autograd.grad((out.float() * weights).sum() + state.float().sum(), present))
+
+    reference, ours = run("torch"), run("fla")
+    for index, (a, b) in enumerate(zip(ours, reference)):
+        error = relative_error(a, b)
+        record("fla_vs_torch_family", kind=kind, length=length, tensor=index, relative_error=error)
+        assert error < 2e-2, index

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import model.linear_backends as linear_backends
+import model.attention_ops as ops
 from model.attention_layer import AttentionLayer
-from model.linear_backends import causal_linear, causal_linear_fla, causal_linear_torch, elu_feature_map
+from model.attention_ops import causal_linear_attn, causal_linear_fla, causal_linear_torch, elu_feature_map
 
 EPS = 1e-6
 
@@ -36,6 +36,13 @@ def test_feature_map_is_elu_plus_one_with_its_gradient(dtype):
         assert torch.allclose(elu_feature_map(x), expected.detach(), rtol=tolerance, atol=tolerance)
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(elu_feature_map, (torch.randn(20, dtype=dtype, requires_grad=True),))
+
+
+def causal_linear(q, k, v, backend, chunk_size, eps=EPS):
+    """causal_linear_attn (fla's (B, T, H, D) layout) on this file's (B, H, L, D) tensors."""
+    assert eps == ops.EPS
+    out, _ = causal_linear_attn(*(t.transpose(1, 2) for t in (q, k, v)), backend=backend, chunk_size=chunk_size)
+    return out.transpose(1, 2)
 
 
 def random_qkv(length, batch=2, heads=3, d_key=4, d_value=5, seed=0):
@@ -103,7 +110,7 @@ def fake_fla_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_f
 
 def test_fla_glue_passes_layout_scale_and_normaliser_right(monkeypatch):
     # fla needs CUDA; this checks our wrapper against fla's documented defaults on CPU
-    monkeypatch.setattr(linear_backends, "_fla_chunk_linear_attn", lambda: (fake_fla_chunk_linear_attn, True))
+    monkeypatch.setattr(ops, "_fla_function", lambda module, name: (fake_fla_chunk_linear_attn, True))
     q, k, v = (t.detach() for t in random_qkv(19))
     out = causal_linear_fla(elu_feature_map(q), elu_feature_map(k), v, EPS)
     assert (out - naive_causal_linear(q, k, v)).abs().max() < 1e-5
@@ -111,7 +118,7 @@ def test_fla_glue_passes_layout_scale_and_normaliser_right(monkeypatch):
 
 def test_fla_on_cpu_falls_back_to_torch_with_a_warning():
     with pytest.warns(RuntimeWarning, match="needs CUDA"):
-        assert linear_backends.resolve_backend("fla", torch.device("cpu")) == "torch"
+        assert ops.resolve_backend("fla", torch.device("cpu")) == "torch"
 
 
 # ---------------------------------------------------------------- against fast-transformers itself
@@ -162,3 +169,20 @@ def test_recurrent_twin_matches_fast_transformers_recurrent_layer():
         out, state = ours.step(x[t], state)
         expected, reference_state = reference(x[t], x[t], x[t], state=reference_state)
         assert (out - expected).abs().max() < 1e-5, t
+
+
+@pytest.mark.parametrize("kind", ["causal-linear", "softmax"])
+def test_parallel_op_carries_a_state_in_and_out_like_one_longer_pass(kind):
+    # fla's signature: the state one pass ends with is the initial_state the next one starts from
+    q, k, v = (t.detach().transpose(1, 2) for t in random_qkv(23))  # (B, T, H, D)
+    if kind == "causal-linear":
+        q, k = elu_feature_map(q), elu_feature_map(k)
+        op = lambda q, k, v, state: causal_linear_attn(q, k, v, 1.0, state, True, "torch", 8)  # noqa: E731
+    else:
+        op = lambda q, k, v, state: ops.softmax_attn(q, k, v, None, state, True)  # noqa: E731
+    whole, final = op(q, k, v, None)
+    first, state = op(q[:, :9], k[:, :9], v[:, :9], None)
+    rest, carried = op(q[:, 9:], k[:, 9:], v[:, 9:], state)
+    assert (torch.cat([first, rest], 1) - whole).abs().max() < 1e-5
+    for a, b in zip(carried, final):
+        assert (a - b).abs().max() < 1e-5

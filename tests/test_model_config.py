@@ -1,13 +1,13 @@
-"""ModelConfig validation and the attention registry."""
+"""ModelConfig validation and the attention kinds' construction."""
 
 import dataclasses
 
 import pytest
 
-import model.linear_backends as linear_backends
+import model.attention_ops as ops
 from model import ModelConfig
 from model.attention_layer import AttentionLayer
-from model.registry import ATTENTION_KINDS, build_attention
+from model.attention_ops import KINDS
 
 
 def test_defaults_resolve_d_value_and_d_model():
@@ -31,8 +31,8 @@ def test_from_dict_rejects_unknown_key():
 
 @pytest.mark.parametrize("key,value", [
     ("n_layers", 0), ("n_heads", "8"), ("d_query", 2.5), ("bins", True), ("dropout", 1.5),
-    ("condition_dropout", -0.1), ("attention", "linear"), ("backend", "cuda"), ("head", "mixture"),
-    ("condition", "label"), ("chunk_size", 0), ("mixtures", 0), ("caption_len", -1),
+    ("condition_dropout", -0.1), ("attention", "linear"), ("head", "mixture"),
+    ("condition", "label"), ("mixtures", 0), ("caption_len", -1),
 ])
 def test_from_dict_rejects_bad_values_naming_the_field(key, value):
     with pytest.raises(ValueError, match=f"{key}="):
@@ -44,36 +44,39 @@ def test_from_dict_rejects_non_mapping():
         ModelConfig.from_dict(["bins"])
 
 
-def test_registry_has_both_kinds_with_parameterless_twins():
-    assert {"causal-linear", "softmax"} <= set(ATTENTION_KINDS)
-    for name in ("causal-linear", "softmax"):
-        batch, recurrent = build_attention(name)
-        assert not list(batch.parameters()) and not list(recurrent.parameters())
-
-
-def test_registry_rejects_unknown_kind_and_parameter():
+def test_every_kind_builds_and_unknown_kind_or_backend_is_a_clear_error():
+    for kind in KINDS:
+        assert ModelConfig(attention=kind).attention == kind
+        AttentionLayer(8, 2, 4, 4, kind, backend="torch", chunk_size=8)
     with pytest.raises(ValueError, match="unknown attention kind 'local'"):
-        build_attention("local")
-    with pytest.raises(ValueError, match="unknown parameter 'chunk_size'"):
-        build_attention("softmax", chunk_size=8)
-    with pytest.raises(ValueError, match="chunk_size='8'"):
-        build_attention("causal-linear", chunk_size="8")
+        AttentionLayer(8, 2, 4, 4, "local")
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
+        AttentionLayer(8, 2, 4, 4, "causal-linear", backend="cuda")
+    with pytest.raises(ValueError, match="causal-linear only, not 'gla'"):
+        AttentionLayer(8, 2, 4, 4, "gla", backend="fast-transformers")
 
 
-def test_attention_layer_parameter_names_do_not_depend_on_the_kind():
+def test_model_config_holds_no_run_time_keys():
+    # backend and chunk_size say how a model runs: not in ModelConfig, dropped from older stored dicts
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert not names & {"backend", "chunk_size"}
+    assert ModelConfig.from_dict({"n_layers": 2, "backend": "fla", "chunk_size": 32}) == ModelConfig.from_dict({"n_layers": 2})
+
+
+def test_attention_layer_parameter_names_match_fast_transformers_for_causal_linear_and_softmax():
     names = [sorted(AttentionLayer(8, 2, 4, 4, kind).state_dict()) for kind in ("causal-linear", "softmax")]
     assert names[0] == names[1]
     assert "query_projection.weight" in names[0]
 
 
 def test_explicit_backend_not_installed_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(linear_backends, "backend_available", lambda name: name in ("auto", "torch"))
+    monkeypatch.setattr(ops, "backend_available", lambda name: name in ("auto", "torch"))
     for name in ("fla", "fast-transformers"):
         with pytest.raises(ValueError, match=f"backend '{name}' is not installed"):
-            build_attention("causal-linear", backend=name)
-    build_attention("causal-linear", backend="auto")
+            AttentionLayer(8, 2, 4, 4, "causal-linear", backend=name)
+    AttentionLayer(8, 2, 4, 4, "causal-linear", backend="auto")
 
 
 def test_auto_backend_resolves_to_torch_on_cpu():
     import torch
-    assert linear_backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"

@@ -148,14 +148,21 @@ def test_bad_config_or_weights_are_value_errors(tmp_path):
         ImageTransformer.from_pretrained(tmp_path / "b")
 
 
-def test_backend_not_installed_here_falls_back_to_auto(tmp_path, monkeypatch):
-    tiny().save_pretrained(tmp_path / "gpu", IMAGE, 1)
-    edit_config(tmp_path / "gpu", backend="fla")  # trained on a GPU with flash-linear-attention
-    monkeypatch.setattr(pretrained, "backend_available", lambda name: name in ("auto", "torch"))
-    with pytest.warns(RuntimeWarning, match="not installed here"):
-        net = ImageTransformer.from_pretrained(tmp_path / "gpu")
-    assert net.config.backend == "auto"
-    assert ImageTransformer.from_pretrained(tmp_path / "gpu", backend="torch").config.backend == "torch"
+def test_folder_that_stored_backend_and_chunk_size_loads_and_runs_as_asked(tmp_path):
+    # folders written before backend and chunk_size became run-time options hold them in model_config
+    net = tiny()
+    net.save_pretrained(tmp_path / "gpu", IMAGE, 1)
+    assert "backend" not in json.loads((tmp_path / "gpu" / "config.json").read_text())["model_config"]
+    edit_config(tmp_path / "gpu", backend="fla", chunk_size=32)  # trained on a GPU with flash-linear-attention
+    loaded = ImageTransformer.from_pretrained(tmp_path / "gpu", backend="torch", chunk_size=4)
+    assert loaded.config == net.config
+    assert {(block.attention.backend, block.attention.chunk_size) for block in loaded.blocks} == {("torch", 4)}
+    seq = torch.randint(0, 16, (2, 6))
+    assert torch.allclose(loaded(seq, torch.tensor([0, 1]), ["a", "b"]), net(seq, torch.tensor([0, 1]), ["a", "b"]),
+                          atol=1e-6)
+    saved = tmp_path / "again"
+    loaded.save_pretrained(saved)  # written back without them
+    assert "chunk_size" not in json.loads((saved / "config.json").read_text())["model_config"]
 
 
 def test_folder_written_before_condition_inject_existed_loads_as_prefix_only(tmp_path):

@@ -8,7 +8,8 @@ import torch
 from model import ImageTransformer, ModelConfig
 
 BINS, LENGTH, CAPTION_LEN = 16, 21, 6
-KINDS = [("causal-linear", "torch"), ("causal-linear", "fast-transformers"), ("softmax", "auto")]
+KINDS = [("causal-linear", "torch"), ("causal-linear", "fast-transformers"), ("softmax", "auto"),
+         ("retention", "torch"), ("gla", "torch"), ("deltanet", "torch"), ("gated-deltanet", "torch")]
 CONDITIONS = ["none", "class", "caption", "both"]
 
 
@@ -17,11 +18,11 @@ def tiny(attention="causal-linear", backend="torch", head="categorical", conditi
     if backend == "fast-transformers":
         pytest.importorskip("fast_transformers.causal_product", reason="pytorch-fast-transformers not installed")
     values = dict(bins=BINS, seq_len=LENGTH, n_layers=2, n_heads=2, d_query=4, d_ff=16, attention=attention,
-                  backend=backend, chunk_size=8, head=head, mixtures=3, condition=condition, n_classes=3,
-                  caption_len=CAPTION_LEN, condition_dropout=0.0)
+                  head=head, mixtures=3, condition=condition, n_classes=3, caption_len=CAPTION_LEN,
+                  condition_dropout=0.0)
     values.update(overrides)
     torch.manual_seed(0)
-    net = ImageTransformer(ModelConfig(**values)).eval()
+    net = ImageTransformer(ModelConfig(**values), backend, chunk_size=8).eval()
     with torch.no_grad():  # the per-block condition projections and the byte convolution start at
         for name, parameter in net.named_parameters():  # zero: give them weight
             if "condition_projection" in name or "byte_conv" in name or name.startswith(("row_", "column_")):
@@ -65,8 +66,11 @@ def test_recurrent_step_with_gradients_equals_the_no_grad_step_and_reaches_every
     slow, _ = net.step(seq[:, 3], state)
     assert (fast - slow).abs().max() < 1e-5
     slow.sum().backward()
-    for name in ("query_projection", "key_projection", "value_projection"):
-        assert getattr(net.blocks[-1].attention, name).weight.grad.abs().sum() > 0, name
+    layer = net.blocks[-1].attention
+    projections = [name for name, _ in layer.named_children()]
+    assert {"query_projection", "key_projection", "value_projection"} <= set(projections)
+    for name in projections:  # the gates too, where the kind has them
+        assert getattr(layer, name).weight.grad.abs().sum() > 0, name
 
 
 def test_recurrent_step_sees_weights_changed_in_place_after_it_ran():
@@ -349,13 +353,13 @@ def test_bf16_autocast_training_step_is_finite_and_close_to_fp32(attention, back
     assert (nll - reference).abs().max() < 0.1
 
 
-def test_only_the_linear_recurrent_twin_is_graph_safe():
+@pytest.mark.parametrize("attention", ["causal-linear", "retention", "gla", "deltanet", "gated-deltanet", "softmax"])
+def test_only_the_linear_recurrent_twins_are_graph_safe(attention):
     # model.generation captures step_at() in a CUDA graph only when every layer allows it: the
     # softmax twin's KV-cache length is a Python int that a replayed graph would not advance
-    linear = ImageTransformer(ModelConfig(bins=4, seq_len=8, n_layers=2, n_heads=2, d_query=4, d_ff=8))
-    softmax = ImageTransformer(ModelConfig(bins=4, seq_len=8, n_layers=2, n_heads=2, d_query=4, d_ff=8,
-                                           attention="softmax"))
-    assert linear.graph_safe and not softmax.graph_safe
+    net = ImageTransformer(ModelConfig(bins=4, seq_len=8, n_layers=2, n_heads=2, d_query=4, d_ff=8,
+                                       attention=attention))
+    assert net.graph_safe == (attention != "softmax")
 
 
 def test_step_at_with_a_position_tensor_equals_step():

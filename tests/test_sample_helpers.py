@@ -24,7 +24,7 @@ def one_thread():
 def tiny_config(**overrides) -> ModelConfig:
     """A 2-layer model over 6x6 grey images with 16 levels (36 bytes)."""
     values = dict(bins=16, seq_len=36, n_layers=2, n_heads=2, d_query=8, d_ff=32, condition="both",
-                  n_classes=3, caption_len=16, chunk_size=8)
+                  n_classes=3, caption_len=16)
     values.update(overrides)
     return ModelConfig(**values)
 

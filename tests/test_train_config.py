@@ -67,7 +67,10 @@ def test_overrides_win_and_are_coerced(tmp_path):
     # the model section is the model's own ModelConfig, checked by it, errors naming the key
     ("train:\n  max_steps: 5\nmodel:\n  n_layers: 0\n", [], ["c.yaml", "model.n_layers=0", ">= 1"]),
     ("train:\n  max_steps: 5\n", ["model.attention=local"], ["--set model.attention=local",
-                                                             "model.attention='local'", "causal-linear, softmax"]),
+                                                             "model.attention='local'", "causal-linear, retention, gla"]),
+    ("train:\n  max_steps: 5\nmodel:\n  backend: torch\n", [], ["c.yaml", "model.backend is now train.backend"]),
+    ("train:\n  max_steps: 5\n", ["train.backend=cuda"], ["--set train.backend", "auto, torch"]),
+    ("train:\n  max_steps: 5\n", ["train.chunk_size=0"], ["--set train.chunk_size", "> 0"]),
     ("train:\n  max_steps: 5\n", ["model.bins=1"], ["--set model.bins=1", "model.bins=1", ">= 2"]),
     ("train:\n  max_steps: 5\n", ["log.with=tensorbored"], ["--set log.with=tensorbored", "log.with",
                                                             "unknown tracker 'tensorbored'", "tensorboard, wandb"]),
@@ -206,6 +209,7 @@ def test_home_in_path_keys_is_expanded_not_made_into_a_folder_named_tilde(tmp_pa
 
 
 def test_model_config_mismatch_lists_the_keys(tmp_path):
+    # checkpoints written before backend and chunk_size became train.* keys hold them: ignored
     saved = {"n_layers": 2, "n_heads": 4, "backend": "torch", "chunk_size": 64}
     folder = make_checkpoint(str(tmp_path), 10, model_config=saved)
     current = {"n_layers": 3, "n_heads": 4, "backend": "fla", "chunk_size": 32}

@@ -32,10 +32,6 @@ from model import ImageTransformer, ModelConfig
 from model.pretrained import read_config
 from train.run_lock import RunLockError
 
-# Model config keys that choose an implementation, not the weights: a checkpoint trained with the
-# fast-transformers backend resumes with the torch one.
-RUNTIME_MODEL_KEYS = ("backend", "chunk_size")
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; str() is one line naming the folder."""
@@ -216,10 +212,11 @@ def choose_checkpoint(run_dir: str, resume: Optional[str], warn: Callable[[str],
 
 
 def model_config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between two model config dicts (runtime-only keys ignored).
+    """Keys whose values differ between two model config dicts.
 
     Both are completed by ModelConfig.from_dict first, so a key added after a checkpoint was written
-    takes the value that checkpoint's model had (condition_inject "prefix", conv_kernel 0, ...).
+    takes the value that checkpoint's model had (condition_inject "prefix", conv_kernel 0, ...), and
+    the run-time keys older checkpoints stored (backend, chunk_size) are dropped.
     """
     try:
         saved, current = (dataclasses.asdict(ModelConfig.from_dict(values)) for values in (saved, current))
@@ -228,7 +225,7 @@ def model_config_differences(saved: dict, current: dict) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{key}: checkpoint {saved.get(key, '<absent>')!r} != config {current.get(key, '<absent>')!r}"
             for key in keys
-            if key not in RUNTIME_MODEL_KEYS and _normalise(saved.get(key)) != _normalise(current.get(key))]
+            if _normalise(saved.get(key)) != _normalise(current.get(key))]
 
 
 def _normalise(value: Any) -> Any:

@@ -21,6 +21,7 @@ import yaml
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
 from common.files import atomic_file
+from model.attention_ops import BACKEND_NAMES
 from model.config import ModelConfig
 
 
@@ -83,6 +84,10 @@ class TrainSection:
     # RUN/.kernel-cache, so that a restart or a requeue does not compile and autotune again (a
     # TRITON_CACHE_DIR or TORCHINDUCTOR_CACHE_DIR set in the environment wins)
     kernel_cache: bool = True
+    # how the attention runs, not what the model is (neither is saved with the weights): auto is fla's
+    # kernels on CUDA where installed, else the torch form in chunks of chunk_size positions
+    backend: str = "auto"  # auto | torch | fast-transformers (causal-linear only) | fla
+    chunk_size: int = 64
 
 
 @dataclass
@@ -121,12 +126,15 @@ CHOICES = {
     ("optim", "name"): ("adamw", "radam", "muon"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),
     ("train", "compile"): ("auto", "true", "false"),
+    ("train", "backend"): BACKEND_NAMES,
 }
 PATHS = {("data", "dir"), ("train", "run_dir")}
+# keys of earlier configs that now live elsewhere: the message says where
+MOVED = {"model.backend": "train.backend", "model.chunk_size": "train.chunk_size"}
 POSITIVE = {
     ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"), ("train", "epochs"),
     ("train", "eval_batch_size"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-    ("train", "max_bad_steps"), ("train", "cpu_threads"), ("log", "every"), ("optim", "lr"),
+    ("train", "max_bad_steps"), ("train", "cpu_threads"), ("train", "chunk_size"), ("log", "every"), ("optim", "lr"),
 }
 
 
@@ -214,6 +222,8 @@ def _set_value(given: dict, dotted: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: key {dotted!r} must have the form section.key "
                           f"(sections: {', '.join(_sections())})")
     section_name, key = parts
+    if dotted in MOVED:
+        raise ConfigError(f"{source}: {dotted} is now {MOVED[dotted]} (how the model runs, not what it is)")
     if section_name not in _sections():
         raise ConfigError(f"{source}: unknown section {section_name!r} (known: {', '.join(_sections())})")
     fields = _fields(_sections()[section_name])

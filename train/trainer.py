@@ -345,7 +345,7 @@ class Trainer:
         # Same seed on every rank for the weights (DDP also broadcasts them), then a per-rank seed so
         # that dropout and condition dropout differ between ranks.
         set_seed(cfg.train.seed)
-        net = ImageTransformer(cfg.model)
+        net = ImageTransformer(cfg.model, cfg.train.backend, cfg.train.chunk_size)
         optimizers = build_optimizers(net, cfg, self.device)
         set_seed(cfg.train.seed + self.rank)
         self.model, *self.optimizers = accelerator.prepare(net, *optimizers)

@@ -60,9 +60,9 @@ SIZES = {
     "cpu": dict(cifar_train=64, imagenet_train=20, digits_train=64, test=8, imagenet_test=4,
                 cifar_batch=2, cifar_steps=4, cifar_every=1, restart_steps=2, imagenet_steps=3,
                 imagenet_every=1, digits_steps=4, digits_every=1, sample_images=4,
-                model=["model.n_layers=2", "model.n_heads=2", "model.d_query=8", "model.d_ff=32",
-                       "model.backend=torch"],
-                train=["train.mixed_precision=no", "data.num_workers=0", "train.eval_batch_size=4",
+                model=["model.n_layers=2", "model.n_heads=2", "model.d_query=8", "model.d_ff=32"],
+                train=["train.backend=torch", "train.mixed_precision=no", "data.num_workers=0",
+                       "train.eval_batch_size=4",
                        "train.grad_accum=1", "train.batch_size=2", "train.cpu_threads=1"], limit=3.0),
 }
 QUIET = ["train.eval_at_start=false", "train.eval_every=1000000", "train.checkpoint_every=1000000",

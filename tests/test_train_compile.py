@@ -14,7 +14,7 @@ from train.config import ConfigError, load_config
 from train.trainer import KERNEL_CACHE_VARIABLES, compile_blocks, kernel_cache
 
 TINY = dict(bins=16, seq_len=24, n_layers=2, n_heads=2, d_query=8, d_ff=32, attention="causal-linear",
-            backend="torch", chunk_size=8, head="logistic-mixture", mixtures=3, condition="class",
+            head="logistic-mixture", mixtures=3, condition="class",
             condition_inject="film", n_classes=4, condition_dropout=0.0)
 
 
@@ -38,7 +38,7 @@ def loss_and_grads(net, seqs, labels):
 @pytest.mark.slow  # inductor's C++ code generation: ~2 minutes on a busy 2-core machine
 def test_compiled_blocks_give_eager_loss_and_gradients(one_thread):
     torch.manual_seed(0)
-    eager = ImageTransformer(ModelConfig(**TINY)).train()
+    eager = ImageTransformer(ModelConfig(**TINY), backend="torch", chunk_size=8).train()
     with torch.no_grad():  # non-zero condition paths, so that FiLM is exercised too
         for block in eager.blocks:
             block.condition_projection.weight.normal_(std=0.1)
@@ -59,8 +59,8 @@ def test_compiled_blocks_give_eager_loss_and_gradients(one_thread):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_blocks_give_eager_loss_and_gradients_on_cuda_with_the_default_backend():
     torch.manual_seed(0)
-    config = ModelConfig(**{**TINY, "backend": "auto", "seq_len": 256, "chunk_size": 64, "d_query": 32})
-    eager = ImageTransformer(config).cuda().train()
+    config = ModelConfig(**{**TINY, "seq_len": 256, "d_query": 32})
+    eager = ImageTransformer(config, backend="auto", chunk_size=64).cuda().train()
     compiled = copy.deepcopy(eager)
     assert compile_blocks(compiled, "auto", torch.device("cuda"))
     seqs, labels = torch.randint(0, 16, (4, 256), device="cuda"), torch.tensor([0, 1, 3, 2], device="cuda")
@@ -75,7 +75,7 @@ def test_compiled_blocks_give_eager_loss_and_gradients_on_cuda_with_the_default_
 def test_a_block_compiles_as_one_graph_forward_and_backward(one_thread):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    block = ImageTransformer(ModelConfig(**TINY)).blocks[0].train()
+    block = ImageTransformer(ModelConfig(**TINY), backend="torch", chunk_size=8).blocks[0].train()
     x = torch.randn(2, 24, block.attention_norm.normalized_shape[0], requires_grad=True)
     bias = torch.randn(2, 5 * x.shape[-1])
     explanation = torch._dynamo.explain(block)(x, None, bias)
@@ -92,7 +92,7 @@ def test_a_block_compiles_as_one_graph_forward_and_backward(one_thread):
 def test_compile_setting_resolves_per_device(setting, device, expected, monkeypatch):
     calls = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: calls.append(self))
-    net = ImageTransformer(ModelConfig(**TINY))
+    net = ImageTransformer(ModelConfig(**TINY), backend="torch", chunk_size=8)
     assert compile_blocks(net, setting, torch.device(device)) is expected
     assert calls == (list(net.blocks) if expected else [])
 

@@ -213,15 +213,6 @@ def decode_chunks(paths: list[str], height: int, width: int, channels: int, resi
             pool.shutdown(cancel_futures=True)
 
 
-def load_images(paths: list[str], height: int, width: int, channels: int, resize: str = "crop",
-                skip_bad: bool = False, workers: int | None = None,
-                progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode paths into uint8 [N, H, W, C]; returns (images, indices of the paths kept, bad paths skipped)."""
-    (images, kept, bad), = decode_chunks(paths, height, width, channels, resize, skip_bad, workers,
-                                         chunk_size=max(1, len(paths)), progress=progress)
-    return images, kept, bad
-
-
 def split_test_fraction(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded per-class split: (train indices, test indices), each sorted; every class keeps a train image."""
     rng = np.random.default_rng([seed, 13])

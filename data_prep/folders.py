@@ -118,8 +118,7 @@ def parse_size(text: str) -> tuple[int, int]:
     parts = str(text).lower().split("x")
     if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise DataError(f"--size {text!r} not understood: use HxW, e.g. 32x32 (or one number for a square)")
-    height, width = int(parts[0]), int(parts[-1])
-    return height, width
+    return int(parts[0]), int(parts[-1])
 
 
 def _on_white(picture):
@@ -167,8 +166,7 @@ def load_image(path: str, height: int, width: int, channels: int, resize: str = 
         if size != [source_height, source_width]:
             picture = F.resize(picture, size, interpolation=InterpolationMode.BICUBIC)
         picture = F.center_crop(picture, [height, width])
-    pixels = np.asarray(picture, dtype=np.uint8)
-    return pixels.reshape(height, width, channels)
+    return np.asarray(picture, dtype=np.uint8).reshape(height, width, channels)
 
 
 def _load_or_none(job) -> np.ndarray | str:
@@ -280,6 +278,7 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
     height, width = options.size
     found = list_images(options.root)
     parts = {}  # split -> (paths, labels, root the paths are relative to)
+    fraction = DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction
     if options.test_root is not None:
         test = list_images(options.test_root)
         shared = set(map(os.path.realpath, test.paths)).intersection(map(os.path.realpath, found.paths))
@@ -290,7 +289,6 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
         parts["test"] = (test.paths, match_test_classes(found, test), options.test_root)
         ignored = found.ignored + test.ignored
     else:
-        fraction = DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction
         train_index, test_index = split_test_fraction(found.labels, fraction, seed)
         for split, index in (("train", train_index), ("test", test_index)):
             parts[split] = ([found.paths[i] for i in index], found.labels[index], options.root)
@@ -303,12 +301,9 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
 
     table = read_captions_file(options.captions) if options.captions else {}
     # Captions are matched and checked now, before any image is decoded or anything written.
-    split_captions = {}
+    split_captions = dict.fromkeys(parts)  # None: template captions only
     matched: set[str] = set()
-    for split, (paths, labels, root) in parts.items():
-        if not table:
-            split_captions[split] = None
-            continue
+    for split, (paths, labels, root) in parts.items() if table else ():
         captions = []
         for path in paths:
             key = _relative(path, root)
@@ -327,8 +322,7 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
     info = {
         "root": os.path.abspath(options.root),
         "test_root": None if options.test_root is None else os.path.abspath(options.test_root),
-        "test_fraction": None if options.test_root is not None else
-        (DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction),
+        "test_fraction": None if options.test_root is not None else fraction,
         "resize": options.resize,
         "captions": "templates",
         "captions_file": None if options.captions is None else os.path.abspath(options.captions),
@@ -361,8 +355,7 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
                 raise DataError(f"{root}: no readable images for the {split} split")
         return stream
 
-    splits = {}
-    for split, (paths, labels, root) in parts.items():
-        splits[split] = SourceSplit(None, None, size=len(paths),
-                                    stream=split_stream(split, paths, labels, root, split_captions[split]))
+    splits = {split: SourceSplit(None, None, size=len(paths),
+                                 stream=split_stream(split, paths, labels, root, split_captions[split]))
+              for split, (paths, labels, root) in parts.items()}
     return Source("folder", list(found.class_names), splits, info=info)

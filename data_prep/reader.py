@@ -153,9 +153,7 @@ def _collate_numpy(samples: list) -> tuple[np.ndarray, np.ndarray, list]:
 
 
 def _collate_batch(samples: list) -> Batch:
-    seqs, labels, captions = zip(*samples)
-    return Batch(torch.from_numpy(np.stack(seqs)), torch.as_tensor(np.asarray(labels), dtype=torch.long),
-                 list(captions))
+    return _to_batch(_collate_numpy(samples))
 
 
 def _to_batch(parts: tuple) -> Batch:
@@ -197,7 +195,8 @@ def _shard_stream_seed() -> int:
 
 
 class TrainBatches:
-    """Endless training batches for one rank; iterating again starts the same stream again."""
+    """Endless, deterministic training batches for one rank (start_batch=N continues from batch N);
+    iterating again starts the same stream again."""
 
     def __init__(self, data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000, split: str = "train",
@@ -258,17 +257,9 @@ class TrainBatches:
             epoch += 1
 
 
-def train_batches(data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                  seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000,
-                  epoch_batches: int = EPOCH_BATCHES, read_timeout: float = 0.0) -> TrainBatches:
-    """Endless, deterministic training batches for one rank (start_batch=N continues from batch N)."""
-    return TrainBatches(data_dir, batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                        seed=seed, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
-                        epoch_batches=epoch_batches, read_timeout=read_timeout)
-
-
 class EvalBatches:
-    """This rank's round-robin share of a split's shards, read once in order, in batches."""
+    """This rank's round-robin share of a split's shards, read once in order, in batches: all ranks
+    together see each sample once."""
 
     def __init__(self, data_dir, batch_size: int, *, split: str = "test", rank: int = 0, world_size: int = 1,
                  num_workers: int = 0):
@@ -312,10 +303,8 @@ def _unwrapped_errors(loader):
         raise DataError(_worker_message(error)) from None
 
 
-def eval_batches(data_dir, batch_size: int, *, split: str = "test", rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0) -> EvalBatches:
-    """Finite batches over this rank's disjoint share of a split; all ranks together see each sample once."""
-    return EvalBatches(data_dir, batch_size, split=split, rank=rank, world_size=world_size, num_workers=num_workers)
+# the package's names for them (data_prep.train_batches, data_prep.eval_batches): calling one builds the iterable
+train_batches, eval_batches = TrainBatches, EvalBatches
 
 
 def read_samples(data_dir, indices, *, split: str = "test") -> Batch:

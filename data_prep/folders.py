@@ -195,12 +195,10 @@ def decode_chunks(paths: list[str], height: int, width: int, channels: int, resi
             results = list(pool.map(_load_or_none, part, chunksize=max(1, min(64, len(part) // (4 * workers))))
                            if pool else map(_load_or_none, part))
             kept = [index for index, result in enumerate(results) if not isinstance(result, str)]
-            bad = []
-            for index, result in enumerate(results):
-                if isinstance(result, str):
-                    if not skip_bad:
-                        raise DataError(f"{result}; pass --skip-bad to leave such files out")
-                    bad.append(paths[start + index])
+            errors = [result for result in results if isinstance(result, str)]
+            if errors and not skip_bad:
+                raise DataError(f"{errors[0]}; pass --skip-bad to leave such files out")
+            bad = [paths[start + index] for index, result in enumerate(results) if isinstance(result, str)]
             images = (np.stack([results[index] for index in kept]) if kept
                       else np.zeros((0, height, width, channels), np.uint8))
             if progress is not None:

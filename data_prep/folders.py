@@ -179,7 +179,7 @@ def _load_or_none(job) -> np.ndarray | str:
 
 
 def decode_chunks(paths: list[str], height: int, width: int, channels: int, resize: str = "crop",
-                  skip_bad: bool = False, workers: int | None = None, chunk_size: int | None = None, progress=None):
+                  skip_bad: bool = False, workers: int | None = None, chunk_size: int | None = None):
     """Decode paths chunk_size at a time: yields (images uint8 [n, H, W, C], indices of the paths kept, bad paths).
 
     One process pool for all chunks; without skip_bad the first unreadable file (in path order, whatever
@@ -201,8 +201,6 @@ def decode_chunks(paths: list[str], height: int, width: int, channels: int, resi
             bad = [paths[start + index] for index, result in enumerate(results) if isinstance(result, str)]
             images = (np.stack([results[index] for index in kept]) if kept
                       else np.zeros((0, height, width, channels), np.uint8))
-            if progress is not None:
-                progress.update(len(part))
             yield images, start + np.asarray(kept, dtype=np.int64), bad
     finally:
         if pool is not None:
@@ -265,7 +263,7 @@ def _relative(path: str, root: str) -> str:
     return caption_key(os.path.relpath(path, root))
 
 
-def load_folder(options: FolderOptions, seed: int, workers: int | None = None, progress=None):
+def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
     """An image folder as a Source: train (shuffled by the seed) and test splits, class names, captions.
 
     The splits stream: images are decoded a chunk at a time as the shards are written, and `info`
@@ -335,8 +333,7 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
         def stream(chunk_size: int):
             kept_here = 0
             for images, kept, bad in decode_chunks(paths, height, width, options.channels, options.resize,
-                                                   skip_bad=options.skip_bad, workers=workers,
-                                                   chunk_size=chunk_size, progress=progress):
+                                                   skip_bad=options.skip_bad, workers=workers, chunk_size=chunk_size):
                 counts["skipped"] += bad
                 counts["kept"] += len(kept)
                 kept_here += len(kept)

@@ -47,16 +47,11 @@ def _split_urls(data_dir, split: str) -> tuple[Manifest, list[str]]:
     manifest = load_manifest(data_dir)
     if split not in manifest.splits:
         raise DataError(f"{data_dir}: no split {split!r} (has {', '.join(manifest.splits)})")
-    urls = _shard_urls(data_dir, manifest, split)
+    urls = [os.path.join(os.fspath(data_dir), name) for name in manifest.splits[split].shards]  # manifest order
     for url in urls:
         if not os.path.exists(url):  # exists, not isfile: a pipe or device is read like a file
             raise DataError(f"{url}: shard listed in the manifest is missing")
     return manifest, urls
-
-
-def _shard_urls(data_dir, manifest: Manifest, split: str) -> list[str]:
-    """Paths of a split's shards, in manifest order."""
-    return [os.path.join(os.fspath(data_dir), name) for name in manifest.splits[split].shards]
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

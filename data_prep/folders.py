@@ -257,19 +257,13 @@ class FolderOptions:
 DEFAULT_TEST_FRACTION = 0.1
 
 
-def _relative(path: str, root: str) -> str:
-    from data_prep.captions import caption_key
-
-    return caption_key(os.path.relpath(path, root))
-
-
 def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
     """An image folder as a Source: train (shuffled by the seed) and test splits, class names, captions.
 
     The splits stream: images are decoded a chunk at a time as the shards are written, and `info`
     (files skipped, captions used) is complete once both streams have run.
     """
-    from data_prep.captions import check_caption, read_captions_file
+    from data_prep.captions import caption_key, check_caption, read_captions_file
 
     height, width = options.size
     found = list_images(options.root)
@@ -302,7 +296,7 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
     for split, (paths, labels, root) in parts.items() if table else ():
         captions = []
         for path in paths:
-            key = _relative(path, root)
+            key = caption_key(os.path.relpath(path, root))
             entry = table.get(key)
             if entry is not None:
                 matched.add(key)

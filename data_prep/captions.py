@@ -120,14 +120,12 @@ def captions_for_class(dataset: str, class_name: str) -> list[str]:
     else:
         name = class_name.replace("_", " ")
         fields = dict(name=name, a="an" if name[:1].lower() in "aeiou" else "a")
-    captions = [template.format(**fields) for template in TEMPLATES[dataset]]
     # Keep the length contract even for unexpected class names: cut at a character boundary.
-    return [_clip(caption) for caption in captions]
+    return [_clip(template.format(**fields)) for template in TEMPLATES[dataset]]
 
 
 def _clip(caption: str) -> str:
-    data = caption.encode("utf-8")[:MAX_CAPTION_BYTES]
-    return data.decode("utf-8", errors="ignore")
+    return caption.encode("utf-8")[:MAX_CAPTION_BYTES].decode("utf-8", errors="ignore")
 
 
 def caption_for(dataset: str, class_name: str, rng) -> str:

@@ -23,9 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from data_prep.errors import DataError
 
 HEIGHT = WIDTH = 28
-CLASS_NAMES = [str(d) for d in range(10)]
 CANVAS = 112  # drawing resolution (4x the output)
-BOX = 20  # MNIST fits each digit in a 20x20 box inside the 28x28 frame
 CHUNK = 500  # images per random stream: results do not depend on the number of processes
 
 BUILTIN_FONT = "pillow-default"

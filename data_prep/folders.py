@@ -118,8 +118,7 @@ def parse_size(text: str) -> tuple[int, int]:
     parts = str(text).lower().split("x")
     if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise DataError(f"--size {text!r} not understood: use HxW, e.g. 32x32 (or one number for a square)")
-    height, width = int(parts[0]), int(parts[-1])
-    return height, width
+    return int(parts[0]), int(parts[-1])
 
 
 def _on_white(picture):
@@ -167,8 +166,7 @@ def load_image(path: str, height: int, width: int, channels: int, resize: str = 
         if size != [source_height, source_width]:
             picture = F.resize(picture, size, interpolation=InterpolationMode.BICUBIC)
         picture = F.center_crop(picture, [height, width])
-    pixels = np.asarray(picture, dtype=np.uint8)
-    return pixels.reshape(height, width, channels)
+    return np.asarray(picture, dtype=np.uint8).reshape(height, width, channels)
 
 
 def _load_or_none(job) -> np.ndarray | str:
@@ -181,7 +179,7 @@ def _load_or_none(job) -> np.ndarray | str:
 
 
 def decode_chunks(paths: list[str], height: int, width: int, channels: int, resize: str = "crop",
-                  skip_bad: bool = False, workers: int | None = None, chunk_size: int | None = None, progress=None):
+                  skip_bad: bool = False, workers: int | None = None, chunk_size: int | None = None):
     """Decode paths chunk_size at a time: yields (images uint8 [n, H, W, C], indices of the paths kept, bad paths).
 
     One process pool for all chunks; without skip_bad the first unreadable file (in path order, whatever
@@ -197,29 +195,16 @@ def decode_chunks(paths: list[str], height: int, width: int, channels: int, resi
             results = list(pool.map(_load_or_none, part, chunksize=max(1, min(64, len(part) // (4 * workers))))
                            if pool else map(_load_or_none, part))
             kept = [index for index, result in enumerate(results) if not isinstance(result, str)]
-            bad = []
-            for index, result in enumerate(results):
-                if isinstance(result, str):
-                    if not skip_bad:
-                        raise DataError(f"{result}; pass --skip-bad to leave such files out")
-                    bad.append(paths[start + index])
+            errors = [result for result in results if isinstance(result, str)]
+            if errors and not skip_bad:
+                raise DataError(f"{errors[0]}; pass --skip-bad to leave such files out")
+            bad = [paths[start + index] for index, result in enumerate(results) if isinstance(result, str)]
             images = (np.stack([results[index] for index in kept]) if kept
                       else np.zeros((0, height, width, channels), np.uint8))
-            if progress is not None:
-                progress.update(len(part))
             yield images, start + np.asarray(kept, dtype=np.int64), bad
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-
-
-def load_images(paths: list[str], height: int, width: int, channels: int, resize: str = "crop",
-                skip_bad: bool = False, workers: int | None = None,
-                progress=None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Decode paths into uint8 [N, H, W, C]; returns (images, indices of the paths kept, bad paths skipped)."""
-    (images, kept, bad), = decode_chunks(paths, height, width, channels, resize, skip_bad, workers,
-                                         chunk_size=max(1, len(paths)), progress=progress)
-    return images, kept, bad
 
 
 def split_test_fraction(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,23 +257,18 @@ class FolderOptions:
 DEFAULT_TEST_FRACTION = 0.1
 
 
-def _relative(path: str, root: str) -> str:
-    from data_prep.captions import caption_key
-
-    return caption_key(os.path.relpath(path, root))
-
-
-def load_folder(options: FolderOptions, seed: int, workers: int | None = None, progress=None):
+def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
     """An image folder as a Source: train (shuffled by the seed) and test splits, class names, captions.
 
     The splits stream: images are decoded a chunk at a time as the shards are written, and `info`
     (files skipped, captions used) is complete once both streams have run.
     """
-    from data_prep.captions import check_caption, read_captions_file
+    from data_prep.captions import caption_key, check_caption, read_captions_file
 
     height, width = options.size
     found = list_images(options.root)
     parts = {}  # split -> (paths, labels, root the paths are relative to)
+    fraction = DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction
     if options.test_root is not None:
         test = list_images(options.test_root)
         shared = set(map(os.path.realpath, test.paths)).intersection(map(os.path.realpath, found.paths))
@@ -299,7 +279,6 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
         parts["test"] = (test.paths, match_test_classes(found, test), options.test_root)
         ignored = found.ignored + test.ignored
     else:
-        fraction = DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction
         train_index, test_index = split_test_fraction(found.labels, fraction, seed)
         for split, index in (("train", train_index), ("test", test_index)):
             parts[split] = ([found.paths[i] for i in index], found.labels[index], options.root)
@@ -312,15 +291,12 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
 
     table = read_captions_file(options.captions) if options.captions else {}
     # Captions are matched and checked now, before any image is decoded or anything written.
-    split_captions = {}
+    split_captions = dict.fromkeys(parts)  # None: template captions only
     matched: set[str] = set()
-    for split, (paths, labels, root) in parts.items():
-        if not table:
-            split_captions[split] = None
-            continue
+    for split, (paths, labels, root) in parts.items() if table else ():
         captions = []
         for path in paths:
-            key = _relative(path, root)
+            key = caption_key(os.path.relpath(path, root))
             entry = table.get(key)
             if entry is not None:
                 matched.add(key)
@@ -336,8 +312,7 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
     info = {
         "root": os.path.abspath(options.root),
         "test_root": None if options.test_root is None else os.path.abspath(options.test_root),
-        "test_fraction": None if options.test_root is not None else
-        (DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction),
+        "test_fraction": None if options.test_root is not None else fraction,
         "resize": options.resize,
         "captions": "templates",
         "captions_file": None if options.captions is None else os.path.abspath(options.captions),
@@ -352,8 +327,7 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
         def stream(chunk_size: int):
             kept_here = 0
             for images, kept, bad in decode_chunks(paths, height, width, options.channels, options.resize,
-                                                   skip_bad=options.skip_bad, workers=workers,
-                                                   chunk_size=chunk_size, progress=progress):
+                                                   skip_bad=options.skip_bad, workers=workers, chunk_size=chunk_size):
                 counts["skipped"] += bad
                 counts["kept"] += len(kept)
                 kept_here += len(kept)
@@ -370,8 +344,7 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None, p
                 raise DataError(f"{root}: no readable images for the {split} split")
         return stream
 
-    splits = {}
-    for split, (paths, labels, root) in parts.items():
-        splits[split] = SourceSplit(None, None, size=len(paths),
-                                    stream=split_stream(split, paths, labels, root, split_captions[split]))
+    splits = {split: SourceSplit(None, None, size=len(paths),
+                                 stream=split_stream(split, paths, labels, root, split_captions[split]))
+              for split, (paths, labels, root) in parts.items()}
     return Source("folder", list(found.class_names), splits, info=info)

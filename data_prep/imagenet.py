@@ -63,13 +63,6 @@ def _planes_to_images(rows: np.ndarray, side: int) -> np.ndarray:
     return np.ascontiguousarray(rows.reshape(len(rows), 3, side, side).transpose(0, 2, 3, 1))
 
 
-def read_batch(path: str, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """One npz batch -> (images uint8 [N, side, side, 3], labels int64 [N] 0-based); DataError naming the file."""
-    count, labels = check_batch(path, side)
-    images = [chunk for chunk, _ in iter_batch(path, side, max(1, count))]
-    return (np.concatenate(images) if images else np.zeros((0, side, side, 3), np.uint8)), labels
-
-
 class _DataMember:
     """The `data` array of an npz file, read a block of rows at a time (stored or deflated members alike)."""
 

@@ -18,7 +18,7 @@ import glob
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -133,7 +133,7 @@ def validate(config: PrepareConfig) -> tuple[int, int, int]:
     for name in ("shard_size", "train_size", "test_size", "workers", "chunk_size"):
         value = getattr(config, name)
         if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+            raise UsageError(f"{_flag(name)} must be at least 1, got {value}")
     if config.dataset == "folder" and (config.train_size or config.test_size):
         raise UsageError("--train-size and --test-size are not for --dataset folder (use --test-fraction)")
     return height, width, channels
@@ -218,7 +218,6 @@ def prepare(config: PrepareConfig) -> Manifest:
     height, width, channels = validate(config)
     check_output(config, (height, width, channels))
     start = time.perf_counter()
-    disable = not config.progress
 
     # The digits, image folders and ImageNet are rendered or read later, a chunk at a time, as the shards
     # are written (mnist and cifar10 are small enough to load whole).
@@ -234,7 +233,7 @@ def prepare(config: PrepareConfig) -> Manifest:
     splits = {}
     total = sum(len(part) for part in source.splits.values())
     chunk_size = config.chunk_size or max(1, CHUNK_BYTES // (height * width * channels))
-    with tqdm(total=total, desc="writing shards", unit="img", disable=disable) as bar:
+    with tqdm(total=total, desc="writing shards", unit="img", disable=not config.progress) as bar:
         for split_code, (split, part) in enumerate(sorted(source.splits.items(), key=lambda kv: kv[0] != "train")):
             if len(part) == 0:
                 raise DataError(f"{config.dataset}: the {split} split is empty")
@@ -352,13 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Command line: parse, prepare, and map errors to exit codes (2 bad arguments, 1 failure)."""
     args = build_parser().parse_args(argv)
-    config = PrepareConfig(
-        dataset=args.dataset, out=args.out, root=args.root, bins=args.bins, order=args.order, seed=args.seed,
-        shard_size=args.shard_size, download=args.download, overwrite=args.overwrite,
-        train_size=args.train_size, test_size=args.test_size, workers=args.workers,
-        progress=not args.no_progress, chunk_size=args.chunk_size, size=args.size, channels=args.channels, resize=args.resize,
-        test_root=args.test_root, test_fraction=args.test_fraction, captions=args.captions, skip_bad=args.skip_bad,
-    )
+    # every flag but --no-progress has its field's name
+    names = [field.name for field in fields(PrepareConfig) if field.name != "progress"]
+    config = PrepareConfig(progress=not args.no_progress, **{name: getattr(args, name) for name in names})
     try:
         return run_command("prepare", lambda: prepare(config), usage=(UsageError,), failure=(DataError, OSError))[1]
     except KeyboardInterrupt:

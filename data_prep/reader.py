@@ -47,16 +47,11 @@ def _split_urls(data_dir, split: str) -> tuple[Manifest, list[str]]:
     manifest = load_manifest(data_dir)
     if split not in manifest.splits:
         raise DataError(f"{data_dir}: no split {split!r} (has {', '.join(manifest.splits)})")
-    urls = _shard_urls(data_dir, manifest, split)
+    urls = [os.path.join(os.fspath(data_dir), name) for name in manifest.splits[split].shards]  # manifest order
     for url in urls:
         if not os.path.exists(url):  # exists, not isfile: a pipe or device is read like a file
             raise DataError(f"{url}: shard listed in the manifest is missing")
     return manifest, urls
-
-
-def _shard_urls(data_dir, manifest: Manifest, split: str) -> list[str]:
-    """Paths of a split's shards, in manifest order."""
-    return [os.path.join(os.fspath(data_dir), name) for name in manifest.splits[split].shards]
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -153,9 +148,7 @@ def _collate_numpy(samples: list) -> tuple[np.ndarray, np.ndarray, list]:
 
 
 def _collate_batch(samples: list) -> Batch:
-    seqs, labels, captions = zip(*samples)
-    return Batch(torch.from_numpy(np.stack(seqs)), torch.as_tensor(np.asarray(labels), dtype=torch.long),
-                 list(captions))
+    return _to_batch(_collate_numpy(samples))
 
 
 def _to_batch(parts: tuple) -> Batch:
@@ -197,7 +190,8 @@ def _shard_stream_seed() -> int:
 
 
 class TrainBatches:
-    """Endless training batches for one rank; iterating again starts the same stream again."""
+    """Endless, deterministic training batches for one rank (start_batch=N continues from batch N);
+    iterating again starts the same stream again."""
 
     def __init__(self, data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000, split: str = "train",
@@ -258,17 +252,9 @@ class TrainBatches:
             epoch += 1
 
 
-def train_batches(data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                  seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000,
-                  epoch_batches: int = EPOCH_BATCHES, read_timeout: float = 0.0) -> TrainBatches:
-    """Endless, deterministic training batches for one rank (start_batch=N continues from batch N)."""
-    return TrainBatches(data_dir, batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                        seed=seed, start_batch=start_batch, shuffle_buffer=shuffle_buffer,
-                        epoch_batches=epoch_batches, read_timeout=read_timeout)
-
-
 class EvalBatches:
-    """This rank's round-robin share of a split's shards, read once in order, in batches."""
+    """This rank's round-robin share of a split's shards, read once in order, in batches: all ranks
+    together see each sample once."""
 
     def __init__(self, data_dir, batch_size: int, *, split: str = "test", rank: int = 0, world_size: int = 1,
                  num_workers: int = 0):
@@ -312,10 +298,8 @@ def _unwrapped_errors(loader):
         raise DataError(_worker_message(error)) from None
 
 
-def eval_batches(data_dir, batch_size: int, *, split: str = "test", rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0) -> EvalBatches:
-    """Finite batches over this rank's disjoint share of a split; all ranks together see each sample once."""
-    return EvalBatches(data_dir, batch_size, split=split, rank=rank, world_size=world_size, num_workers=num_workers)
+# the package's names for them (data_prep.train_batches, data_prep.eval_batches): calling one builds the iterable
+train_batches, eval_batches = TrainBatches, EvalBatches
 
 
 def read_samples(data_dir, indices, *, split: str = "test") -> Batch:

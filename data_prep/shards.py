@@ -22,11 +22,6 @@ PARTIAL_SUFFIX = ".partial"
 TAR_MTIME = 0  # an int: a float mtime makes tarfile add a PAX header to every member
 
 
-def shard_name(split: str, index: int) -> str:
-    """File name of shard `index` of a split: train-000000.tar."""
-    return f"{split}-{index:06d}.tar"
-
-
 def sample_key(split: str, index: int) -> str:
     """The webdataset __key__ of a sample: no dots (webdataset splits file names at the first dot)."""
     return f"{split}_{index:07d}"

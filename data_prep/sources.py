@@ -189,7 +189,7 @@ def load_digits(train_size: int, test_size: int, seed: int, workers: int | None 
 
 
 def load_source(dataset: str, root: str | None, download: bool = False, *, train_size=None, test_size=None,
-                seed: int = 0, workers: int | None = None, progress=None, folder=None) -> Source:
+                seed: int = 0, workers: int | None = None, folder=None) -> Source:
     """Load one of DATASETS; train_size/test_size keep the first N (digits: render N).
 
     folder: the FolderOptions of --dataset folder (its root is folder.root).
@@ -197,7 +197,7 @@ def load_source(dataset: str, root: str | None, download: bool = False, *, train
     if dataset == "digits":
         return load_digits(train_size or 60000, test_size or 10000, seed, workers=workers)
     if dataset == "folder":
-        return load_folder(folder, seed, workers=workers, progress=progress)
+        return load_folder(folder, seed, workers=workers)
     if root is None:
         raise DataError(f"{dataset}: --root is required (the folder torchvision reads or downloads into)")
     if dataset in ("imagenet32", "imagenet64"):

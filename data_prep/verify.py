@@ -43,50 +43,44 @@ def _read_members(path: str):
 
 def check_shard(path: str, manifest: Manifest, count: int, sha256: str) -> list[str]:
     """Problems found in one shard (empty list: the shard is good)."""
-    name = path
     if not os.path.isfile(path):
-        return [f"{name}: missing"]
+        return [f"{path}: missing"]
     problems = []
     actual = file_sha256(path)
     if actual != sha256:
-        problems.append(f"{name}: sha256 {actual[:16]}... does not match the manifest's {sha256[:16]}...")
-    samples: dict[str, dict] = {}
-    order: list[str] = []
+        problems.append(f"{path}: sha256 {actual[:16]}... does not match the manifest's {sha256[:16]}...")
+    samples: dict[str, dict] = {}  # key -> {field: bytes}, in tar order
     try:
         for key, field, data in _read_members(path):
-            if key not in samples:
-                samples[key] = {}
-                order.append(key)
-            samples[key][field] = data
+            samples.setdefault(key, {})[field] = data
     except (tarfile.TarError, OSError, EOFError) as error:
-        problems.append(f"{name}: unreadable tar after {len(order)} samples ({' '.join(str(error).split())})")
+        problems.append(f"{path}: unreadable tar after {len(samples)} samples ({' '.join(str(error).split())})")
         return problems
-    if len(order) != count:
-        problems.append(f"{name}: {len(order)} samples, manifest says {count}")
+    if len(samples) != count:
+        problems.append(f"{path}: {len(samples)} samples, manifest says {count}")
     n_classes = len(manifest.class_names)
-    for key in order:
-        sample = samples[key]
+    for key, sample in samples.items():
         if set(sample) != FIELDS:
-            problems.append(f"{name}: sample {key} has fields {sorted(sample)}, expected {sorted(FIELDS)}")
+            problems.append(f"{path}: sample {key} has fields {sorted(sample)}, expected {sorted(FIELDS)}")
             break
         seq = np.frombuffer(sample[SEQ_KEY], dtype=np.uint8)
         if seq.size != manifest.seq_len:
-            problems.append(f"{name}: sample {key} has {seq.size} sequence bytes, expected {manifest.seq_len}")
+            problems.append(f"{path}: sample {key} has {seq.size} sequence bytes, expected {manifest.seq_len}")
             break
         if seq.size and int(seq.max()) >= manifest.bins:
-            problems.append(f"{name}: sample {key} has value {int(seq.max())}, bins is {manifest.bins}")
+            problems.append(f"{path}: sample {key} has value {int(seq.max())}, bins is {manifest.bins}")
             break
         try:
             label = int(sample[LABEL_KEY].decode("ascii"))
             caption = sample[CAPTION_KEY].decode("utf-8")
         except (UnicodeDecodeError, ValueError):
-            problems.append(f"{name}: sample {key} has an unreadable label or caption")
+            problems.append(f"{path}: sample {key} has an unreadable label or caption")
             break
         if not 0 <= label < n_classes:
-            problems.append(f"{name}: sample {key} has label {label}, expected 0..{n_classes - 1}")
+            problems.append(f"{path}: sample {key} has label {label}, expected 0..{n_classes - 1}")
             break
         if len(sample[CAPTION_KEY]) > MAX_CAPTION_BYTES or not caption:
-            problems.append(f"{name}: sample {key} has a caption of {len(sample[CAPTION_KEY])} bytes")
+            problems.append(f"{path}: sample {key} has a caption of {len(sample[CAPTION_KEY])} bytes")
             break
     return problems
 

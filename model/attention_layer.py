@@ -98,8 +98,7 @@ class AttentionLayer(nn.Module):
         """Heads (..., H, V) -> the layer's output (..., d_model), through the norm and gate where the kind has them."""
         if self.kind not in ("causal-linear", "softmax"):
             gate = F.silu(F.linear(x, self.output_gate.weight, self.output_gate.bias))
-            return F.linear(self.output_norm(o).flatten(-2) * gate, self.out_projection.weight,
-                            self.out_projection.bias)
+            o = self.output_norm(o) * gate.view_as(o)
         return F.linear(o.flatten(-2), self.out_projection.weight, self.out_projection.bias)
 
     def forward(self, x: torch.Tensor, state=None):

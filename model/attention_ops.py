@@ -289,16 +289,14 @@ def chunked_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g=None
                      else chunks(g, d_key if per_dim else 0)).cumsum(3)  # b: (B, H, N, C[, K])
         rows = torch.arange(chunk_size, device=q.device)
         causal = rows.unsqueeze(1) >= rows  # (C, C): position t reads s <= t
+        gaps = log_decay.unsqueeze(4) - log_decay.unsqueeze(3)  # b_t - b_s (B, H, N, C, C[, K])
+        last = log_decay[:, :, :, -1:]  # (B, H, N, 1[, K])
         if per_dim:
-            gaps = log_decay.unsqueeze(4) - log_decay.unsqueeze(3)  # b_t - b_s (B, H, N, C, C, K)
             gaps = gaps.masked_fill(~causal.unsqueeze(-1), float("-inf")).exp()
             scores = torch.einsum("bhntd,bhnsd,bhntsd->bhnts", q, k, gaps)
-            last = log_decay[:, :, :, -1:]  # (B, H, N, 1, K)
             q_in, k_out, carry = q * log_decay.exp(), k * (last - log_decay).exp(), last.transpose(-1, -2).exp()
         else:
-            gaps = log_decay.unsqueeze(4) - log_decay.unsqueeze(3)  # (B, H, N, C, C)
             scores = (q @ k.transpose(-1, -2)) * gaps.masked_fill(~causal, float("-inf")).exp()
-            last = log_decay[:, :, :, -1:]  # (B, H, N, 1)
             q_in = q * log_decay.exp().unsqueeze(-1)
             k_out, carry = k * (last - log_decay).exp().unsqueeze(-1), last.exp().unsqueeze(-1)
         if beta is not None:  # (I + diag(beta) strict_tril(K K^T * decay)) U = beta (V - decay K S0)
@@ -345,9 +343,8 @@ def linear_recurrence(kind: str, q, k, v, g=None, beta=None, scale: float = 1.0,
     if resolve_backend(backend, q.device) == "fla" and q.shape[1] >= q.shape[2]:
         module, name = FLA_KERNELS[kind]
         gates = dict(g=g) if beta is None else dict(beta=beta) if g is None else dict(g=g, beta=beta)
-        o, final = _fla_call(module, name, q, k, v, **gates, scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state)
-        return o, final
+        return _fla_call(module, name, q, k, v, **gates, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state)
     return chunked_recurrence(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
 
 

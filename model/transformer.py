@@ -323,7 +323,7 @@ class ImageTransformer(nn.Module):
         # No value check here: it would cost two device->host syncs per byte, and the bytes fed back
         # by generate() come from the model itself. User-given bytes are checked once, in prefill().
         position = torch.arange(state.position, state.position + 1, device=byte.device)  # no host copy
-        logits = self._step_logits(byte.reshape(-1).long(), self._position_vectors(position), state)
+        logits = self.step_at(byte.reshape(-1).long(), position, state)
         state.position += 1
         return logits, state
 
@@ -331,15 +331,12 @@ class ImageTransformer(nn.Module):
         """step() for CUDA graphs: byte [B] long at token `position` (a 0-dim long tensor on the model's
         device) -> logits [B, head_dim]. No checks and no host sync; the layer states are updated in
         place and state.position is left for the caller to keep."""
-        return self._step_logits(byte, self._position_vectors(position), state)
-
-    def _step_logits(self, byte: torch.Tensor, position_vector: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         x = self.byte_embedding(byte)  # (B, d)
         if self.byte_conv is not None:
             recent = torch.cat([state.recent_embeddings[:, 1:], x.unsqueeze(1)], dim=1)  # (B, k, d)
             state.recent_embeddings.copy_(recent)  # in place: a CUDA graph replays on this buffer
             x = x + (recent * self.byte_conv.weight.squeeze(1).t()).sum(1)
-        x = x + position_vector
+        x = x + self._position_vectors(position)
         if state.condition_input is not None:
             x = x + state.condition_input
         layers, biases = state.layers, state.condition_biases

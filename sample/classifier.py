@@ -96,7 +96,7 @@ def predict(net: SmallCNN, images: torch.Tensor, batch_size: int = 256) -> torch
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
-def test_accuracy(net: SmallCNN, data_dir, manifest: Manifest, device, progress: bool) -> tuple[float, int, list]:
+def test_accuracy(net: SmallCNN, data_dir, manifest: Manifest, progress: bool) -> tuple[float, int, list]:
     """(accuracy, images, per-class accuracy) of net over the whole test split of data_dir."""
     n_classes = len(manifest.class_names)
     correct = np.zeros(n_classes, dtype=np.int64)
@@ -142,7 +142,7 @@ def train_classifier(data_dir, settings: ClassifierSettings, device="cpu", progr
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - began
-    accuracy, images, per_class = test_accuracy(net, data_dir, manifest, device, progress)
+    accuracy, images, per_class = test_accuracy(net, data_dir, manifest, progress)
     info = ClassifierInfo(FORMAT_VERSION, digest, asdict(settings), manifest.channels, manifest.height,
                           manifest.width, n_classes, accuracy, images, per_class, seconds)
     return net.eval(), info

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 from typing import Optional, Sequence
 
 if __package__ in (None, ""):
@@ -121,15 +122,11 @@ def job_from_args(args: argparse.Namespace):
     """Parsed flags -> SampleJob."""
     from sample.pipeline import SampleJob
 
-    options = SamplingOptions(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                              seed=args.seed, batch_size=args.batch_size, mode=args.mode,
-                              precision=args.precision, progress=not args.no_progress, compile=args.compile,
-                              guidance=args.guidance, cuda_graph=not args.no_cuda_graph, backend=args.backend)
-    return SampleJob(checkpoint=args.checkpoint, out=args.out, n=args.n, columns=args.columns,
-                     classes=args.classes, captions=args.caption, index=args.index,
-                     offset=args.offset, data=args.data, split=args.split, options=options,
-                     device=args.device, padding=args.padding, per_image=args.per_image,
-                     npz=args.npz)
+    def build(cls, **others):  # every field not in others is the flag of the same name
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in others}, **others)
+
+    options = build(SamplingOptions, progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
+    return build(SampleJob, captions=args.caption, options=options)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

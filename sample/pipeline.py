@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from common.files import check_writable, writable_message
-from data_prep import DataError, read_samples, save_grid
+from data_prep import read_samples, save_grid
 from model.generation import GenerationStats, SamplingOptions, generate_images
 from sample.errors import SampleFailure, SampleUsageError
 from sample.grids import decode, save_npz, save_per_image
@@ -110,17 +110,11 @@ def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         raise SampleUsageError("--index completes real images under their own label and caption; "
                                "drop --classes / --caption")
     indices = parse_int_ranges(job.index, "--index")
-    splits = data_manifest(loaded, job.data).splits
-    if job.split not in splits:
-        raise SampleUsageError(f"--split {job.split}: {job.data} has no such split (has {', '.join(splits)})")
-    total = splits[job.split].total
+    total = data_manifest(loaded, job.data, job.split).splits[job.split].total
     wrong = [index for index in indices if not 0 <= index < total]
     if wrong:
         raise SampleUsageError(f"--index {wrong[0]}: out of range for split {job.split!r} of {job.data} (0..{total - 1})")
-    try:
-        batch = read_samples(job.data, indices, split=job.split)
-    except DataError as err:  # a damaged shard: a failure (exit 1), as in lit-eval and training
-        raise SampleFailure(str(err)) from None
+    batch = read_samples(job.data, indices, split=job.split)  # a damaged shard: DataError, exit 1 (run.main)
     labels = batch.labels if loaded.net.condition.uses_class else None
     captions = list(batch.captions) if loaded.net.condition.uses_caption else None
     return completion_request(batch.seqs, labels, captions, indices, job.offset, job.n)

@@ -14,8 +14,8 @@ from model.generation import GenerationStats, SamplingOptions, generate_images
 from sample.errors import SampleFailure, SampleUsageError
 from sample.grids import decode, save_npz, save_per_image
 from sample.loading import LoadedModel, data_manifest, load_for_sampling
-from sample.request import (SampleRequest, check_caption, check_conditioning, completion_request,
-                            conditional_request, parse_int_ranges, unconditional_request)
+from sample.request import (SampleRequest, completion_request, conditional_request, parse_int_ranges,
+                            unconditional_request)
 
 
 @dataclass
@@ -66,8 +66,9 @@ def pick_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def check_options(options: SamplingOptions) -> None:
-    """Reject sampling options that could only fail later, with the flag at fault."""
+def check_flags(job: SampleJob) -> None:
+    """Reject sampling, grid and output flags that could only fail later, before loading anything."""
+    options = job.options
     if options.temperature < 0:
         raise SampleUsageError(f"--temperature {options.temperature}: must be >= 0 (0 = greedy)")
     if options.top_k is not None and options.top_k < 1:
@@ -78,10 +79,6 @@ def check_options(options: SamplingOptions) -> None:
         raise SampleUsageError(f"--batch-size {options.batch_size}: must be >= 1")
     if not options.guidance >= 0:
         raise SampleUsageError(f"--guidance {options.guidance}: must be >= 0 (1 = none, 0 = unconditional)")
-
-
-def check_layout(job: "SampleJob") -> None:
-    """Reject grid and output flags that cannot work, before loading anything."""
     if job.padding < 0:
         raise SampleUsageError(f"--padding {job.padding}: must be >= 0")
     if job.columns is not None and job.columns < 1:
@@ -122,7 +119,7 @@ def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
 
 def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
     """Check the conditioning flags against the model and lay out what to generate."""
-    config = loaded.net.config
+    config, condition = loaded.net.config, loaded.net.condition
     if job.n is not None and job.n < 1:
         raise SampleUsageError(f"--n {job.n}: must be >= 1")
     if job.offset is not None and job.index is None:
@@ -132,9 +129,14 @@ def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
                                "(guidance needs model.condition class, caption or both)")
     if job.index is not None:
         return _completion(job, loaded)
-    check_conditioning(config.condition, job.classes is not None, job.captions is not None)
+    if job.classes is not None and not condition.uses_class:
+        raise SampleUsageError(f"--classes: this model is not class-conditional (condition={config.condition!r})")
+    if job.captions is not None and not condition.uses_caption:
+        raise SampleUsageError(f"--caption: this model is not caption-conditional (condition={config.condition!r})")
     for caption in job.captions or []:
-        check_caption(caption, config.caption_len)
+        if len(caption.encode("utf-8")) > config.caption_len:
+            raise SampleUsageError(f"--caption {caption!r} is {len(caption.encode('utf-8'))} bytes of UTF-8; "
+                                   f"this model takes at most {config.caption_len}")
     if job.classes is None and job.captions is None:
         return unconditional_request(job.n, job.columns)
     classes = None if job.classes is None else \
@@ -142,8 +144,10 @@ def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
     return conditional_request(classes, job.captions, job.n, config.n_classes)
 
 
-def _completion_rows(request: SampleRequest, seqs: torch.Tensor, bins: int) -> tuple[torch.Tensor, int]:
-    """Rows of [real image, the kept prefix (rest grey), completions...] for the completion grid."""
+def _grid_rows(request: SampleRequest, seqs: torch.Tensor, bins: int) -> tuple[torch.Tensor, int]:
+    """The grid's sequences and columns: for completions, rows of [real, kept prefix (rest grey), completions...]."""
+    if request.real is None:
+        return seqs, request.columns
     rows, seq_len = request.real.shape
     per_row = request.n_images // rows
     offset = request.prefix.shape[1]
@@ -156,8 +160,7 @@ def _completion_rows(request: SampleRequest, seqs: torch.Tensor, bins: int) -> t
 
 def run_job(job: SampleJob) -> SampleResult:
     """Load, generate and write the grid (plus per-image PNGs and .npz on request)."""
-    check_options(job.options)
-    check_layout(job)
+    check_flags(job)
     out = Path(job.out)
     device = pick_device(job.device)
     loaded = load_for_sampling(job.checkpoint, device, job.options.backend)
@@ -167,10 +170,7 @@ def run_job(job: SampleJob) -> SampleResult:
                                       captions=request.captions, prefix=request.prefix)
     except ValueError as err:  # the model rejects an input the checks above did not foresee
         raise SampleFailure(f"{loaded.source}: {err}") from None
-    if request.real is not None:
-        grid_seqs, columns = _completion_rows(request, seqs, loaded.image["bins"])
-    else:
-        grid_seqs, columns = seqs, request.columns
+    grid_seqs, columns = _grid_rows(request, seqs, loaded.image["bins"])
     try:  # a full disk or a folder removed meanwhile: one line, the files written so far stay whole
         grid_size = save_grid(decode(grid_seqs, loaded.image), out, columns, job.padding)
         written = [out]

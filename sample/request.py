@@ -54,24 +54,6 @@ class SampleRequest:
     real_names: list[str] = field(default_factory=list)
 
 
-def check_caption(caption: str, caption_len: int) -> None:
-    """Reject a caption whose UTF-8 encoding is longer than the model's caption length."""
-    size = len(caption.encode("utf-8"))
-    if size > caption_len:
-        raise SampleUsageError(
-            f"--caption {caption!r} is {size} bytes of UTF-8; this model takes at most {caption_len}")
-
-
-def check_conditioning(condition: str, classes: bool, caption: bool) -> None:
-    """Fail when a conditioning flag is given to a model that was not trained with that condition."""
-    if classes and condition not in ("class", "both"):
-        raise SampleUsageError(
-            f"--classes: this model is not class-conditional (condition={condition!r})")
-    if caption and condition not in ("caption", "both"):
-        raise SampleUsageError(
-            f"--caption: this model is not caption-conditional (condition={condition!r})")
-
-
 def unconditional_request(n: Optional[int], columns: Optional[int]) -> SampleRequest:
     """n images with the null condition, laid out in a near-square grid."""
     n = DEFAULT_UNCONDITIONAL if n is None else n

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,7 +42,7 @@ from sample.errors import SampleFailure, SampleUsageError
 from sample.loading import data_manifest, load_for_sampling
 from sample.pipeline import pick_device
 from sample.request import conditional_request
-from sample.run import shared_flags
+from sample.run import from_flags, shared_flags
 
 
 @dataclass
@@ -98,16 +98,14 @@ class EvalResult:
 def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement:
     """Sample n_per_class images of every class and measure how many the classifier names correctly."""
     n_classes = len(manifest.class_names)
-    settings = ClassifierSettings(steps=job.classifier_steps)
-    classifier, info, path, trained = load_or_train(job.data, settings, device, job.classifier_dir,
-                                                    job.retrain_classifier, job.progress, log)
+    classifier, info, path, trained = load_or_train(job.data, ClassifierSettings(steps=job.classifier_steps), device,
+                                                    job.classifier_dir, job.retrain_classifier, job.progress, log)
     request = conditional_request(list(range(n_classes)), None, job.n_per_class, n_classes)
     options = SamplingOptions(seed=job.seed, batch_size=job.batch_size, mode="recurrent",
                               progress=job.progress, guidance=job.guidance, precision=job.precision)
     seqs, stats = generate_images(net, request.n_images, options, labels=request.labels)  # (C * N, L)
     predicted = predict(classifier, sequences_to_tensor(seqs, manifest))  # (C * N,)
-    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    confusion.index_put_((request.labels, predicted), torch.ones_like(predicted), accumulate=True)
+    confusion = torch.bincount(request.labels * n_classes + predicted, minlength=n_classes ** 2).view(n_classes, -1)
     per_class = (confusion.diagonal().double() / job.n_per_class).tolist()
     overall = confusion.diagonal().sum().item() / request.n_images
     return Agreement(job.n_per_class, job.seed, job.guidance, overall, per_class, confusion.tolist(),
@@ -212,9 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError as err:
             raise SampleUsageError(writable_message("--json", args.json, err)) from None
         torch.set_num_threads(args.threads or 1)
-        # every field but progress is the flag of the same name
-        result = evaluate(EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
-                                  progress=not args.no_progress))
+        result = evaluate(from_flags(EvalJob, args, progress=not args.no_progress))
         if result is None:  # not the main process
             return
         print(format_table(result))

@@ -41,9 +41,9 @@ def shared_flags() -> argparse.ArgumentParser:
     shared.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images; default %(default)s)")
     shared.add_argument("--guidance", type=float, default=1.0,
                         help="classifier-free guidance scale S for class/caption models: log p = "
-                             "log p(x|none) + S (log p(x|condition) - log p(x|none)), before temperature, "
-                             "top-k and top-p. 1 = none (default), > 1 follows the condition more closely, "
-                             "0 ignores it. Costs a second (unconditional) row per image in the same batch")
+                             "log p(x|none) + S (log p(x|condition) - log p(x|none)), before lit-sample's "
+                             "temperature, top-k and top-p. 1 = none (default), > 1 follows the condition more "
+                             "closely, 0 ignores it. Costs a second (unconditional) row per image in the same batch")
     shared.add_argument("--batch-size", type=int, default=64,
                         help="images generated (or, for bits/dim, scored) together (default %(default)s)")
     shared.add_argument("--device", default=None,
@@ -124,15 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def job_from_args(args: argparse.Namespace):
-    """Parsed flags -> SampleJob."""
-    from sample.pipeline import SampleJob
-
-    def build(cls, **others):  # every field not in others is the flag of the same name
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in others}, **others)
-
-    options = build(SamplingOptions, progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
-    return build(SampleJob, captions=args.caption, options=options)
+def from_flags(cls, args: argparse.Namespace, **others):
+    """A dataclass whose every field not in `others` is the flag of the same name (lit-sample's, lit-eval's jobs)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in others}, **others)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -140,13 +134,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from sample.pipeline import run_job
+    from sample.pipeline import SampleJob, run_job
 
     def work():
         if args.threads is not None and args.threads < 1:
             raise SampleUsageError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
-        return run_job(job_from_args(args))
+        options = from_flags(SamplingOptions, args, progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
+        return run_job(from_flags(SampleJob, args, captions=args.caption, options=options))
 
     # a damaged shard (--index's real images) is a failure, exit 1, as in lit-eval
     result, code = run_command("lit-sample", work, failure=(DataError,))

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -79,11 +78,6 @@ def sequences_to_tensor(seqs, manifest: Manifest) -> torch.Tensor:
     return to_chw(decode(seqs, manifest.image_info()))
 
 
-def manifest_digest(data_dir) -> str:
-    """sha256 of DATA/manifest.json: it names every shard's digest, so it changes with the data."""
-    return hashlib.sha256(Path(manifest_path(data_dir)).read_bytes()).hexdigest()
-
-
 @torch.no_grad()
 def predict(net: SmallCNN, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Predicted class [B] of float images [B, C, H, W]."""
@@ -99,30 +93,27 @@ def predict(net: SmallCNN, images: torch.Tensor, batch_size: int = 256) -> torch
 def test_accuracy(net: SmallCNN, data_dir, manifest: Manifest, progress: bool) -> tuple[float, int, list]:
     """(accuracy, images, per-class accuracy) of net over the whole test split of data_dir."""
     n_classes = len(manifest.class_names)
-    correct = np.zeros(n_classes, dtype=np.int64)
-    seen = np.zeros(n_classes, dtype=np.int64)
+    seen, correct = torch.zeros(2, n_classes, dtype=torch.long)  # per class: test images, classified right
     batches = eval_batches(data_dir, 256, split="test")
     for batch in tqdm(batches, desc="classifier test", unit="batch", disable=not progress, leave=False):
-        predicted = predict(net, sequences_to_tensor(batch.seqs, manifest)).numpy()
-        labels = batch.labels.numpy()
-        np.add.at(seen, labels, 1)
-        np.add.at(correct, labels, predicted == labels)
+        predicted = predict(net, sequences_to_tensor(batch.seqs, manifest))
+        seen += torch.bincount(batch.labels, minlength=n_classes)
+        correct += torch.bincount(batch.labels[predicted == batch.labels], minlength=n_classes)
     total = int(seen.sum())
     if total == 0:
         raise SampleFailure(f"{data_dir}: the test split is empty; cannot measure the classifier")
-    per_class = [float(c / s) if s else float("nan") for c, s in zip(correct, seen)]
-    return float(correct.sum() / total), total, per_class
+    per_class = [c / s if s else float("nan") for c, s in zip(correct.tolist(), seen.tolist())]
+    return int(correct.sum()) / total, total, per_class
 
 
-def train_classifier(data_dir, settings: ClassifierSettings, device="cpu", progress: bool = True
+def train_classifier(data_dir, digest: str, settings: ClassifierSettings, device="cpu", progress: bool = True
                      ) -> tuple[SmallCNN, ClassifierInfo]:
-    """Train a SmallCNN on the train split of data_dir and measure it on the test split."""
+    """Train a SmallCNN on data_dir's train split and measure it on the test split; digest: its manifest's sha256."""
     manifest = load_manifest(data_dir)
     n_classes = len(manifest.class_names)
     if n_classes < 2:
         raise SampleFailure(f"{manifest_path(data_dir)}: class_names has {n_classes} classes; "
                             "a classifier needs at least 2")
-    digest = manifest_digest(data_dir)
     torch.manual_seed(settings.seed)
     net = SmallCNN(manifest.channels, n_classes).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=settings.lr)
@@ -146,11 +137,6 @@ def train_classifier(data_dir, settings: ClassifierSettings, device="cpu", progr
     info = ClassifierInfo(FORMAT_VERSION, digest, asdict(settings), manifest.channels, manifest.height,
                           manifest.width, n_classes, accuracy, images, per_class, seconds)
     return net.eval(), info
-
-
-def cache_path(data_dir, cache_dir: Optional[str] = None) -> Path:
-    """Where the classifier of data_dir is cached (DATA/classifier/classifier.pt unless cache_dir)."""
-    return Path(cache_dir if cache_dir is not None else Path(data_dir) / CACHE_FOLDER) / CACHE_NAME
 
 
 def _load_cached(path: Path, digest: str, settings: ClassifierSettings, device
@@ -182,17 +168,17 @@ def load_or_train(data_dir, settings: ClassifierSettings = ClassifierSettings(),
                   cache_dir: Optional[str] = None, retrain: bool = False, progress: bool = True,
                   log=print) -> tuple[SmallCNN, ClassifierInfo, Path, bool]:
     """(classifier, its info, cache path, whether it was trained now): the cached one when it fits."""
-    path = cache_path(data_dir, cache_dir)
-    digest = manifest_digest(data_dir)
+    path = Path(cache_dir if cache_dir is not None else Path(data_dir) / CACHE_FOLDER) / CACHE_NAME
+    # manifest.json names every shard's digest, so its own digest changes with the data
+    digest = hashlib.sha256(Path(manifest_path(data_dir)).read_bytes()).hexdigest()
+    why = "--retrain-classifier"
     if not retrain:
         net, info, why = _load_cached(path, digest, settings, device)
         if net is not None:
             log(f"classifier: cached {path}")
             return net, info, path, False
-    else:
-        why = "--retrain-classifier"
     log(f"classifier: training on the train split ({why}; {settings.steps} steps, once per data folder)")
-    net, info = train_classifier(data_dir, settings, device, progress)
+    net, info = train_classifier(data_dir, digest, settings, device, progress)
     state = {key: value.cpu() for key, value in net.state_dict().items()}
     try:
         with atomic_file(path) as stream:  # readers see the old cache or the new one, never half of one

@@ -86,26 +86,18 @@ def is_prepared(folder: Path, bins: int) -> bool:
     return manifest.dataset == "digits" and manifest.bins == bins
 
 
-def planned_steps(args: argparse.Namespace) -> Optional[int]:
-    """train.max_steps the run will stop at: --max-steps, else the config's (None if unreadable)."""
-    if args.max_steps is not None:
-        return args.max_steps
-    try:
-        with open(args.config, encoding="utf-8") as handle:
-            return int(yaml.safe_load(handle)["train"]["max_steps"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
-        return None  # the trainer reports a broken config itself
-
-
-def finished_steps(run: Path) -> Optional[int]:
-    """Step of the run's export, or None when there is none (or it does not load)."""
-    from model.pretrained import read_config
+def trained_steps(args: argparse.Namespace, run: Path) -> Optional[tuple[int, int]]:
+    """(step of the run's export, train.max_steps: --max-steps, else the config's), or None if either is unknown."""
     from common.run_layout import export_folder
+    from model.pretrained import read_config
 
     try:
-        return read_config(export_folder(run))["step"]
-    except ValueError:
-        return None
+        done = read_config(export_folder(run))["step"]
+        if args.max_steps is not None:
+            return done, args.max_steps
+        return done, int(yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))["train"]["max_steps"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None  # no export (or none that loads) yet, or a broken config, which the trainer reports itself
 
 
 def stages(args: argparse.Namespace, out_dir: Path) -> list[tuple[str, list[str]]]:
@@ -122,9 +114,9 @@ def stages(args: argparse.Namespace, out_dir: Path) -> list[tuple[str, list[str]
              "--set", f"data.dir={data}", "--set", f"train.run_dir={run}", "--resume", "auto"]
     if args.max_steps is not None:
         train += ["--set", f"train.max_steps={args.max_steps}"]
-    planned, done = planned_steps(args), finished_steps(run)
-    if planned is not None and done is not None and done >= planned:
-        print(f"== train: {run} already holds an export at step {done} (of {planned}); not training again")
+    steps = trained_steps(args, run)
+    if steps is not None and steps[0] >= steps[1]:
+        print(f"== train: {run} already holds an export at step {steps[0]} (of {steps[1]}); not training again")
     else:
         commands.append(("train", train))
     commands.append(("sample", [python, str(REPO / "sample" / "run.py"), "--checkpoint", str(run),

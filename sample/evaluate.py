@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -36,12 +36,13 @@ from common.files import check_writable, writable_message
 from data_prep import DataError, eval_batches
 from model import bits_per_dim
 from model.generation import SamplingOptions, generate_images
-from model.precision import PRECISIONS, autocast
+from model.precision import autocast
 from sample.classifier import ClassifierSettings, load_or_train, predict, sequences_to_tensor
 from sample.errors import SampleFailure, SampleUsageError
 from sample.loading import data_manifest, load_for_sampling
 from sample.pipeline import pick_device
 from sample.request import conditional_request
+from sample.run import from_flags, shared_flags
 
 
 @dataclass
@@ -97,16 +98,14 @@ class EvalResult:
 def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement:
     """Sample n_per_class images of every class and measure how many the classifier names correctly."""
     n_classes = len(manifest.class_names)
-    settings = ClassifierSettings(steps=job.classifier_steps)
-    classifier, info, path, trained = load_or_train(job.data, settings, device, job.classifier_dir,
-                                                    job.retrain_classifier, job.progress, log)
+    classifier, info, path, trained = load_or_train(job.data, ClassifierSettings(steps=job.classifier_steps), device,
+                                                    job.classifier_dir, job.retrain_classifier, job.progress, log)
     request = conditional_request(list(range(n_classes)), None, job.n_per_class, n_classes)
     options = SamplingOptions(seed=job.seed, batch_size=job.batch_size, mode="recurrent",
                               progress=job.progress, guidance=job.guidance, precision=job.precision)
     seqs, stats = generate_images(net, request.n_images, options, labels=request.labels)  # (C * N, L)
     predicted = predict(classifier, sequences_to_tensor(seqs, manifest))  # (C * N,)
-    confusion = torch.zeros(n_classes, n_classes, dtype=torch.long)
-    confusion.index_put_((request.labels, predicted), torch.ones_like(predicted), accumulate=True)
+    confusion = torch.bincount(request.labels * n_classes + predicted, minlength=n_classes ** 2).view(n_classes, -1)
     per_class = (confusion.diagonal().double() / job.n_per_class).tolist()
     overall = confusion.diagonal().sum().item() / request.n_images
     return Agreement(job.n_per_class, job.seed, job.guidance, overall, per_class, confusion.tolist(),
@@ -115,7 +114,7 @@ def class_agreement(net, manifest, job: EvalJob, device, log=print) -> Agreement
 
 
 def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
-    """Run the evaluation; the result on the main process, None on the others."""
+    """Run the evaluation; the result on the main process, None on the others (a damaged shard: DataError)."""
     for flag, value, least in (("--n-per-class", job.n_per_class, 0), ("--batch-size", job.batch_size, 1),
                                ("--classifier-steps", job.classifier_steps, 1), ("--guidance", job.guidance, 0)):
         if not value >= least:  # a NaN guidance fails too
@@ -124,23 +123,17 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     state = PartialState(cpu=job.device == "cpu")  # one process, or each rank under accelerate launch
     device = pick_device(job.device) if job.device else state.device  # the sampler's checks: one line, exit 2
     loaded = load_for_sampling(job.checkpoint, device)
-    manifest = data_manifest(loaded, job.data)
-    if job.split not in manifest.splits:
-        raise SampleUsageError(f"--split {job.split}: {job.data} has no such split "
-                               f"(has {', '.join(manifest.splits)})")
+    manifest = data_manifest(loaded, job.data, job.split)
     net, condition = loaded.net, loaded.net.config.condition
     if net.condition.uses_class and net.config.n_classes != len(manifest.class_names):
         raise SampleUsageError(f"--data {job.data}: {len(manifest.class_names)} classes, the model has "
                                f"{net.config.n_classes}")
-    try:
-        batches = eval_batches(job.data, job.batch_size, split=job.split, rank=state.process_index,
-                               world_size=state.num_processes)
-        with autocast(device, job.precision):
-            totals = net.nll_totals(tqdm(batches, desc=f"bits/dim ({job.split})", unit="batch", leave=False,
-                                         disable=not (job.progress and state.is_main_process)))
-        totals = reduce(totals, reduction="sum")  # every rank read a disjoint share of the shards
-    except DataError as err:
-        raise SampleFailure(str(err)) from None
+    batches = eval_batches(job.data, job.batch_size, split=job.split, rank=state.process_index,
+                           world_size=state.num_processes)
+    with autocast(device, job.precision):
+        totals = net.nll_totals(tqdm(batches, desc=f"bits/dim ({job.split})", unit="batch", leave=False,
+                                     disable=not (job.progress and state.is_main_process)))
+    totals = reduce(totals, reduction="sum")  # every rank read a disjoint share of the shards
     nats, n_bytes, images = totals.tolist()
     if n_bytes == 0:
         raise SampleFailure(f"{job.data}: split {job.split!r} is empty; nothing to evaluate")
@@ -149,10 +142,7 @@ def evaluate(job: EvalJob, log=print) -> Optional[EvalResult]:
     result = EvalResult(str(loaded.source), loaded.step, str(job.data), job.split, int(images), int(n_bytes),
                         bits_per_dim(nats, n_bytes), condition, list(manifest.class_names))
     if net.condition.uses_class and job.n_per_class > 0:
-        try:
-            result.agreement = class_agreement(net, manifest, job, device, log)
-        except DataError as err:
-            raise SampleFailure(str(err)) from None
+        result.agreement = class_agreement(net, manifest, job, device, log)
     result.seconds = time.perf_counter() - began
     return result
 
@@ -186,12 +176,9 @@ def format_table(result: EvalResult) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """lit-eval's flags, each with its help text."""
-    parser = argparse.ArgumentParser(prog="lit-eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="lit-eval", description=__doc__.split("\n\n")[0], parents=[shared_flags()],
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
-                        help="a model folder (RUN/export), a checkpoints/step_N folder, or a run folder "
-                             "(its export if at least as new, else its newest complete checkpoint)")
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="the prepared folder (python -m data_prep.prepare) the model was trained on")
     parser.add_argument("--split", default="test", help="split for bits/dim (default %(default)s)")
@@ -199,25 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="class-conditional models: samples per class for class agreement; 0 skips "
                              "it (default %(default)s)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance scale for the agreement samples, as lit-sample's "
-                             "(default %(default)s: none)")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="images per batch for bits/dim and for sampling (default %(default)s)")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda or cuda:N (default: accelerate's device: cuda when available)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="bits/dim and samples: as lit-sample's --precision (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default 1: small models, shared cores; see lit-sample)")
     parser.add_argument("--classifier-steps", type=int, default=1000,
                         help="training steps of the agreement classifier (default %(default)s); a cache "
                              "trained with other steps is retrained")
     parser.add_argument("--classifier-dir", default=None, metavar="DIR",
                         help="where to cache the classifier (default DATA/classifier)")
     parser.add_argument("--retrain-classifier", action="store_true", help="retrain even if a cache fits")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -236,9 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError as err:
             raise SampleUsageError(writable_message("--json", args.json, err)) from None
         torch.set_num_threads(args.threads or 1)
-        # every field but progress is the flag of the same name
-        result = evaluate(EvalJob(**{f.name: getattr(args, f.name) for f in fields(EvalJob) if f.name != "progress"},
-                                  progress=not args.no_progress))
+        result = evaluate(from_flags(EvalJob, args, progress=not args.no_progress))
         if result is None:  # not the main process
             return
         print(format_table(result))
@@ -249,7 +221,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise SampleFailure(f"--json {args.json}: {err.strerror}") from None
             print(f"wrote: {args.json}")
 
-    return run_command("lit-eval", work)[1]
+    # a damaged shard (of bits/dim's split or of the classifier's data) is a failure, exit 1, as in lit-sample
+    return run_command("lit-eval", work, failure=(DataError,))[1]
 
 
 if __name__ == "__main__":

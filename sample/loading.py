@@ -39,8 +39,8 @@ def load_for_sampling(path: str | Path, device: str | torch.device = "cpu", back
     return LoadedModel(net, net.image_info, net.trained_steps, folder)
 
 
-def data_manifest(loaded: LoadedModel, data) -> Manifest:
-    """The manifest of the prepared folder --data, after checking it holds the model's images."""
+def data_manifest(loaded: LoadedModel, data, split: str) -> Manifest:
+    """The manifest of the prepared folder --data, after checking it holds the model's images and --split."""
     try:
         manifest = load_manifest(data)
     except DataError as err:
@@ -49,4 +49,6 @@ def data_manifest(loaded: LoadedModel, data) -> Manifest:
               for key in IMAGE_KEYS if getattr(manifest, key) != loaded.image[key]]
     if differ:
         raise SampleUsageError(f"--data {data}: {'; '.join(differ)} ({loaded.source})")
+    if split not in manifest.splits:
+        raise SampleUsageError(f"--split {split}: {data} has no such split (has {', '.join(manifest.splits)})")
     return manifest

@@ -9,13 +9,13 @@ from typing import Optional
 import torch
 
 from common.files import check_writable, writable_message
-from data_prep import DataError, read_samples, save_grid
+from data_prep import read_samples, save_grid
 from model.generation import GenerationStats, SamplingOptions, generate_images
 from sample.errors import SampleFailure, SampleUsageError
 from sample.grids import decode, save_npz, save_per_image
 from sample.loading import LoadedModel, data_manifest, load_for_sampling
-from sample.request import (SampleRequest, check_caption, check_conditioning, completion_request,
-                            conditional_request, parse_int_ranges, unconditional_request)
+from sample.request import (SampleRequest, completion_request, conditional_request, parse_int_ranges,
+                            unconditional_request)
 
 
 @dataclass
@@ -66,8 +66,9 @@ def pick_device(name: Optional[str]) -> torch.device:
     return device
 
 
-def check_options(options: SamplingOptions) -> None:
-    """Reject sampling options that could only fail later, with the flag at fault."""
+def check_flags(job: SampleJob) -> None:
+    """Reject sampling, grid and output flags that could only fail later, before loading anything."""
+    options = job.options
     if options.temperature < 0:
         raise SampleUsageError(f"--temperature {options.temperature}: must be >= 0 (0 = greedy)")
     if options.top_k is not None and options.top_k < 1:
@@ -78,10 +79,6 @@ def check_options(options: SamplingOptions) -> None:
         raise SampleUsageError(f"--batch-size {options.batch_size}: must be >= 1")
     if not options.guidance >= 0:
         raise SampleUsageError(f"--guidance {options.guidance}: must be >= 0 (1 = none, 0 = unconditional)")
-
-
-def check_layout(job: "SampleJob") -> None:
-    """Reject grid and output flags that cannot work, before loading anything."""
     if job.padding < 0:
         raise SampleUsageError(f"--padding {job.padding}: must be >= 0")
     if job.columns is not None and job.columns < 1:
@@ -110,17 +107,11 @@ def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
         raise SampleUsageError("--index completes real images under their own label and caption; "
                                "drop --classes / --caption")
     indices = parse_int_ranges(job.index, "--index")
-    splits = data_manifest(loaded, job.data).splits
-    if job.split not in splits:
-        raise SampleUsageError(f"--split {job.split}: {job.data} has no such split (has {', '.join(splits)})")
-    total = splits[job.split].total
+    total = data_manifest(loaded, job.data, job.split).splits[job.split].total
     wrong = [index for index in indices if not 0 <= index < total]
     if wrong:
         raise SampleUsageError(f"--index {wrong[0]}: out of range for split {job.split!r} of {job.data} (0..{total - 1})")
-    try:
-        batch = read_samples(job.data, indices, split=job.split)
-    except DataError as err:  # a damaged shard: a failure (exit 1), as in lit-eval and training
-        raise SampleFailure(str(err)) from None
+    batch = read_samples(job.data, indices, split=job.split)  # a damaged shard: DataError, exit 1 (run.main)
     labels = batch.labels if loaded.net.condition.uses_class else None
     captions = list(batch.captions) if loaded.net.condition.uses_caption else None
     return completion_request(batch.seqs, labels, captions, indices, job.offset, job.n)
@@ -128,7 +119,7 @@ def _completion(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
 
 def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
     """Check the conditioning flags against the model and lay out what to generate."""
-    config = loaded.net.config
+    config, condition = loaded.net.config, loaded.net.condition
     if job.n is not None and job.n < 1:
         raise SampleUsageError(f"--n {job.n}: must be >= 1")
     if job.offset is not None and job.index is None:
@@ -138,9 +129,14 @@ def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
                                "(guidance needs model.condition class, caption or both)")
     if job.index is not None:
         return _completion(job, loaded)
-    check_conditioning(config.condition, job.classes is not None, job.captions is not None)
+    if job.classes is not None and not condition.uses_class:
+        raise SampleUsageError(f"--classes: this model is not class-conditional (condition={config.condition!r})")
+    if job.captions is not None and not condition.uses_caption:
+        raise SampleUsageError(f"--caption: this model is not caption-conditional (condition={config.condition!r})")
     for caption in job.captions or []:
-        check_caption(caption, config.caption_len)
+        if len(caption.encode("utf-8")) > config.caption_len:
+            raise SampleUsageError(f"--caption {caption!r} is {len(caption.encode('utf-8'))} bytes of UTF-8; "
+                                   f"this model takes at most {config.caption_len}")
     if job.classes is None and job.captions is None:
         return unconditional_request(job.n, job.columns)
     classes = None if job.classes is None else \
@@ -148,8 +144,10 @@ def build_request(job: SampleJob, loaded: LoadedModel) -> SampleRequest:
     return conditional_request(classes, job.captions, job.n, config.n_classes)
 
 
-def _completion_rows(request: SampleRequest, seqs: torch.Tensor, bins: int) -> tuple[torch.Tensor, int]:
-    """Rows of [real image, the kept prefix (rest grey), completions...] for the completion grid."""
+def _grid_rows(request: SampleRequest, seqs: torch.Tensor, bins: int) -> tuple[torch.Tensor, int]:
+    """The grid's sequences and columns: for completions, rows of [real, kept prefix (rest grey), completions...]."""
+    if request.real is None:
+        return seqs, request.columns
     rows, seq_len = request.real.shape
     per_row = request.n_images // rows
     offset = request.prefix.shape[1]
@@ -162,8 +160,7 @@ def _completion_rows(request: SampleRequest, seqs: torch.Tensor, bins: int) -> t
 
 def run_job(job: SampleJob) -> SampleResult:
     """Load, generate and write the grid (plus per-image PNGs and .npz on request)."""
-    check_options(job.options)
-    check_layout(job)
+    check_flags(job)
     out = Path(job.out)
     device = pick_device(job.device)
     loaded = load_for_sampling(job.checkpoint, device, job.options.backend)
@@ -173,10 +170,7 @@ def run_job(job: SampleJob) -> SampleResult:
                                       captions=request.captions, prefix=request.prefix)
     except ValueError as err:  # the model rejects an input the checks above did not foresee
         raise SampleFailure(f"{loaded.source}: {err}") from None
-    if request.real is not None:
-        grid_seqs, columns = _completion_rows(request, seqs, loaded.image["bins"])
-    else:
-        grid_seqs, columns = seqs, request.columns
+    grid_seqs, columns = _grid_rows(request, seqs, loaded.image["bins"])
     try:  # a full disk or a folder removed meanwhile: one line, the files written so far stay whole
         grid_size = save_grid(decode(grid_seqs, loaded.image), out, columns, job.padding)
         written = [out]

@@ -54,24 +54,6 @@ class SampleRequest:
     real_names: list[str] = field(default_factory=list)
 
 
-def check_caption(caption: str, caption_len: int) -> None:
-    """Reject a caption whose UTF-8 encoding is longer than the model's caption length."""
-    size = len(caption.encode("utf-8"))
-    if size > caption_len:
-        raise SampleUsageError(
-            f"--caption {caption!r} is {size} bytes of UTF-8; this model takes at most {caption_len}")
-
-
-def check_conditioning(condition: str, classes: bool, caption: bool) -> None:
-    """Fail when a conditioning flag is given to a model that was not trained with that condition."""
-    if classes and condition not in ("class", "both"):
-        raise SampleUsageError(
-            f"--classes: this model is not class-conditional (condition={condition!r})")
-    if caption and condition not in ("caption", "both"):
-        raise SampleUsageError(
-            f"--caption: this model is not caption-conditional (condition={condition!r})")
-
-
 def unconditional_request(n: Optional[int], columns: Optional[int]) -> SampleRequest:
     """n images with the null condition, laid out in a near-square grid."""
     n = DEFAULT_UNCONDITIONAL if n is None else n
@@ -83,6 +65,7 @@ def conditional_request(classes: Optional[list[int]], captions: Optional[list[st
                         n_per_row: Optional[int], n_classes: int) -> SampleRequest:
     """One grid row per class (each with the caption, if one) or per caption; n_per_row images each."""
     n_per_row = DEFAULT_PER_ROW if n_per_row is None else n_per_row
+    labels, rows = None, [f"caption{r}" for r in range(len(captions or []))]
     if classes is not None:
         for label in classes:
             if not 0 <= label < n_classes:
@@ -90,17 +73,12 @@ def conditional_request(classes: Optional[list[int]], captions: Optional[list[st
                     f"--classes: class {label} is outside this model's classes 0-{n_classes - 1}")
         if captions is not None and len(captions) > 1:
             raise SampleUsageError("--caption may be given once together with --classes")
-        rows = len(classes)
         labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(n_per_row)  # (rows * n,)
-        row_captions = None if captions is None else captions * (rows * n_per_row)
-        names = [f"class{c}_{j:03d}" for c in classes for j in range(n_per_row)]
-        return SampleRequest(n_images=rows * n_per_row, columns=n_per_row, labels=labels,
-                             captions=row_captions, names=names)
-    assert captions is not None
-    row_captions = [c for c in captions for _ in range(n_per_row)]
-    names = [f"caption{r}_{j:03d}" for r in range(len(captions)) for j in range(n_per_row)]
-    return SampleRequest(n_images=len(row_captions), columns=n_per_row, captions=row_captions,
-                         names=names)
+        captions = None if captions is None else captions * len(classes)  # the one caption on every row
+        rows = [f"class{c}" for c in classes]
+    row_captions = None if captions is None else [c for c in captions for _ in range(n_per_row)]
+    names = [f"{row}_{j:03d}" for row in rows for j in range(n_per_row)]
+    return SampleRequest(n_images=len(names), columns=n_per_row, labels=labels, captions=row_captions, names=names)
 
 
 def completion_request(real: torch.Tensor, labels: Optional[torch.Tensor],

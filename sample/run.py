@@ -24,23 +24,50 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.exits import run_command  # noqa: E402
+from data_prep import DataError  # noqa: E402
 from sample.errors import SampleUsageError  # noqa: E402
 from model.attention_ops import BACKEND_NAMES  # noqa: E402
 from model.generation import MODES, SamplingOptions  # noqa: E402
 from model.precision import PRECISIONS, sampling_precision  # noqa: E402
 
 
+def shared_flags() -> argparse.ArgumentParser:
+    """The flags lit-sample and lit-eval share, defined once for both (argparse parents=)."""
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--checkpoint", required=True, metavar="RUN_OR_CHECKPOINT",
+                        help="a model folder (RUN/export: model.safetensors + config.json), a "
+                             "checkpoints/step_N folder (its model/), or a run folder (its export if at "
+                             "least as new, else its newest complete checkpoint)")
+    shared.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images; default %(default)s)")
+    shared.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale S for class/caption models: log p = "
+                             "log p(x|none) + S (log p(x|condition) - log p(x|none)), before lit-sample's "
+                             "temperature, top-k and top-p. 1 = none (default), > 1 follows the condition more "
+                             "closely, 0 ignores it. Costs a second (unconditional) row per image in the same batch")
+    shared.add_argument("--batch-size", type=int, default=64,
+                        help="images generated (or, for bits/dim, scored) together (default %(default)s)")
+    shared.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu; under accelerate "
+                             "launch each rank's own)")
+    shared.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto: bf16 where the device computes it natively (a GPU, a CPU with AVX512-BF16 "
+                             "or AMX), like train.mixed_precision auto; the recurrent state stays fp32 "
+                             "(default %(default)s)")
+    shared.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 on CPU: one step's matrices are small, and "
+                             "several threads stall each other badly when the cores are shared, e.g. with "
+                             "a data loader; on a busy 2-core machine 2 threads ran 10-50x slower)")
+    shared.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return shared
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The sampler's flags, each with its help text."""
     parser = argparse.ArgumentParser(
-        prog="lit-sample", description=__doc__.split("\n\n")[0],
+        prog="lit-sample", description=__doc__.split("\n\n")[0], parents=[shared_flags()],
         epilog="Same --seed, same images: each image draws from its own random stream keyed by "
                "(seed, its position in the request), so batch size and --mode do not change them.")
-    what = parser.add_argument_group("model and output")
-    what.add_argument("--checkpoint", required=True, metavar="PATH",
-                      help="a model folder (RUN/export: model.safetensors + config.json), a "
-                           "checkpoints/step_N folder (its model/), or a run folder (its export if at "
-                           "least as new, else its newest complete checkpoint)")
+    what = parser.add_argument_group("output")
     what.add_argument("--out", required=True, metavar="FILE.png", help="the grid PNG to write")
     what.add_argument("--per-image", action="store_true",
                       help="also write one PNG per image into a folder named after --out without .png")
@@ -71,12 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="prepared data folder for --index (an export records the image format, "
                            "not where the data is)")
     cond.add_argument("--split", default="test", choices=("test", "train"), help="split for --index (default %(default)s)")
-    _add_sampling_flags(parser.add_argument_group("sampling"))
-    return parser
-
-
-def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
-    """How the bytes are drawn and on which device."""
+    how = parser.add_argument_group("sampling")
     how.add_argument("--temperature", type=float, default=1.0,
                      help="divide log-probabilities by this; lower is more conservative, 0 is greedy. At 1 "
                           "without top-k, top-p or guidance a logistic-mixture model draws from its mixture "
@@ -84,21 +106,9 @@ def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
     how.add_argument("--top-k", type=int, default=None, help="keep only the K most likely byte values")
     how.add_argument("--top-p", type=float, default=None,
                      help="keep the smallest set of byte values whose probability reaches P (nucleus)")
-    how.add_argument("--guidance", type=float, default=1.0,
-                     help="classifier-free guidance scale S for class/caption models: log p = "
-                          "log p(x|none) + S (log p(x|condition) - log p(x|none)), before temperature, "
-                          "top-k and top-p. 1 = none (default), > 1 follows the condition more closely, "
-                          "0 ignores it. Costs a second (unconditional) row per image in the same batch")
-    how.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images; default %(default)s)")
-    how.add_argument("--batch-size", type=int, default=64, help="images generated together (default %(default)s)")
     how.add_argument("--mode", choices=MODES, default="recurrent",
                      help="recurrent: the RNN twin, O(1) work per byte; parallel: re-run the whole "
                           "prefix at every byte, O(L^2), only to compare speed and results (default %(default)s)")
-    how.add_argument("--device", default=None,
-                     help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
-    how.add_argument("--precision", choices=PRECISIONS, default="auto",
-                     help="auto: bf16 where the device computes it natively (a GPU, a CPU with AVX512-BF16 "
-                          "or AMX), like train.mixed_precision auto; the recurrent state stays fp32 (default %(default)s)")
     how.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                      help="attention kernels of the prefill and --mode parallel: auto is fla's on CUDA "
                           "where installed, else torch (default %(default)s)")
@@ -111,22 +121,12 @@ def _add_sampling_flags(how: argparse._ArgumentGroup) -> None:
     how.add_argument("--no-cuda-graph", action="store_true",
                      help="recurrent mode on CUDA: launch each step's kernels one by one instead of "
                           "replaying one captured CUDA graph per byte (4-5x slower; for debugging)")
-    how.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default: 1 on CPU: one step's matrices are small, and "
-                          "several threads stall each other badly when the cores are shared, e.g. with "
-                          "a data loader; on a busy 2-core machine 2 threads ran 10-50x slower)")
-    how.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
 
 
-def job_from_args(args: argparse.Namespace):
-    """Parsed flags -> SampleJob."""
-    from sample.pipeline import SampleJob
-
-    def build(cls, **others):  # every field not in others is the flag of the same name
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in others}, **others)
-
-    options = build(SamplingOptions, progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
-    return build(SampleJob, captions=args.caption, options=options)
+def from_flags(cls, args: argparse.Namespace, **others):
+    """A dataclass whose every field not in `others` is the flag of the same name (lit-sample's, lit-eval's jobs)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in others}, **others)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -134,15 +134,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from sample.pipeline import run_job
+    from sample.pipeline import SampleJob, run_job
 
     def work():
         if args.threads is not None and args.threads < 1:
             raise SampleUsageError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
-        return run_job(job_from_args(args))
+        options = from_flags(SamplingOptions, args, progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
+        return run_job(from_flags(SampleJob, args, captions=args.caption, options=options))
 
-    result, code = run_command("lit-sample", work)
+    # a damaged shard (--index's real images) is a failure, exit 1, as in lit-eval
+    result, code = run_command("lit-sample", work, failure=(DataError,))
     if code:
         return code
     stats, loaded = result.stats, result.loaded

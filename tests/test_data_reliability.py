@@ -98,6 +98,20 @@ def test_lit_eval_exits_1_naming_the_shard(beyond_levels, tmp_path, capsys):
     assert f"test-000000.tar: sample {test_key} has value 255" in err and "Traceback" not in err, err
 
 
+def test_lit_sample_completion_exits_1_naming_the_shard(beyond_levels, tmp_path, capsys):
+    from data_prep.manifest import load_manifest
+    from sample.run import main as sample_main
+
+    data, _, test_key = beyond_levels
+    net = tiny_model(0, bins=8, seq_len=784, n_layers=1, d_ff=16, condition="class", n_classes=10)
+    export = write_export(tmp_path / "export", net, 1, load_manifest(data).image_info())
+    code = sample_main(["--checkpoint", str(export), "--out", str(tmp_path / "grid.png"), "--data", data,
+                        "--index", "0-15", "--offset", "700", "--n", "1", "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert f"test-000000.tar: sample {test_key} has value 255" in err[0] and not (tmp_path / "grid.png").exists()
+
+
 # 2. links in image folders ----------------------------------------------------------------------
 
 def two_classes(root, per_class: int = 10):

@@ -32,7 +32,7 @@ from accelerate.utils import reduce
 from tqdm import tqdm
 
 from common.exits import run_command
-from common.files import check_writable, writable_message
+from common.files import atomic_file, check_writable, writable_message
 from data_prep import DataError, eval_batches
 from model import bits_per_dim
 from model.generation import SamplingOptions, generate_images
@@ -216,7 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_table(result))
         if args.json:
             try:
-                Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+                with atomic_file(args.json) as stream:  # a failed write keeps the earlier results
+                    stream.write((json.dumps(asdict(result), indent=2) + "\n").encode())
             except OSError as err:
                 raise SampleFailure(f"--json {args.json}: {err.strerror}") from None
             print(f"wrote: {args.json}")

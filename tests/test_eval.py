@@ -186,3 +186,31 @@ def test_bad_input_is_one_line(data, class_export, tmp_path, capsys, case, code,
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], captured.err
     assert captured.out == ""
+
+
+def test_a_failed_json_write_keeps_the_earlier_results(data, tmp_path, capsys, monkeypatch):
+    import resource
+    import signal
+
+    import sample.evaluate as evaluate
+
+    export = write_export(tmp_path / "export", digits_model("none"), 1, digits_info(data))
+    out = tmp_path / "eval.json"
+    out.write_text('{"earlier": "results"}\n')
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), no signal
+    table = evaluate.format_table
+
+    def table_then_a_small_file_limit(result):  # the JSON is written next: make it fail as a full disk would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, limit[1]))
+        return table(result)
+
+    monkeypatch.setattr(evaluate, "format_table", table_then_a_small_file_limit)
+    try:
+        code = run_cli("--checkpoint", export, "--data", data, "--n-per-class", 2, "--json", out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert code == 1 and "--json" in capsys.readouterr().err
+    assert out.read_text() == '{"earlier": "results"}\n'
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".eval")] == []  # no temporary left

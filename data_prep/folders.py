@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.errors import DataError
+from data_prep.errors import DataError, one_line
 from data_prep.source_types import Source, SourceSplit
 
 RESIZE_MODES = ("crop", "exact")
@@ -154,8 +154,7 @@ def load_image(path: str, height: int, width: int, channels: int, resize: str = 
                 picture = _on_white(picture)
             picture = picture.convert("L" if channels == 1 else "RGB")
     except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        text = " ".join(str(error).split()) or type(error).__name__
-        raise DataError(f"{path}: not an image PIL can read ({text[:120]})") from None
+        raise DataError(f"{path}: not an image PIL can read ({one_line(error)})") from None
     source_width, source_height = picture.size
     if resize == "exact":
         picture = F.resize(picture, [height, width], interpolation=InterpolationMode.BICUBIC)

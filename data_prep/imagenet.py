@@ -16,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from data_prep.errors import DataError
+from data_prep.errors import DataError, one_line
 from data_prep.source_types import Source, SourceSplit
 
 IMAGENET_SIZES = {"imagenet32": 32, "imagenet64": 64}
@@ -39,7 +39,7 @@ def _find(root: str, name: str) -> str | None:
 
 
 def _bad_npz(path: str, error: BaseException) -> DataError:
-    return DataError(f"{path}: not a readable npz file ({' '.join(str(error).split())[:120]})")
+    return DataError(f"{path}: not a readable npz file ({one_line(error)})")
 
 
 def _check_labels(path: str, labels: np.ndarray, count: int) -> np.ndarray:
@@ -114,18 +114,14 @@ def iter_batch(path: str, side: int, chunk_size: int, limit: int | None = None):
     """(images [n, side, side, 3], row offset) for the rows of one checked npz batch, chunk_size rows at a time."""
     try:
         member = _DataMember(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        try:
+            count = member.shape[0] if limit is None else min(limit, member.shape[0])
+            for start in range(0, count, chunk_size):
+                yield _planes_to_images(member.rows(min(chunk_size, count - start)), side), start
+        finally:
+            member.close()
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise _bad_npz(path, error) from None
-    try:
-        count = member.shape[0] if limit is None else min(limit, member.shape[0])
-        for start in range(0, count, chunk_size):
-            try:
-                rows = member.rows(min(chunk_size, count - start))
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-                raise _bad_npz(path, error) from None
-            yield _planes_to_images(rows, side), start
-    finally:
-        member.close()
 
 
 def class_names(root: str) -> list[str]:

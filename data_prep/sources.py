@@ -7,7 +7,7 @@ import pickle
 
 import numpy as np
 
-from data_prep.errors import DataError
+from data_prep.errors import DataError, one_line
 from data_prep.folders import load_folder
 from data_prep.imagenet import load_imagenet
 from data_prep.source_types import Source, SourceSplit
@@ -59,7 +59,7 @@ def load_mnist(root: str, download: bool = False) -> Source:
             dataset = torchvision.datasets.MNIST(root, train=split == "train", download=download)
         except Exception as error:  # noqa: BLE001 - torchvision raises many kinds for a bad file
             if download and not all(os.path.isfile(os.path.join(raw, n)) for n in (image_file, label_file)):
-                raise DataError(f"mnist: download into {raw} failed ({_one_line(error)})") from None
+                raise DataError(f"mnist: download into {raw} failed ({one_line(error)})") from None
             raise _mnist_fault(raw, image_file, label_file, mnist, error) from None
         images = dataset.data.numpy()
         labels = dataset.targets.numpy().astype(np.int64)
@@ -82,13 +82,8 @@ def _mnist_fault(raw, image_file, label_file, mnist_module, error) -> DataError:
         try:
             reader(path)
         except Exception as file_error:  # noqa: BLE001
-            return DataError(f"{path}: not a valid MNIST idx file ({_one_line(file_error)})")
-    return DataError(f"mnist: torchvision could not read {raw} ({_one_line(error)})")
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) < 160 else text[:157] + "..."
+            return DataError(f"{path}: not a valid MNIST idx file ({one_line(file_error)})")
+    return DataError(f"mnist: torchvision could not read {raw} ({one_line(error)})")
 
 
 def _check_labels(labels: np.ndarray, n_classes: int, where: str) -> None:
@@ -120,7 +115,7 @@ def _read_cifar_file(path: str, needed: tuple[str, ...]) -> dict:
         with open(path, "rb") as stream:
             entry = _CifarUnpickler(stream, encoding="latin1").load()  # the official files are Python 2 pickles
     except Exception as error:  # noqa: BLE001 - a bad pickle raises anything from EOFError to KeyError
-        raise DataError(f"{path}: not a valid CIFAR-10 pickle ({_one_line(error)})") from None
+        raise DataError(f"{path}: not a valid CIFAR-10 pickle ({one_line(error)})") from None
     if not isinstance(entry, dict) or any(key not in entry for key in needed):
         raise DataError(f"{path}: not a CIFAR-10 python batch (missing {', '.join(needed)})")
     return entry
@@ -140,7 +135,7 @@ def load_cifar10(root: str, download: bool = False) -> Source:
         try:  # the test split: the smallest load that makes torchvision fetch and check everything
             torchvision.datasets.CIFAR10(root, train=False, download=True)
         except Exception as error:  # noqa: BLE001 - network, archive and md5 failures all land here
-            raise DataError(f"cifar10: download into {root} failed ({_one_line(error)})") from None
+            raise DataError(f"cifar10: download into {root} failed ({one_line(error)})") from None
     names = CIFAR_FILES["train"] + CIFAR_FILES["test"] + CIFAR_FILES["meta"]
     missing = [os.path.join(folder, n) for n in names if not os.path.isfile(os.path.join(folder, n))]
     if missing:
@@ -160,7 +155,7 @@ def load_cifar10(root: str, download: bool = False) -> Source:
             try:
                 file_labels = np.asarray(entry["labels"], dtype=np.int64).reshape(-1)
             except (TypeError, ValueError) as error:
-                raise DataError(f"{path}: labels are not integers ({_one_line(error)})") from None
+                raise DataError(f"{path}: labels are not integers ({one_line(error)})") from None
             if len(file_labels) != len(data):
                 raise DataError(f"{path}: {len(file_labels)} labels for {len(data)} images")
             _check_labels(file_labels, len(class_names), path)

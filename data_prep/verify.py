@@ -19,7 +19,7 @@ import tarfile
 import numpy as np
 
 from data_prep.captions import MAX_CAPTION_BYTES
-from data_prep.errors import DataError
+from data_prep.errors import DataError, one_line
 from data_prep.manifest import Manifest, load_manifest
 from common.exits import run_command
 from common.files import file_sha256
@@ -54,7 +54,7 @@ def check_shard(path: str, manifest: Manifest, count: int, sha256: str) -> list[
         for key, field, data in _read_members(path):
             samples.setdefault(key, {})[field] = data
     except (tarfile.TarError, OSError, EOFError) as error:
-        problems.append(f"{path}: unreadable tar after {len(samples)} samples ({' '.join(str(error).split())})")
+        problems.append(f"{path}: unreadable tar after {len(samples)} samples ({one_line(error)})")
         return problems
     if len(samples) != count:
         problems.append(f"{path}: {len(samples)} samples, manifest says {count}")

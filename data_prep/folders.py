@@ -239,56 +239,43 @@ def match_test_classes(train: FolderImages, test: FolderImages) -> np.ndarray:
     return mapping[test.labels]
 
 
-@dataclass
-class FolderOptions:
-    """How to read an image folder (the folder-only flags of prepare)."""
-
-    root: str
-    size: tuple[int, int]  # (height, width)
-    channels: int
-    resize: str = "crop"
-    test_root: str | None = None
-    test_fraction: float | None = None  # used when test_root is None; default DEFAULT_TEST_FRACTION
-    captions: str | None = None  # a JSONL or CSV captions file
-    skip_bad: bool = False
-
-
 DEFAULT_TEST_FRACTION = 0.1
 
 
-def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
-    """An image folder as a Source: train (shuffled by the seed) and test splits, class names, captions.
+def load_folder(config):
+    """The image folder of a --dataset folder PrepareConfig as a Source: train (shuffled by the seed) and test
+    splits, class names, captions.
 
     The splits stream: images are decoded a chunk at a time as the shards are written, and `info`
     (files skipped, captions used) is complete once both streams have run.
     """
     from data_prep.captions import caption_key, check_caption, read_captions_file
 
-    height, width = options.size
-    found = list_images(options.root)
+    height, width = parse_size(config.size)
+    found = list_images(config.root)
     parts = {}  # split -> (paths, labels, root the paths are relative to)
-    fraction = DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction
-    if options.test_root is not None:
-        test = list_images(options.test_root)
+    fraction = DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
+    if config.test_root is not None:
+        test = list_images(config.test_root)
         shared = set(map(os.path.realpath, test.paths)).intersection(map(os.path.realpath, found.paths))
         if shared:
-            raise DataError(f"--test-root {options.test_root} and --root {options.root} share {len(shared)} image "
+            raise DataError(f"--test-root {config.test_root} and --root {config.root} share {len(shared)} image "
                             f"file(s), e.g. {min(shared)}: test images must not be trained on")
-        parts["train"] = (found.paths, found.labels, options.root)
-        parts["test"] = (test.paths, match_test_classes(found, test), options.test_root)
+        parts["train"] = (found.paths, found.labels, config.root)
+        parts["test"] = (test.paths, match_test_classes(found, test), config.test_root)
         ignored = found.ignored + test.ignored
     else:
-        train_index, test_index = split_test_fraction(found.labels, fraction, seed)
+        train_index, test_index = split_test_fraction(found.labels, fraction, config.seed)
         for split, index in (("train", train_index), ("test", test_index)):
-            parts[split] = ([found.paths[i] for i in index], found.labels[index], options.root)
+            parts[split] = ([found.paths[i] for i in index], found.labels[index], config.root)
         ignored = found.ignored
     # Class folders come sorted, so unshuffled shards would each hold one class; the reader's shuffle
     # buffer cannot mix that. The training split is written in a seeded random order.
     paths, labels, root = parts["train"]
-    permutation = np.random.default_rng([seed, 14]).permutation(len(paths))
+    permutation = np.random.default_rng([config.seed, 14]).permutation(len(paths))
     parts["train"] = ([paths[i] for i in permutation], labels[permutation], root)
 
-    table = read_captions_file(options.captions) if options.captions else {}
+    table = read_captions_file(config.captions) if config.captions else {}
     # Captions are matched and checked now, before any image is decoded or anything written.
     split_captions = dict.fromkeys(parts)  # None: template captions only
     matched: set[str] = set()
@@ -305,16 +292,14 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
     unknown = sorted(set(table) - matched)
     if unknown:
         caption, where = table[unknown[0]]
-        raise DataError(f"{where}: no image {unknown[0]} under --root {options.root}"
-                        + (f" or --test-root {options.test_root}" if options.test_root else "")
+        raise DataError(f"{where}: no image {unknown[0]} under --root {config.root}"
+                        + (f" or --test-root {config.test_root}" if config.test_root else "")
                         + " (paths are relative to the folder the image is in)")
-    info = {
-        "root": os.path.abspath(options.root),
-        "test_root": None if options.test_root is None else os.path.abspath(options.test_root),
-        "test_fraction": None if options.test_root is not None else fraction,
-        "resize": options.resize,
+    info = {  # the roots, made absolute, are recorded by prepare
+        "test_fraction": None if config.test_root is not None else fraction,
+        "resize": config.resize,
         "captions": "templates",
-        "captions_file": None if options.captions is None else os.path.abspath(options.captions),
+        "captions_file": None if config.captions is None else os.path.abspath(config.captions),
         "captions_from_file": 0,
         "skipped_bad": 0,
         "skipped_bad_files": [],
@@ -325,8 +310,8 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
     def split_stream(split, paths, labels, root, captions):
         def stream(chunk_size: int):
             kept_here = 0
-            for images, kept, bad in decode_chunks(paths, height, width, options.channels, options.resize,
-                                                   skip_bad=options.skip_bad, workers=workers, chunk_size=chunk_size):
+            for images, kept, bad in decode_chunks(paths, height, width, config.channels, config.resize,
+                                                   skip_bad=config.skip_bad, workers=config.workers, chunk_size=chunk_size):
                 counts["skipped"] += bad
                 counts["kept"] += len(kept)
                 kept_here += len(kept)

@@ -30,7 +30,7 @@ from data_prep.codec import check_bins, encode_images, parse_order
 from data_prep.errors import DataError
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, manifest_path, write_manifest
 from data_prep.preview import PreviewSamples
-from data_prep.folders import RESIZE_MODES, FolderOptions, parse_size
+from data_prep.folders import RESIZE_MODES, parse_size
 from data_prep.sources import DATASETS, SHAPES, load_source
 
 PREVIEW_NAME = "preview.png"
@@ -99,15 +99,6 @@ def _validate_folder(config: PrepareConfig) -> tuple[int, int, int]:
         if path is not None and not os.path.exists(path):
             raise UsageError(f"{_flag(name)} {path}: not found")
     return height, width, config.channels
-
-
-def folder_options(config: PrepareConfig) -> FolderOptions | None:
-    """The FolderOptions of a --dataset folder config (None for the other datasets)."""
-    if config.dataset != "folder":
-        return None
-    return FolderOptions(root=config.root, size=parse_size(config.size), channels=config.channels,
-                         resize=config.resize, test_root=config.test_root, test_fraction=config.test_fraction,
-                         captions=config.captions, skip_bad=config.skip_bad)
 
 
 def validate(config: PrepareConfig) -> tuple[int, int, int]:
@@ -221,9 +212,7 @@ def prepare(config: PrepareConfig) -> Manifest:
 
     # The digits, image folders and ImageNet are rendered or read later, a chunk at a time, as the shards
     # are written (mnist and cifar10 are small enough to load whole).
-    source = load_source(config.dataset, config.root, config.download, train_size=config.train_size,
-                         test_size=config.test_size, seed=config.seed, workers=config.workers,
-                         folder=folder_options(config))
+    source = load_source(config)
 
     os.makedirs(config.out, exist_ok=True)
     # The manifest goes first: from here until the new one is written, the folder reads as unfinished.

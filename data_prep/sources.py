@@ -9,7 +9,7 @@ import numpy as np
 
 from data_prep.errors import DataError, one_line
 from data_prep.folders import load_folder
-from data_prep.imagenet import load_imagenet
+from data_prep.imagenet import IMAGENET_SIZES, load_imagenet
 from data_prep.source_types import Source, SourceSplit
 
 DATASETS = ("mnist", "cifar10", "digits", "folder", "imagenet32", "imagenet64")
@@ -171,9 +171,6 @@ def load_digits(train_size: int, test_size: int, seed: int, workers: int | None 
 
     splits = {}
     for split, count in (("train", train_size), ("test", test_size)):
-        if count < 1:
-            raise DataError(f"digits: {split} size must be at least 1, got {count}")
-
         def stream(chunk_size: int, split=split, count=count):
             for images, labels in digits.render_chunks(split, count, seed, chunk_size, workers=workers):
                 yield images, labels, None
@@ -183,22 +180,18 @@ def load_digits(train_size: int, test_size: int, seed: int, workers: int | None 
     return Source("digits", list(DIGIT_CLASS_NAMES), splits, info={"fonts": fonts})
 
 
-def load_source(dataset: str, root: str | None, download: bool = False, *, train_size=None, test_size=None,
-                seed: int = 0, workers: int | None = None, folder=None) -> Source:
-    """Load one of DATASETS; train_size/test_size keep the first N (digits: render N).
-
-    folder: the FolderOptions of --dataset folder (its root is folder.root).
-    """
-    if dataset == "digits":
-        return load_digits(train_size or 60000, test_size or 10000, seed, workers=workers)
-    if dataset == "folder":
-        return load_folder(folder, seed, workers=workers)
-    if root is None:
-        raise DataError(f"{dataset}: --root is required (the folder torchvision reads or downloads into)")
-    if dataset in ("imagenet32", "imagenet64"):
-        return load_imagenet(dataset, root, train_size, test_size)
-    source = load_mnist(root, download) if dataset == "mnist" else load_cifar10(root, download)
-    for split, size in (("train", train_size), ("test", test_size)):
+def load_source(config) -> Source:
+    """The source a PrepareConfig (checked by prepare.validate) names; train_size/test_size keep the first N
+    (digits: render N)."""
+    if config.dataset == "digits":
+        return load_digits(config.train_size or 60000, config.test_size or 10000, config.seed, workers=config.workers)
+    if config.dataset == "folder":
+        return load_folder(config)
+    if config.dataset in IMAGENET_SIZES:
+        return load_imagenet(config.dataset, config.root, config.train_size, config.test_size)
+    load = load_mnist if config.dataset == "mnist" else load_cifar10
+    source = load(config.root, config.download)
+    for split, size in (("train", config.train_size), ("test", config.test_size)):
         if size is not None:
             part = source.splits[split]
             source.splits[split] = SourceSplit(part.images[:size], part.labels[:size])

@@ -165,7 +165,9 @@ def manifest_differences(old: Manifest, config: PrepareConfig, shape: tuple[int,
 
 
 def _our_files(out: str) -> list[str]:
-    patterns = ["train-*.tar", "test-*.tar", "*.partial", "*.tmp", PREVIEW_NAME, MANIFEST_NAME]
+    # .manifest.* and .preview.*: what atomic_file leaves of them after a crash (*.tmp: older versions')
+    patterns = ["train-*.tar", "test-*.tar", "*.partial", "*.tmp", ".manifest.*", ".preview.*", PREVIEW_NAME,
+                MANIFEST_NAME]
     return sorted({path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(out), pattern))})
 
 

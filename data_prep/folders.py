@@ -12,6 +12,7 @@ each folder walked once (a link loop ends) and each image file listed once, what
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -291,8 +292,7 @@ def load_folder(config):
         split_captions[split] = captions
     unknown = sorted(set(table) - matched)
     if unknown:
-        caption, where = table[unknown[0]]
-        raise DataError(f"{where}: no image {unknown[0]} under --root {config.root}"
+        raise DataError(f"{table[unknown[0]][1]}: no image {unknown[0]} under --root {config.root}"
                         + (f" or --test-root {config.test_root}" if config.test_root else "")
                         + " (paths are relative to the folder the image is in)")
     info = {  # the roots, made absolute, are recorded by prepare
@@ -305,30 +305,27 @@ def load_folder(config):
         "skipped_bad_files": [],
         "ignored_files": ignored,
     }
-    counts = {"kept": 0, "skipped": []}  # over both splits, as the streams run
+    skipped: list[str] = []  # over both splits, as the streams run
+    total = sum(len(paths) for paths, _, _ in parts.values())
 
-    def split_stream(split, paths, labels, root, captions):
-        def stream(chunk_size: int):
-            kept_here = 0
-            for images, kept, bad in decode_chunks(paths, height, width, config.channels, config.resize,
-                                                   skip_bad=config.skip_bad, workers=config.workers, chunk_size=chunk_size):
-                counts["skipped"] += bad
-                counts["kept"] += len(kept)
-                kept_here += len(kept)
-                given = None if captions is None else [captions[index] for index in kept.tolist()]
-                info["captions_from_file"] += 0 if given is None else sum(c is not None for c in given)
-                info["skipped_bad"] = len(counts["skipped"])
-                info["skipped_bad_files"] = sorted(counts["skipped"])[:100]
-                from_file = info["captions_from_file"]
-                info["captions"] = ("templates" if not from_file
-                                    else "file" if from_file == counts["kept"] else "file+templates")
-                if len(kept):
-                    yield images, labels[kept], given
-            if kept_here == 0:
-                raise DataError(f"{root}: no readable images for the {split} split")
-        return stream
+    def stream(split, paths, labels, root, captions, chunk_size: int):
+        kept_here = 0
+        for images, kept, bad in decode_chunks(paths, height, width, config.channels, config.resize,
+                                               skip_bad=config.skip_bad, workers=config.workers, chunk_size=chunk_size):
+            skipped.extend(bad)
+            kept_here += len(kept)
+            given = None if captions is None else [captions[index] for index in kept.tolist()]
+            from_file = info["captions_from_file"] + (0 if given is None else sum(c is not None for c in given))
+            # final once both streams have run: every image then either kept or skipped
+            kind = "templates" if not from_file else "file" if from_file == total - len(skipped) else "file+templates"
+            info.update(captions=kind, captions_from_file=from_file, skipped_bad=len(skipped),
+                        skipped_bad_files=sorted(skipped)[:100])
+            if len(kept):
+                yield images, labels[kept], given
+        if kept_here == 0:
+            raise DataError(f"{root}: no readable images for the {split} split")
 
     splits = {split: SourceSplit(None, None, size=len(paths),
-                                 stream=split_stream(split, paths, labels, root, split_captions[split]))
+                                 stream=functools.partial(stream, split, paths, labels, root, split_captions[split]))
               for split, (paths, labels, root) in parts.items()}
     return Source("folder", list(found.class_names), splits, info=info)

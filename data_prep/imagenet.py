@@ -42,22 +42,6 @@ def _bad_npz(path: str, error: BaseException) -> DataError:
     return DataError(f"{path}: not a readable npz file ({one_line(error)})")
 
 
-def _check_labels(path: str, labels: np.ndarray, count: int) -> np.ndarray:
-    if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: {labels.shape} labels of {labels.dtype} for {count} images")
-    if labels.size and (labels.min() < 1 or labels.max() > N_CLASSES):
-        raise DataError(f"{path}: labels must be 1..{N_CLASSES} (1-based), found {labels.min()}..{labels.max()}")
-    return labels.astype(np.int64) - 1
-
-
-def _check_data(path: str, dtype, shape, side: int) -> int:
-    row = 3 * side * side
-    if dtype != np.uint8 or len(shape) != 2 or shape[1] != row:
-        raise DataError(f"{path}: data is {dtype} {tuple(shape)}; expected uint8 rows of "
-                        f"{row} = 3x{side}x{side} (is this the {side}x{side} release?)")
-    return shape[0]
-
-
 def _planes_to_images(rows: np.ndarray, side: int) -> np.ndarray:
     """CIFAR plane-layout rows [N, 3*S*S] -> images [N, S, S, 3]."""
     return np.ascontiguousarray(rows.reshape(len(rows), 3, side, side).transpose(0, 2, 3, 1))
@@ -104,10 +88,18 @@ def check_batch(path: str, side: int) -> tuple[int, np.ndarray]:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise _bad_npz(path, error) from None
-    count = _check_data(path, member.dtype, member.shape, side)
+    row, shape = 3 * side * side, member.shape
+    if member.dtype != np.uint8 or len(shape) != 2 or shape[1] != row:
+        raise DataError(f"{path}: data is {member.dtype} {tuple(shape)}; expected uint8 rows of "
+                        f"{row} = 3x{side}x{side} (is this the {side}x{side} release?)")
     if member.fortran:
         raise DataError(f"{path}: data is stored in Fortran order; expected C order (rows of images)")
-    return count, _check_labels(path, labels, count)
+    count = shape[0]
+    if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: {labels.shape} labels of {labels.dtype} for {count} images")
+    if labels.size and (labels.min() < 1 or labels.max() > N_CLASSES):
+        raise DataError(f"{path}: labels must be 1..{N_CLASSES} (1-based), found {labels.min()}..{labels.max()}")
+    return count, labels.astype(np.int64) - 1
 
 
 def iter_batch(path: str, side: int, chunk_size: int, limit: int | None = None):

@@ -226,8 +226,6 @@ def prepare(config: PrepareConfig) -> Manifest:
     chunk_size = config.chunk_size or max(1, CHUNK_BYTES // (height * width * channels))
     with tqdm(total=total, desc="writing shards", unit="img", disable=not config.progress) as bar:
         for split_code, (split, part) in enumerate(sorted(source.splits.items(), key=lambda kv: kv[0] != "train")):
-            if len(part) == 0:
-                raise DataError(f"{config.dataset}: the {split} split is empty")
             # One random stream per split for the caption templates, so either split can be re-made alone.
             # Its draws go one per sample in order, so they do not depend on the chunk size.
             rng = np.random.default_rng([config.seed, 1 + split_code])
@@ -236,7 +234,7 @@ def prepare(config: PrepareConfig) -> Manifest:
             shard_size = config.shard_size or shard_io.default_shard_size(len(part), sample_bytes=height * width * channels)
             splits[split] = shard_io.write_split_stream(config.out, split, encoded, shard_size, bar,
                                                         workers=config.workers, expected=len(part))
-            if splits[split].total == 0:
+            if splits[split].total == 0:  # nothing in the source, or nothing readable in it
                 raise DataError(f"{config.dataset}: the {split} split is empty")
             release_freed_memory()
             if preview is not None:

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from common.files import atomic_file
+from data_prep.codec import parse_order
 from data_prep.errors import DataError
 
 FORMAT_VERSION = 1
@@ -132,8 +133,6 @@ def load_manifest(data_dir) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: not a readable manifest ({error})") from None
     manifest = Manifest.from_dict(data, where=path)
-    from data_prep.codec import parse_order  # local import: codec does not need the manifest
-
     parse_order(manifest.order, manifest.height, manifest.width)
     return manifest
 

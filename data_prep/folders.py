@@ -122,23 +122,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[-1])
 
 
-def _on_white(picture):
-    """Composite any transparency onto white (what a viewer shows), giving an RGB image."""
-    from PIL import Image
-
-    rgba = picture.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _sixteen_bit_to_grey(picture):
-    """16-bit grey (PNG, TIFF) -> 8-bit "L" keeping the top byte; PIL's own convert clips at 255 (all white)."""
-    from PIL import Image
-
-    values = np.clip(np.asarray(picture, dtype=np.int64), 0, 65535) >> 8
-    return Image.fromarray(values.astype(np.uint8), "L")
-
-
 def load_image(path: str, height: int, width: int, channels: int, resize: str = "crop") -> np.ndarray:
     """One image file -> uint8 [height, width, channels]; DataError naming the file if PIL cannot read it."""
     from PIL import Image
@@ -150,9 +133,13 @@ def load_image(path: str, height: int, width: int, channels: int, resize: str = 
             opened.load()  # Image.open is lazy: a truncated or corrupt file fails here
             picture = opened
             if picture.mode == "I" or picture.mode.startswith("I;16"):
-                picture = _sixteen_bit_to_grey(picture)
+                # 16-bit grey (PNG, TIFF): keep the top byte; PIL's own convert clips at 255 (all white)
+                values = np.clip(np.asarray(picture, dtype=np.int64), 0, 65535) >> 8
+                picture = Image.fromarray(values.astype(np.uint8), "L")
             if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
-                picture = _on_white(picture)
+                # transparency composited onto white (what a viewer shows)
+                rgba = picture.convert("RGBA")
+                picture = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             picture = picture.convert("L" if channels == 1 else "RGB")
     except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
         raise DataError(f"{path}: not an image PIL can read ({one_line(error)})") from None
@@ -194,14 +181,13 @@ def decode_chunks(paths: list[str], height: int, width: int, channels: int, resi
             part = jobs[start:start + chunk_size]
             results = list(pool.map(_load_or_none, part, chunksize=max(1, min(64, len(part) // (4 * workers))))
                            if pool else map(_load_or_none, part))
+            bad = [index for index, result in enumerate(results) if isinstance(result, str)]
+            if bad and not skip_bad:
+                raise DataError(f"{results[bad[0]]}; pass --skip-bad to leave such files out")
             kept = [index for index, result in enumerate(results) if not isinstance(result, str)]
-            errors = [result for result in results if isinstance(result, str)]
-            if errors and not skip_bad:
-                raise DataError(f"{errors[0]}; pass --skip-bad to leave such files out")
-            bad = [paths[start + index] for index, result in enumerate(results) if isinstance(result, str)]
             images = (np.stack([results[index] for index in kept]) if kept
                       else np.zeros((0, height, width, channels), np.uint8))
-            yield images, start + np.asarray(kept, dtype=np.int64), bad
+            yield images, start + np.asarray(kept, dtype=np.int64), [paths[start + index] for index in bad]
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)

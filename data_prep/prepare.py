@@ -13,6 +13,7 @@ Exit codes: 0 done, 1 failure (bad or missing source files), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import glob
 import os
@@ -268,10 +269,8 @@ def release_freed_memory() -> None:
     The preview's grid writer then imports torch and torchvision (about 680 MB) on top of what is
     left: without this, on top of the few hundred MB that the chunks and shards in flight once took.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _encoded_chunks(config: PrepareConfig, source, part, chunk_size: int, rng, preview):

@@ -230,8 +230,7 @@ DEFAULT_TEST_FRACTION = 0.1
 
 
 def load_folder(config):
-    """The image folder of a --dataset folder PrepareConfig as a Source: train (shuffled by the seed) and test
-    splits, class names, captions.
+    """The images of a --dataset folder PrepareConfig as a Source: shuffled train and test splits, captions.
 
     The splits stream: images are decoded a chunk at a time as the shards are written, and `info`
     (files skipped, captions used) is complete once both streams have run.

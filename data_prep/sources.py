@@ -181,8 +181,7 @@ def load_digits(train_size: int, test_size: int, seed: int, workers: int | None 
 
 
 def load_source(config) -> Source:
-    """The source a PrepareConfig (checked by prepare.validate) names; train_size/test_size keep the first N
-    (digits: render N)."""
+    """The Source a checked PrepareConfig names; train_size/test_size keep the first N (digits: render N)."""
     if config.dataset == "digits":
         return load_digits(config.train_size or 60000, config.test_size or 10000, config.seed, workers=config.workers)
     if config.dataset == "folder":

@@ -12,13 +12,14 @@ each folder walked once (a link loop ends) and each image file listed once, what
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.errors import DataError
+from data_prep.errors import DataError, one_line
 from data_prep.source_types import Source, SourceSplit
 
 RESIZE_MODES = ("crop", "exact")
@@ -121,23 +122,6 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[-1])
 
 
-def _on_white(picture):
-    """Composite any transparency onto white (what a viewer shows), giving an RGB image."""
-    from PIL import Image
-
-    rgba = picture.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _sixteen_bit_to_grey(picture):
-    """16-bit grey (PNG, TIFF) -> 8-bit "L" keeping the top byte; PIL's own convert clips at 255 (all white)."""
-    from PIL import Image
-
-    values = np.clip(np.asarray(picture, dtype=np.int64), 0, 65535) >> 8
-    return Image.fromarray(values.astype(np.uint8), "L")
-
-
 def load_image(path: str, height: int, width: int, channels: int, resize: str = "crop") -> np.ndarray:
     """One image file -> uint8 [height, width, channels]; DataError naming the file if PIL cannot read it."""
     from PIL import Image
@@ -149,13 +133,16 @@ def load_image(path: str, height: int, width: int, channels: int, resize: str = 
             opened.load()  # Image.open is lazy: a truncated or corrupt file fails here
             picture = opened
             if picture.mode == "I" or picture.mode.startswith("I;16"):
-                picture = _sixteen_bit_to_grey(picture)
+                # 16-bit grey (PNG, TIFF): keep the top byte; PIL's own convert clips at 255 (all white)
+                values = np.clip(np.asarray(picture, dtype=np.int64), 0, 65535) >> 8
+                picture = Image.fromarray(values.astype(np.uint8), "L")
             if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
-                picture = _on_white(picture)
+                # transparency composited onto white (what a viewer shows)
+                rgba = picture.convert("RGBA")
+                picture = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
             picture = picture.convert("L" if channels == 1 else "RGB")
     except Exception as error:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        text = " ".join(str(error).split()) or type(error).__name__
-        raise DataError(f"{path}: not an image PIL can read ({text[:120]})") from None
+        raise DataError(f"{path}: not an image PIL can read ({one_line(error)})") from None
     source_width, source_height = picture.size
     if resize == "exact":
         picture = F.resize(picture, [height, width], interpolation=InterpolationMode.BICUBIC)
@@ -194,14 +181,13 @@ def decode_chunks(paths: list[str], height: int, width: int, channels: int, resi
             part = jobs[start:start + chunk_size]
             results = list(pool.map(_load_or_none, part, chunksize=max(1, min(64, len(part) // (4 * workers))))
                            if pool else map(_load_or_none, part))
+            bad = [index for index, result in enumerate(results) if isinstance(result, str)]
+            if bad and not skip_bad:
+                raise DataError(f"{results[bad[0]]}; pass --skip-bad to leave such files out")
             kept = [index for index, result in enumerate(results) if not isinstance(result, str)]
-            errors = [result for result in results if isinstance(result, str)]
-            if errors and not skip_bad:
-                raise DataError(f"{errors[0]}; pass --skip-bad to leave such files out")
-            bad = [paths[start + index] for index, result in enumerate(results) if isinstance(result, str)]
             images = (np.stack([results[index] for index in kept]) if kept
                       else np.zeros((0, height, width, channels), np.uint8))
-            yield images, start + np.asarray(kept, dtype=np.int64), bad
+            yield images, start + np.asarray(kept, dtype=np.int64), [paths[start + index] for index in bad]
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -240,56 +226,42 @@ def match_test_classes(train: FolderImages, test: FolderImages) -> np.ndarray:
     return mapping[test.labels]
 
 
-@dataclass
-class FolderOptions:
-    """How to read an image folder (the folder-only flags of prepare)."""
-
-    root: str
-    size: tuple[int, int]  # (height, width)
-    channels: int
-    resize: str = "crop"
-    test_root: str | None = None
-    test_fraction: float | None = None  # used when test_root is None; default DEFAULT_TEST_FRACTION
-    captions: str | None = None  # a JSONL or CSV captions file
-    skip_bad: bool = False
-
-
 DEFAULT_TEST_FRACTION = 0.1
 
 
-def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
-    """An image folder as a Source: train (shuffled by the seed) and test splits, class names, captions.
+def load_folder(config):
+    """The images of a --dataset folder PrepareConfig as a Source: shuffled train and test splits, captions.
 
     The splits stream: images are decoded a chunk at a time as the shards are written, and `info`
     (files skipped, captions used) is complete once both streams have run.
     """
     from data_prep.captions import caption_key, check_caption, read_captions_file
 
-    height, width = options.size
-    found = list_images(options.root)
+    height, width = parse_size(config.size)
+    found = list_images(config.root)
     parts = {}  # split -> (paths, labels, root the paths are relative to)
-    fraction = DEFAULT_TEST_FRACTION if options.test_fraction is None else options.test_fraction
-    if options.test_root is not None:
-        test = list_images(options.test_root)
+    fraction = DEFAULT_TEST_FRACTION if config.test_fraction is None else config.test_fraction
+    if config.test_root is not None:
+        test = list_images(config.test_root)
         shared = set(map(os.path.realpath, test.paths)).intersection(map(os.path.realpath, found.paths))
         if shared:
-            raise DataError(f"--test-root {options.test_root} and --root {options.root} share {len(shared)} image "
+            raise DataError(f"--test-root {config.test_root} and --root {config.root} share {len(shared)} image "
                             f"file(s), e.g. {min(shared)}: test images must not be trained on")
-        parts["train"] = (found.paths, found.labels, options.root)
-        parts["test"] = (test.paths, match_test_classes(found, test), options.test_root)
+        parts["train"] = (found.paths, found.labels, config.root)
+        parts["test"] = (test.paths, match_test_classes(found, test), config.test_root)
         ignored = found.ignored + test.ignored
     else:
-        train_index, test_index = split_test_fraction(found.labels, fraction, seed)
+        train_index, test_index = split_test_fraction(found.labels, fraction, config.seed)
         for split, index in (("train", train_index), ("test", test_index)):
-            parts[split] = ([found.paths[i] for i in index], found.labels[index], options.root)
+            parts[split] = ([found.paths[i] for i in index], found.labels[index], config.root)
         ignored = found.ignored
     # Class folders come sorted, so unshuffled shards would each hold one class; the reader's shuffle
     # buffer cannot mix that. The training split is written in a seeded random order.
     paths, labels, root = parts["train"]
-    permutation = np.random.default_rng([seed, 14]).permutation(len(paths))
+    permutation = np.random.default_rng([config.seed, 14]).permutation(len(paths))
     parts["train"] = ([paths[i] for i in permutation], labels[permutation], root)
 
-    table = read_captions_file(options.captions) if options.captions else {}
+    table = read_captions_file(config.captions) if config.captions else {}
     # Captions are matched and checked now, before any image is decoded or anything written.
     split_captions = dict.fromkeys(parts)  # None: template captions only
     matched: set[str] = set()
@@ -305,46 +277,40 @@ def load_folder(options: FolderOptions, seed: int, workers: int | None = None):
         split_captions[split] = captions
     unknown = sorted(set(table) - matched)
     if unknown:
-        caption, where = table[unknown[0]]
-        raise DataError(f"{where}: no image {unknown[0]} under --root {options.root}"
-                        + (f" or --test-root {options.test_root}" if options.test_root else "")
+        raise DataError(f"{table[unknown[0]][1]}: no image {unknown[0]} under --root {config.root}"
+                        + (f" or --test-root {config.test_root}" if config.test_root else "")
                         + " (paths are relative to the folder the image is in)")
-    info = {
-        "root": os.path.abspath(options.root),
-        "test_root": None if options.test_root is None else os.path.abspath(options.test_root),
-        "test_fraction": None if options.test_root is not None else fraction,
-        "resize": options.resize,
+    info = {  # the roots, made absolute, are recorded by prepare
+        "test_fraction": None if config.test_root is not None else fraction,
+        "resize": config.resize,
         "captions": "templates",
-        "captions_file": None if options.captions is None else os.path.abspath(options.captions),
+        "captions_file": None if config.captions is None else os.path.abspath(config.captions),
         "captions_from_file": 0,
         "skipped_bad": 0,
         "skipped_bad_files": [],
         "ignored_files": ignored,
     }
-    counts = {"kept": 0, "skipped": []}  # over both splits, as the streams run
+    skipped: list[str] = []  # over both splits, as the streams run
+    total = sum(len(paths) for paths, _, _ in parts.values())
 
-    def split_stream(split, paths, labels, root, captions):
-        def stream(chunk_size: int):
-            kept_here = 0
-            for images, kept, bad in decode_chunks(paths, height, width, options.channels, options.resize,
-                                                   skip_bad=options.skip_bad, workers=workers, chunk_size=chunk_size):
-                counts["skipped"] += bad
-                counts["kept"] += len(kept)
-                kept_here += len(kept)
-                given = None if captions is None else [captions[index] for index in kept.tolist()]
-                info["captions_from_file"] += 0 if given is None else sum(c is not None for c in given)
-                info["skipped_bad"] = len(counts["skipped"])
-                info["skipped_bad_files"] = sorted(counts["skipped"])[:100]
-                from_file = info["captions_from_file"]
-                info["captions"] = ("templates" if not from_file
-                                    else "file" if from_file == counts["kept"] else "file+templates")
-                if len(kept):
-                    yield images, labels[kept], given
-            if kept_here == 0:
-                raise DataError(f"{root}: no readable images for the {split} split")
-        return stream
+    def stream(split, paths, labels, root, captions, chunk_size: int):
+        kept_here = 0
+        for images, kept, bad in decode_chunks(paths, height, width, config.channels, config.resize,
+                                               skip_bad=config.skip_bad, workers=config.workers, chunk_size=chunk_size):
+            skipped.extend(bad)
+            kept_here += len(kept)
+            given = None if captions is None else [captions[index] for index in kept.tolist()]
+            from_file = info["captions_from_file"] + (0 if given is None else sum(c is not None for c in given))
+            # final once both streams have run: every image then either kept or skipped
+            kind = "templates" if not from_file else "file" if from_file == total - len(skipped) else "file+templates"
+            info.update(captions=kind, captions_from_file=from_file, skipped_bad=len(skipped),
+                        skipped_bad_files=sorted(skipped)[:100])
+            if len(kept):
+                yield images, labels[kept], given
+        if kept_here == 0:
+            raise DataError(f"{root}: no readable images for the {split} split")
 
     splits = {split: SourceSplit(None, None, size=len(paths),
-                                 stream=split_stream(split, paths, labels, root, split_captions[split]))
+                                 stream=functools.partial(stream, split, paths, labels, root, split_captions[split]))
               for split, (paths, labels, root) in parts.items()}
     return Source("folder", list(found.class_names), splits, info=info)

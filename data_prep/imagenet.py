@@ -16,7 +16,7 @@ import zipfile
 
 import numpy as np
 
-from data_prep.errors import DataError
+from data_prep.errors import DataError, one_line
 from data_prep.source_types import Source, SourceSplit
 
 IMAGENET_SIZES = {"imagenet32": 32, "imagenet64": 64}
@@ -39,23 +39,7 @@ def _find(root: str, name: str) -> str | None:
 
 
 def _bad_npz(path: str, error: BaseException) -> DataError:
-    return DataError(f"{path}: not a readable npz file ({' '.join(str(error).split())[:120]})")
-
-
-def _check_labels(path: str, labels: np.ndarray, count: int) -> np.ndarray:
-    if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{path}: {labels.shape} labels of {labels.dtype} for {count} images")
-    if labels.size and (labels.min() < 1 or labels.max() > N_CLASSES):
-        raise DataError(f"{path}: labels must be 1..{N_CLASSES} (1-based), found {labels.min()}..{labels.max()}")
-    return labels.astype(np.int64) - 1
-
-
-def _check_data(path: str, dtype, shape, side: int) -> int:
-    row = 3 * side * side
-    if dtype != np.uint8 or len(shape) != 2 or shape[1] != row:
-        raise DataError(f"{path}: data is {dtype} {tuple(shape)}; expected uint8 rows of "
-                        f"{row} = 3x{side}x{side} (is this the {side}x{side} release?)")
-    return shape[0]
+    return DataError(f"{path}: not a readable npz file ({one_line(error)})")
 
 
 def _planes_to_images(rows: np.ndarray, side: int) -> np.ndarray:
@@ -104,28 +88,32 @@ def check_batch(path: str, side: int) -> tuple[int, np.ndarray]:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise _bad_npz(path, error) from None
-    count = _check_data(path, member.dtype, member.shape, side)
+    row, shape = 3 * side * side, member.shape
+    if member.dtype != np.uint8 or len(shape) != 2 or shape[1] != row:
+        raise DataError(f"{path}: data is {member.dtype} {tuple(shape)}; expected uint8 rows of "
+                        f"{row} = 3x{side}x{side} (is this the {side}x{side} release?)")
     if member.fortran:
         raise DataError(f"{path}: data is stored in Fortran order; expected C order (rows of images)")
-    return count, _check_labels(path, labels, count)
+    count = shape[0]
+    if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: {labels.shape} labels of {labels.dtype} for {count} images")
+    if labels.size and (labels.min() < 1 or labels.max() > N_CLASSES):
+        raise DataError(f"{path}: labels must be 1..{N_CLASSES} (1-based), found {labels.min()}..{labels.max()}")
+    return count, labels.astype(np.int64) - 1
 
 
 def iter_batch(path: str, side: int, chunk_size: int, limit: int | None = None):
     """(images [n, side, side, 3], row offset) for the rows of one checked npz batch, chunk_size rows at a time."""
     try:
         member = _DataMember(path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        try:
+            count = member.shape[0] if limit is None else min(limit, member.shape[0])
+            for start in range(0, count, chunk_size):
+                yield _planes_to_images(member.rows(min(chunk_size, count - start)), side), start
+        finally:
+            member.close()
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
         raise _bad_npz(path, error) from None
-    try:
-        count = member.shape[0] if limit is None else min(limit, member.shape[0])
-        for start in range(0, count, chunk_size):
-            try:
-                rows = member.rows(min(chunk_size, count - start))
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
-                raise _bad_npz(path, error) from None
-            yield _planes_to_images(rows, side), start
-    finally:
-        member.close()
 
 
 def class_names(root: str) -> list[str]:

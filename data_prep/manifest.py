@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from common.files import atomic_file
+from data_prep.codec import parse_order
 from data_prep.errors import DataError
 
 FORMAT_VERSION = 1
@@ -51,19 +53,8 @@ class Manifest:
 
     def image_info(self) -> dict:
         """What a model export stores to turn sequences back into images."""
-        return dict(
-            dataset=self.dataset,
-            height=self.height,
-            width=self.width,
-            channels=self.channels,
-            bins=self.bins,
-            order=self.order,
-            class_names=list(self.class_names),
-        )
-
-    def to_dict(self) -> dict:
-        """Plain JSON-ready dict."""
-        return dataclasses.asdict(self)
+        info = {key: getattr(self, key) for key in ("dataset", "height", "width", "channels", "bins", "order")}
+        return dict(info, class_names=list(self.class_names))
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "manifest") -> "Manifest":
@@ -142,20 +133,11 @@ def load_manifest(data_dir) -> Manifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path}: not a readable manifest ({error})") from None
     manifest = Manifest.from_dict(data, where=path)
-    from data_prep.codec import parse_order  # local import: codec does not need the manifest
-
     parse_order(manifest.order, manifest.height, manifest.width)
     return manifest
 
 
-def write_manifest(data_dir, manifest: Manifest) -> str:
-    """Write DIR/manifest.json atomically (temporary name in the same folder, then os.replace)."""
-    path = manifest_path(data_dir)
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(manifest.to_dict(), stream, indent=2)
-        stream.write("\n")
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)
-    return path
+def write_manifest(data_dir, manifest: Manifest) -> None:
+    """Write DIR/manifest.json atomically (common.files.atomic_file: a temporary name beside it, then renamed)."""
+    with atomic_file(manifest_path(data_dir)) as stream:
+        stream.write((json.dumps(dataclasses.asdict(manifest), indent=2) + "\n").encode("utf-8"))

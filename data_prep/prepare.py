@@ -13,6 +13,7 @@ Exit codes: 0 done, 1 failure (bad or missing source files), 2 bad arguments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import glob
 import os
@@ -30,7 +31,7 @@ from data_prep.codec import check_bins, encode_images, parse_order
 from data_prep.errors import DataError
 from data_prep.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, load_manifest, manifest_path, write_manifest
 from data_prep.preview import PreviewSamples
-from data_prep.folders import RESIZE_MODES, FolderOptions, parse_size
+from data_prep.folders import RESIZE_MODES, parse_size
 from data_prep.sources import DATASETS, SHAPES, load_source
 
 PREVIEW_NAME = "preview.png"
@@ -101,15 +102,6 @@ def _validate_folder(config: PrepareConfig) -> tuple[int, int, int]:
     return height, width, config.channels
 
 
-def folder_options(config: PrepareConfig) -> FolderOptions | None:
-    """The FolderOptions of a --dataset folder config (None for the other datasets)."""
-    if config.dataset != "folder":
-        return None
-    return FolderOptions(root=config.root, size=parse_size(config.size), channels=config.channels,
-                         resize=config.resize, test_root=config.test_root, test_fraction=config.test_fraction,
-                         captions=config.captions, skip_bad=config.skip_bad)
-
-
 def validate(config: PrepareConfig) -> tuple[int, int, int]:
     """Check the arguments before any work; UsageError naming the one at fault. Returns (H, W, C)."""
     if config.dataset not in DATASETS:
@@ -174,7 +166,9 @@ def manifest_differences(old: Manifest, config: PrepareConfig, shape: tuple[int,
 
 
 def _our_files(out: str) -> list[str]:
-    patterns = ["train-*.tar", "test-*.tar", "*.partial", "*.tmp", PREVIEW_NAME, MANIFEST_NAME]
+    # .manifest.* and .preview.*: what atomic_file leaves of them after a crash (*.tmp: older versions')
+    patterns = ["train-*.tar", "test-*.tar", "*.partial", "*.tmp", ".manifest.*", ".preview.*", PREVIEW_NAME,
+                MANIFEST_NAME]
     return sorted({path for pattern in patterns for path in glob.glob(os.path.join(glob.escape(out), pattern))})
 
 
@@ -221,9 +215,7 @@ def prepare(config: PrepareConfig) -> Manifest:
 
     # The digits, image folders and ImageNet are rendered or read later, a chunk at a time, as the shards
     # are written (mnist and cifar10 are small enough to load whole).
-    source = load_source(config.dataset, config.root, config.download, train_size=config.train_size,
-                         test_size=config.test_size, seed=config.seed, workers=config.workers,
-                         folder=folder_options(config))
+    source = load_source(config)
 
     os.makedirs(config.out, exist_ok=True)
     # The manifest goes first: from here until the new one is written, the folder reads as unfinished.
@@ -235,8 +227,6 @@ def prepare(config: PrepareConfig) -> Manifest:
     chunk_size = config.chunk_size or max(1, CHUNK_BYTES // (height * width * channels))
     with tqdm(total=total, desc="writing shards", unit="img", disable=not config.progress) as bar:
         for split_code, (split, part) in enumerate(sorted(source.splits.items(), key=lambda kv: kv[0] != "train")):
-            if len(part) == 0:
-                raise DataError(f"{config.dataset}: the {split} split is empty")
             # One random stream per split for the caption templates, so either split can be re-made alone.
             # Its draws go one per sample in order, so they do not depend on the chunk size.
             rng = np.random.default_rng([config.seed, 1 + split_code])
@@ -245,7 +235,7 @@ def prepare(config: PrepareConfig) -> Manifest:
             shard_size = config.shard_size or shard_io.default_shard_size(len(part), sample_bytes=height * width * channels)
             splits[split] = shard_io.write_split_stream(config.out, split, encoded, shard_size, bar,
                                                         workers=config.workers, expected=len(part))
-            if splits[split].total == 0:
+            if splits[split].total == 0:  # nothing in the source, or nothing readable in it
                 raise DataError(f"{config.dataset}: the {split} split is empty")
             release_freed_memory()
             if preview is not None:
@@ -279,10 +269,8 @@ def release_freed_memory() -> None:
     The preview's grid writer then imports torch and torchvision (about 680 MB) on top of what is
     left: without this, on top of the few hundred MB that the chunks and shards in flight once took.
     """
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _encoded_chunks(config: PrepareConfig, source, part, chunk_size: int, rng, preview):

@@ -40,20 +40,12 @@ class PreviewSamples:
                 self.labels.append(label)
             self.seen += 1
 
-    def write(self, path: str, height: int, width: int, channels: int, bins: int, order: str) -> str:
-        """The same preview.png as write_preview on the whole split."""
-        return write_preview(path, np.stack(self.seqs), np.asarray(self.labels, dtype=np.int64), self.n_classes,
-                             height, width, channels, bins, order)
+    def write(self, path: str, height: int, width: int, channels: int, bins: int, order: str) -> None:
+        """Decode the 100 chosen sequences (what the model will see, after quantization) into preview.png."""
+        chosen = pick_preview(np.asarray(self.labels, dtype=np.int64), self.n_classes, self.per_class, self.total)
+        images = decode_sequences(np.stack(self.seqs)[chosen], height, width, channels, bins, order)
+        # Imported here: the grid writer needs torch, which prepare otherwise loads only for sources read through
+        # torchvision; imported after the training split is written, it does not add to the peak of writing it.
+        from data_prep.grids import save_grid
 
-
-def write_preview(path: str, seqs: np.ndarray, labels: np.ndarray, n_classes: int, height: int, width: int,
-                  channels: int, bins: int, order: str) -> str:
-    """Decode 100 sequences (what the model will see, after quantization) into preview.png."""
-    chosen = pick_preview(labels, n_classes)
-    images = decode_sequences(seqs[chosen], height, width, channels, bins, order)
-    # Imported here: the grid writer needs torch, which prepare otherwise loads only for sources read through
-    # torchvision; imported after the training split is written, it does not add to the peak of writing it.
-    from data_prep.grids import save_grid
-
-    save_grid(images, path, columns=10, scale=2)
-    return path
+        save_grid(images, path, columns=10, scale=2)

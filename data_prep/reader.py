@@ -43,6 +43,13 @@ class Batch(NamedTuple):
     captions: list
 
 
+def _check_share(batch_size: int, rank: int, world_size: int) -> None:
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} not in 0..{world_size - 1} (world_size {world_size})")
+
+
 def _split_urls(data_dir, split: str) -> tuple[Manifest, list[str]]:
     manifest = load_manifest(data_dir)
     if split not in manifest.splits:
@@ -148,12 +155,8 @@ def _collate_numpy(samples: list) -> tuple[np.ndarray, np.ndarray, list]:
 
 
 def _collate_batch(samples: list) -> Batch:
-    return _to_batch(_collate_numpy(samples))
-
-
-def _to_batch(parts: tuple) -> Batch:
-    seqs, labels, captions = parts
-    return Batch(torch.from_numpy(np.ascontiguousarray(seqs)), torch.from_numpy(labels).long(), list(captions))
+    seqs, labels, captions = _collate_numpy(samples)
+    return Batch(torch.from_numpy(seqs), torch.from_numpy(labels), captions)
 
 
 def _seed(*parts: int) -> int:
@@ -196,10 +199,7 @@ class TrainBatches:
     def __init__(self, data_dir, batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, start_batch: int = 0, shuffle_buffer: int = 1000, split: str = "train",
                  epoch_batches: int = EPOCH_BATCHES, read_timeout: float = 0.0):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} not in 0..{world_size - 1} (world_size {world_size})")
+        _check_share(batch_size, rank, world_size)
         if start_batch < 0 or num_workers < 0 or shuffle_buffer < 0 or epoch_batches < 1:
             raise DataError("start_batch, num_workers and shuffle_buffer must not be negative, epoch_batches >= 1")
         self.manifest, self.urls = _split_urls(data_dir, split)
@@ -258,10 +258,7 @@ class EvalBatches:
 
     def __init__(self, data_dir, batch_size: int, *, split: str = "test", rank: int = 0, world_size: int = 1,
                  num_workers: int = 0):
-        if batch_size < 1:
-            raise DataError(f"batch_size must be at least 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} not in 0..{world_size - 1} (world_size {world_size})")
+        _check_share(batch_size, rank, world_size)
         self.manifest, urls = _split_urls(data_dir, split)
         self.urls = urls[rank::world_size]
         self.counts = self.manifest.splits[split].counts[rank::world_size]
@@ -274,28 +271,22 @@ class EvalBatches:
 
     def __iter__(self):
         if not self.urls:
-            return iter(())
+            return
         workers = min(self.num_workers, len(self.urls))
         pipeline = wds.DataPipeline(
             wds.SimpleShardList(self.urls),
             wds.split_by_worker,
             _CheckedShardSamples(dict(zip(self.urls, self.counts))),
             wds.map(_Decode(self.manifest.seq_len, self.manifest.bins)),
-            wds.batched(self.batch_size, collation_fn=_collate_numpy, partial=True),
-            wds.map(_to_batch),
+            wds.batched(self.batch_size, collation_fn=_collate_batch, partial=True),
         )
-        if workers == 0:
-            return iter(pipeline)
-        return _unwrapped_errors(wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
-                                               worker_init_fn=_ignore_stop_signals))
-
-
-def _unwrapped_errors(loader):
-    """Iterate a worker loader, re-raising a worker's DataError as its own one line."""
-    try:
-        yield from loader
-    except DataError as error:
-        raise DataError(_worker_message(error)) from None
+        if workers > 0:
+            pipeline = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=workers,
+                                     worker_init_fn=_ignore_stop_signals)
+        try:
+            yield from pipeline
+        except DataError as error:  # from a worker: its own one line, not torch's wrapping
+            raise DataError(_worker_message(error)) from None
 
 
 # the package's names for them (data_prep.train_batches, data_prep.eval_batches): calling one builds the iterable

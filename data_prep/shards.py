@@ -31,10 +31,10 @@ def sample_key(split: str, index: int) -> str:
 MAX_DEFAULT_SHARD_BYTES = 64 << 20
 
 
-def default_shard_size(count: int, min_shards: int = MIN_SHARDS, sample_bytes: int | None = None) -> int:
-    """Samples per shard that give at least min_shards shards (fewer only if there are fewer samples),
+def default_shard_size(count: int, sample_bytes: int | None = None) -> int:
+    """Samples per shard that give at least MIN_SHARDS shards (fewer only if there are fewer samples),
     and shards of at most MAX_DEFAULT_SHARD_BYTES of sequences when sample_bytes is given."""
-    size = max(1, math.ceil(count / min_shards)) if count >= min_shards else 1
+    size = max(1, math.ceil(count / MIN_SHARDS))
     if sample_bytes:
         size = min(size, max(1, MAX_DEFAULT_SHARD_BYTES // sample_bytes))
     return size
@@ -151,10 +151,8 @@ def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progre
     expected: how many samples are coming (for the choice of a pool; None: unknown, use one).
     """
     workers = workers or os.cpu_count() or 1
-    if expected is not None and expected < PARALLEL_MIN_SAMPLES:
-        workers = 1
-    if expected is not None:
-        workers = min(workers, max(1, math.ceil(expected / shard_size)))
+    if expected is not None:  # one writer for a small split, and never more writers than shards
+        workers = 1 if expected < PARALLEL_MIN_SAMPLES else min(workers, math.ceil(expected / shard_size))
     results: list[tuple[str, int, str]] = []
     pool = None
     in_flight: deque = deque()
@@ -166,6 +164,12 @@ def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progre
     def done(count: int) -> None:
         if progress is not None:
             progress.update(count)
+
+    def finish_shard() -> None:
+        if pool is None:
+            results.append(opened.close())
+        else:  # the pieces go as they are (pickled one by one): no concatenated copy of the shard here
+            in_flight.append(pool.submit(_write_shard, (out_dir, split, shard, first, gathered)))
 
     def collect(wait_all: bool) -> None:
         # up to two shards per writer in flight: one being written, the next already gathered, so the
@@ -195,12 +199,12 @@ def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progre
                 filled += take
                 start += take
                 if filled == shard_size:
-                    _finish_shard(out_dir, split, shard, first, pool, gathered, opened, in_flight, results)
+                    finish_shard()
                     collect(wait_all=False)
                     opened, gathered = None, []
                     shard, first, filled = shard + 1, first + filled, 0
         if filled:
-            _finish_shard(out_dir, split, shard, first, pool, gathered, opened, in_flight, results)
+            finish_shard()
             opened = None
         collect(wait_all=True)
     except BaseException:
@@ -215,12 +219,3 @@ def write_split_stream(out_dir: str, split: str, chunks, shard_size: int, progre
         counts=[count for _, count, _ in results],
         sha256=[digest for _, _, digest in results],
     )
-
-
-def _finish_shard(out_dir, split, shard, first, pool, gathered, opened, in_flight, results) -> None:
-    """Close a streamed shard, or hand a gathered one to the pool."""
-    if pool is None:
-        results.append(opened.close())
-        return
-    # The pieces go as they are (pickled one by one): no concatenated copy of the shard in this process.
-    in_flight.append(pool.submit(_write_shard, (out_dir, split, shard, first, gathered)))

@@ -7,9 +7,9 @@ import pickle
 
 import numpy as np
 
-from data_prep.errors import DataError
+from data_prep.errors import DataError, one_line
 from data_prep.folders import load_folder
-from data_prep.imagenet import load_imagenet
+from data_prep.imagenet import IMAGENET_SIZES, load_imagenet
 from data_prep.source_types import Source, SourceSplit
 
 DATASETS = ("mnist", "cifar10", "digits", "folder", "imagenet32", "imagenet64")
@@ -59,7 +59,7 @@ def load_mnist(root: str, download: bool = False) -> Source:
             dataset = torchvision.datasets.MNIST(root, train=split == "train", download=download)
         except Exception as error:  # noqa: BLE001 - torchvision raises many kinds for a bad file
             if download and not all(os.path.isfile(os.path.join(raw, n)) for n in (image_file, label_file)):
-                raise DataError(f"mnist: download into {raw} failed ({_one_line(error)})") from None
+                raise DataError(f"mnist: download into {raw} failed ({one_line(error)})") from None
             raise _mnist_fault(raw, image_file, label_file, mnist, error) from None
         images = dataset.data.numpy()
         labels = dataset.targets.numpy().astype(np.int64)
@@ -82,13 +82,8 @@ def _mnist_fault(raw, image_file, label_file, mnist_module, error) -> DataError:
         try:
             reader(path)
         except Exception as file_error:  # noqa: BLE001
-            return DataError(f"{path}: not a valid MNIST idx file ({_one_line(file_error)})")
-    return DataError(f"mnist: torchvision could not read {raw} ({_one_line(error)})")
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) < 160 else text[:157] + "..."
+            return DataError(f"{path}: not a valid MNIST idx file ({one_line(file_error)})")
+    return DataError(f"mnist: torchvision could not read {raw} ({one_line(error)})")
 
 
 def _check_labels(labels: np.ndarray, n_classes: int, where: str) -> None:
@@ -120,7 +115,7 @@ def _read_cifar_file(path: str, needed: tuple[str, ...]) -> dict:
         with open(path, "rb") as stream:
             entry = _CifarUnpickler(stream, encoding="latin1").load()  # the official files are Python 2 pickles
     except Exception as error:  # noqa: BLE001 - a bad pickle raises anything from EOFError to KeyError
-        raise DataError(f"{path}: not a valid CIFAR-10 pickle ({_one_line(error)})") from None
+        raise DataError(f"{path}: not a valid CIFAR-10 pickle ({one_line(error)})") from None
     if not isinstance(entry, dict) or any(key not in entry for key in needed):
         raise DataError(f"{path}: not a CIFAR-10 python batch (missing {', '.join(needed)})")
     return entry
@@ -140,7 +135,7 @@ def load_cifar10(root: str, download: bool = False) -> Source:
         try:  # the test split: the smallest load that makes torchvision fetch and check everything
             torchvision.datasets.CIFAR10(root, train=False, download=True)
         except Exception as error:  # noqa: BLE001 - network, archive and md5 failures all land here
-            raise DataError(f"cifar10: download into {root} failed ({_one_line(error)})") from None
+            raise DataError(f"cifar10: download into {root} failed ({one_line(error)})") from None
     names = CIFAR_FILES["train"] + CIFAR_FILES["test"] + CIFAR_FILES["meta"]
     missing = [os.path.join(folder, n) for n in names if not os.path.isfile(os.path.join(folder, n))]
     if missing:
@@ -160,7 +155,7 @@ def load_cifar10(root: str, download: bool = False) -> Source:
             try:
                 file_labels = np.asarray(entry["labels"], dtype=np.int64).reshape(-1)
             except (TypeError, ValueError) as error:
-                raise DataError(f"{path}: labels are not integers ({_one_line(error)})") from None
+                raise DataError(f"{path}: labels are not integers ({one_line(error)})") from None
             if len(file_labels) != len(data):
                 raise DataError(f"{path}: {len(file_labels)} labels for {len(data)} images")
             _check_labels(file_labels, len(class_names), path)
@@ -176,9 +171,6 @@ def load_digits(train_size: int, test_size: int, seed: int, workers: int | None 
 
     splits = {}
     for split, count in (("train", train_size), ("test", test_size)):
-        if count < 1:
-            raise DataError(f"digits: {split} size must be at least 1, got {count}")
-
         def stream(chunk_size: int, split=split, count=count):
             for images, labels in digits.render_chunks(split, count, seed, chunk_size, workers=workers):
                 yield images, labels, None
@@ -188,22 +180,17 @@ def load_digits(train_size: int, test_size: int, seed: int, workers: int | None 
     return Source("digits", list(DIGIT_CLASS_NAMES), splits, info={"fonts": fonts})
 
 
-def load_source(dataset: str, root: str | None, download: bool = False, *, train_size=None, test_size=None,
-                seed: int = 0, workers: int | None = None, folder=None) -> Source:
-    """Load one of DATASETS; train_size/test_size keep the first N (digits: render N).
-
-    folder: the FolderOptions of --dataset folder (its root is folder.root).
-    """
-    if dataset == "digits":
-        return load_digits(train_size or 60000, test_size or 10000, seed, workers=workers)
-    if dataset == "folder":
-        return load_folder(folder, seed, workers=workers)
-    if root is None:
-        raise DataError(f"{dataset}: --root is required (the folder torchvision reads or downloads into)")
-    if dataset in ("imagenet32", "imagenet64"):
-        return load_imagenet(dataset, root, train_size, test_size)
-    source = load_mnist(root, download) if dataset == "mnist" else load_cifar10(root, download)
-    for split, size in (("train", train_size), ("test", test_size)):
+def load_source(config) -> Source:
+    """The Source a checked PrepareConfig names; train_size/test_size keep the first N (digits: render N)."""
+    if config.dataset == "digits":
+        return load_digits(config.train_size or 60000, config.test_size or 10000, config.seed, workers=config.workers)
+    if config.dataset == "folder":
+        return load_folder(config)
+    if config.dataset in IMAGENET_SIZES:
+        return load_imagenet(config.dataset, config.root, config.train_size, config.test_size)
+    load = load_mnist if config.dataset == "mnist" else load_cifar10
+    source = load(config.root, config.download)
+    for split, size in (("train", config.train_size), ("test", config.test_size)):
         if size is not None:
             part = source.splits[split]
             source.splits[split] = SourceSplit(part.images[:size], part.labels[:size])

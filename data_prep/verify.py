@@ -19,26 +19,13 @@ import tarfile
 import numpy as np
 
 from data_prep.captions import MAX_CAPTION_BYTES
-from data_prep.errors import DataError
+from data_prep.errors import DataError, one_line
 from data_prep.manifest import Manifest, load_manifest
 from common.exits import run_command
 from common.files import file_sha256
 from data_prep.shards import CAPTION_KEY, LABEL_KEY, SEQ_KEY
 
 FIELDS = {SEQ_KEY, LABEL_KEY, CAPTION_KEY}
-
-
-def _read_members(path: str):
-    """(key, field, bytes) for each file in a tar, in order; tarfile errors propagate."""
-    with tarfile.open(path, mode="r:") as archive:
-        for member in archive:
-            if not member.isfile():
-                continue
-            key, _, field = os.path.basename(member.name).partition(".")
-            data = archive.extractfile(member).read()
-            if len(data) != member.size:
-                raise tarfile.ReadError(f"unexpected end of data in {member.name}")
-            yield key, field, data
 
 
 def check_shard(path: str, manifest: Manifest, count: int, sha256: str) -> list[str]:
@@ -51,10 +38,13 @@ def check_shard(path: str, manifest: Manifest, count: int, sha256: str) -> list[
         problems.append(f"{path}: sha256 {actual[:16]}... does not match the manifest's {sha256[:16]}...")
     samples: dict[str, dict] = {}  # key -> {field: bytes}, in tar order
     try:
-        for key, field, data in _read_members(path):
-            samples.setdefault(key, {})[field] = data
+        with tarfile.open(path, mode="r:") as archive:
+            for member in filter(tarfile.TarInfo.isfile, archive):
+                key, _, field = os.path.basename(member.name).partition(".")
+                # a member cut short raises tarfile.ReadError ("unexpected end of data")
+                samples.setdefault(key, {})[field] = archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as error:
-        problems.append(f"{path}: unreadable tar after {len(samples)} samples ({' '.join(str(error).split())})")
+        problems.append(f"{path}: unreadable tar after {len(samples)} samples ({one_line(error)})")
         return problems
     if len(samples) != count:
         problems.append(f"{path}: {len(samples)} samples, manifest says {count}")

@@ -136,7 +136,8 @@ POSITIVE = ("train.batch_size", "train.grad_accum", "train.eval_every", "train.e
             "train.chunk_size", "log.every", "optim.lr")
 # what one value must be, checked as it is set (None, where a key allows it, is never out of range);
 # checks that involve two keys wait for the final values (_check_consistency)
-RANGES = {
+ALLOWED = {
+    **{key: (choices.__contains__, f"one of {', '.join(choices)}") for key, choices in CHOICES.items()},
     **{key: (lambda value: value > 0, "> 0") for key in POSITIVE},
     "train.max_steps": (lambda value: value >= 0, ">= 0"),
     "optim.warmup_steps": (lambda value: value >= 0, ">= 0"),
@@ -249,13 +250,10 @@ def _set_value(given: dict, dotted: str, value: Any, source: str, text: bool = F
     if isinstance(value, bool) and "true" in CHOICES.get(dotted, ()):
         value = str(value).lower()  # `compile: true` in YAML is the choice "true"
     coerced = _coerce(value, field_type, f"{source}: {dotted}")
-    choices = CHOICES.get(dotted)
-    if choices is not None and coerced not in choices:
-        raise ConfigError(f"{source}: {dotted} must be one of {', '.join(choices)}, got {coerced!r}")
     if dotted in PATHS:  # YAML has no shell to expand ~: a folder named '~' would be made in the cwd
         coerced = os.path.expanduser(coerced)
-    in_range, allowed = RANGES.get(dotted, (None, ""))
-    if in_range is not None and coerced is not None and not in_range(coerced):
+    is_allowed, allowed = ALLOWED.get(dotted, (None, ""))
+    if is_allowed is not None and coerced is not None and not is_allowed(coerced):
         raise ConfigError(f"{source}: {dotted} must be {allowed}, got {coerced!r}")
     if section_name == "model":
         try:  # the model's own checks, one field at a time (none of them involves two fields)
@@ -316,7 +314,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
 
 
 def _check_consistency(cfg: TrainConfig, source: str) -> None:
-    """Checks of the final values that involve two keys (one value's range is checked as it is set: RANGES)."""
+    """Checks of the final values that involve two keys (one value's range is checked as it is set: ALLOWED)."""
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         raise ConfigError(f"{source}: set train.max_steps or train.epochs")
     if cfg.optim.name == "muon" and cfg.train.mixed_precision == "fp16":  # accelerate would scale the loss per optimizer

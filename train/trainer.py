@@ -349,6 +349,7 @@ class Trainer:
         # torch's own averaging; checkpoints hold it once, as their model/ (the weights evaluated)
         self.ema = AveragedModel(self.net, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(
             cfg.train.ema_decay)) if cfg.train.ema_decay > 0 else None
+        self.evaluated = self.net if self.ema is None else self.ema.module  # evaluated, drawn and exported
         if resume_path is not None:
             self.resume_from(resume_path)
         elif resume == "auto":
@@ -391,11 +392,6 @@ class Trainer:
         accelerator.print(f"resumed from {path} at step {self.state.step}")
         for line in run_changes(saved, self.run_record, self.data_record):
             accelerator.print(f"warning: {path}: {line}")
-
-    @property
-    def evaluated(self) -> torch.nn.Module:
-        """The weights that are evaluated, drawn and exported: the EMA when it is on."""
-        return self.net if self.ema is None else self.ema.module
 
     def next_batch(self) -> Any:
         """This rank's next training batch; a short or unreadable shard is a TrainingError naming it."""

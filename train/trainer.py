@@ -426,8 +426,8 @@ class Trainer:
         # waits for the answer: the scaler unscales only for a step that will be taken.
         norm = self.clip() if accelerator.scaler is None else torch.full((), float("nan"), device=self.device)
         finite = torch.isfinite(loss_sum)
-        stop = float(self.stop.signal_name is not None)
-        flags = torch.stack([(~finite).float(), torch.tensor(stop, device=self.device),
+        stop_requested = float(self.stop.signal_name is not None)
+        flags = torch.stack([(~finite).float(), torch.tensor(stop_requested, device=self.device),
                              torch.where(finite, loss_sum, torch.zeros_like(loss_sum)), norm.float()])
         flags = accelerator.reduce(flags, reduction="sum")  # a copy in a single process
         count_nonfinite, count_stop, loss_total, norm_total = flags.tolist()

@@ -61,6 +61,7 @@ def test_overrides_win_and_are_coerced(tmp_path):
     ("train:\n  max_steps: 5\n", ["optim.lr=abc"], ["--set optim.lr=abc", "optim.lr"]),
     ("train:\n  max_steps: 5\n", ["lr=1"], ["--set lr=1", "section.key"]),
     ("train:\n  max_steps: 5\n", ["optim.lr"], ["--set optim.lr", "section.key=value"]),
+    ("train:\n  max_steps: 5\n", ["optim.betas=[0.9"], ["--set optim.betas=[0.9", "optim.betas", "not valid YAML"]),
     ("train:\n  max_steps: 2.5\n", [], ["c.yaml", "train.max_steps", "integer"]),
     ("train: [1, 2]\n", [], ["c.yaml", "train", "mapping"]),
     ("train:\n  max_steps: [\n", [], ["c.yaml", "not valid YAML"]),

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 from accelerate.utils import broadcast_object_list
 
-from common.files import file_sha256, fsync_file, publish_folder
+from common.files import atomic_file, file_sha256, fsync_file, publish_folder
 from common.run_layout import (CHECKPOINTS, EXPORT, META_NAME, SIDE_FOLDER, checkpoint_folders, checkpoint_model,
                                checkpoint_name, checkpoints_folder, complete_checkpoints, export_folder, is_complete)
 from model import ImageTransformer, ModelConfig
@@ -160,17 +160,16 @@ def checkpoint_damage(path: str) -> Optional[str]:
         meta = read_meta(path)
     except CheckpointError as err:
         return str(err)
-    files = meta.get("files") or {}
-    for name, record in sorted(files.items()):
-        file = os.path.join(path, name)
+    files = sorted((os.path.join(path, name), record) for name, record in (meta.get("files") or {}).items())
+    for file, record in files:
         if not os.path.isfile(file):
             return f"{file}: missing (meta.json lists it)"
         size = os.path.getsize(file)
         if size != record["size"]:
             return f"{file}: {size} bytes, meta.json says {record['size']} (truncated or damaged)"
-    for name, record in sorted(files.items()):
-        if file_sha256(os.path.join(path, name)) != record["sha256"]:
-            return f"{os.path.join(path, name)}: sha256 differs from meta.json (damaged)"
+    for file, record in files:
+        if file_sha256(file) != record["sha256"]:
+            return f"{file}: sha256 differs from meta.json (damaged)"
     return None
 
 
@@ -292,8 +291,7 @@ def on_main_then_share(accelerator: Any, work: Any) -> Any:
             box[0] = (work(), None)
         except (CheckpointError, RunLockError) as err:
             box[0] = (None, err)  # pickled to the other ranks with the result
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box)
+    broadcast_object_list(box)  # nothing to do in a single process
     value, error = box[0]
     if error is not None:
         raise error
@@ -302,10 +300,8 @@ def on_main_then_share(accelerator: Any, work: Any) -> Any:
 
 def _write_meta(folder: str, payload: dict) -> None:
     """meta.json into a temporary checkpoint folder, on disk before the rename that makes it visible."""
-    with open(os.path.join(folder, META_NAME), "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
+    with atomic_file(os.path.join(folder, META_NAME)) as stream:
+        stream.write(json.dumps(payload, indent=2).encode("utf-8"))
 
 
 def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep: int, model: ImageTransformer) -> str:
@@ -315,16 +311,12 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
     The main process writes `model` (the weights evaluated and sampled: the EMA when it is on, which
     resuming reads back from there) as the model folder before the digests go into meta.json.
     """
-    folder = checkpoints_folder(run_dir)
-    final = os.path.join(folder, checkpoint_name(step))
+    final = os.path.join(checkpoints_folder(run_dir), checkpoint_name(step))
     # One temporary name for all ranks, chosen by the main process.
     tmp = f"{final}.tmp-{on_main_then_share(accelerator, lambda: secrets.token_hex(4))}"
     writing = tmp  # where a refused write happened: save_pretrained removes its own temporary folder
     try:
-        if accelerator.is_main_process:
-            os.makedirs(tmp, exist_ok=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
+        accelerator.save_state(tmp)  # every rank makes the folder it writes into
         accelerator.wait_for_everyone()  # every rank's files are in tmp
         if accelerator.is_main_process:
             writing = checkpoint_model(tmp)
@@ -355,21 +347,17 @@ def save_checkpoint(accelerator: Any, run_dir: str, step: int, meta: dict, keep:
     return final
 
 
-def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest `keep` complete checkpoints; returns the removed folders.
+def prune_checkpoints(run_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints.
 
     Damaged folders moved aside (step_N.damaged-XXXX) are not checkpoints here: they are neither
     counted nor deleted.
     """
-    existing = complete_checkpoints(run_dir)
-    removed = []
-    for _, path in existing[:-keep] if keep > 0 else []:
+    for _, path in complete_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         # Rename first so a crash during rmtree never leaves a half-deleted folder under a final name.
         doomed = f"{path}.deleting-{secrets.token_hex(4)}"
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-        removed.append(path)
-    return removed
 
 
 def remove_stale_temporaries(run_dir: str) -> list[str]:

@@ -123,18 +123,27 @@ class TrainConfig:
 # embeddings fit any raster data once its row is known (check_against_data resolves "auto").
 TRAINING_DEFAULTS = {"model": {"condition": "class", "row_len": "auto"}}
 CHOICES = {
-    ("optim", "name"): ("adamw", "radam", "muon"),
-    ("train", "mixed_precision"): ("no", "bf16", "fp16", "auto"),
-    ("train", "compile"): ("auto", "true", "false"),
-    ("train", "backend"): BACKEND_NAMES,
+    "optim.name": ("adamw", "radam", "muon"),
+    "train.mixed_precision": ("no", "bf16", "fp16", "auto"),
+    "train.compile": ("auto", "true", "false"),
+    "train.backend": BACKEND_NAMES,
 }
-PATHS = {("data", "dir"), ("train", "run_dir")}
+PATHS = {"data.dir", "train.run_dir"}
 # keys of earlier configs that now live elsewhere: the message says where
 MOVED = {"model.backend": "train.backend", "model.chunk_size": "train.chunk_size"}
-POSITIVE = {
-    ("train", "batch_size"), ("train", "grad_accum"), ("train", "eval_every"), ("train", "epochs"),
-    ("train", "eval_batch_size"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-    ("train", "max_bad_steps"), ("train", "cpu_threads"), ("train", "chunk_size"), ("log", "every"), ("optim", "lr"),
+POSITIVE = ("train.batch_size", "train.grad_accum", "train.eval_every", "train.epochs", "train.eval_batch_size",
+            "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps", "train.cpu_threads",
+            "train.chunk_size", "log.every", "optim.lr")
+# what one value must be, checked as it is set (None, where a key allows it, is never out of range);
+# checks that involve two keys wait for the final values (_check_consistency)
+ALLOWED = {
+    **{key: (choices.__contains__, f"one of {', '.join(choices)}") for key, choices in CHOICES.items()},
+    **{key: (lambda value: value > 0, "> 0") for key in POSITIVE},
+    "train.max_steps": (lambda value: value >= 0, ">= 0"),
+    "optim.warmup_steps": (lambda value: value >= 0, ">= 0"),
+    "optim.min_lr_ratio": (lambda value: 0.0 <= value <= 1.0, "in [0, 1]"),
+    "data.read_timeout": (lambda value: value >= 0, ">= 0 (0 = no limit)"),
+    "train.ema_decay": (lambda value: 0.0 <= value < 1.0, "in [0, 1) (0 = off)"),
 }
 
 
@@ -215,8 +224,9 @@ def _sections() -> dict[str, type]:
     return {f.name: typing.get_type_hints(TrainConfig)[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
-def _set_value(given: dict, dotted: str, value: Any, source: str) -> None:
-    """given[section][key] = value coerced to the field type and checked; errors name source and key."""
+def _set_value(given: dict, dotted: str, value: Any, source: str, text: bool = False) -> None:
+    """given[section][key] = value coerced to the field type and checked; errors name source and key.
+    text: value is the text of a --set argument."""
     parts = dotted.split(".")
     if len(parts) != 2:
         raise ConfigError(f"{source}: key {dotted!r} must have the form section.key "
@@ -230,16 +240,21 @@ def _set_value(given: dict, dotted: str, value: Any, source: str) -> None:
     if key not in fields:
         raise ConfigError(f"{source}: unknown key {dotted!r} (known in {section_name}: {', '.join(fields)})")
     field_name, field_type = fields[key]
-    if isinstance(value, bool) and "true" in CHOICES.get((section_name, key), ()):
+    if text and field_type is not str and value.strip():
+        # Strings are taken verbatim (YAML would turn "no" or "null"-like words into other types);
+        # everything else is parsed as YAML so that lists and numbers work.
+        try:
+            value = parse_yaml(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"{source}: {dotted}: not valid YAML") from None
+    if isinstance(value, bool) and "true" in CHOICES.get(dotted, ()):
         value = str(value).lower()  # `compile: true` in YAML is the choice "true"
     coerced = _coerce(value, field_type, f"{source}: {dotted}")
-    choices = CHOICES.get((section_name, key))
-    if choices is not None and coerced not in choices:
-        raise ConfigError(f"{source}: {dotted} must be one of {', '.join(choices)}, got {coerced!r}")
-    if (section_name, key) in PATHS:  # YAML has no shell to expand ~: a folder named '~' would be made in the cwd
+    if dotted in PATHS:  # YAML has no shell to expand ~: a folder named '~' would be made in the cwd
         coerced = os.path.expanduser(coerced)
-    if (section_name, key) in POSITIVE and coerced is not None and not coerced > 0:
-        raise ConfigError(f"{source}: {dotted} must be > 0, got {coerced!r}")
+    is_allowed, allowed = ALLOWED.get(dotted, (None, ""))
+    if is_allowed is not None and coerced is not None and not is_allowed(coerced):
+        raise ConfigError(f"{source}: {dotted} must be {allowed}, got {coerced!r}")
     if section_name == "model":
         try:  # the model's own checks, one field at a time (none of them involves two fields)
             ModelConfig(**{key: coerced})
@@ -289,10 +304,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if "=" not in text:
             raise ConfigError(f"--set {text}: expected section.key=value")
         key, raw = text.split("=", 1)
-        # Strings are taken verbatim (YAML would turn "no" or "null"-like words into other types);
-        # everything else is parsed as YAML so that lists and numbers work.
-        value = raw if _type_of(key.strip()) is str else parse_yaml(raw) if raw.strip() else raw
-        _set_value(given, key.strip(), value, f"--set {text}")
+        _set_value(given, key.strip(), raw, f"--set {text}", text=True)
     # built once every value is known, so that the model resolves d_value from the final d_query
     cfg = TrainConfig(**{name: cls(**{**TRAINING_DEFAULTS.get(name, {}), **given.get(name, {})})
                          for name, cls in _sections().items()})
@@ -301,37 +313,18 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return cfg
 
 
-def _type_of(dotted: str) -> Any:
-    """The field type of section.key, or None when the key is unknown (reported later)."""
-    section, _, key = dotted.partition(".")
-    return _fields(_sections()[section]).get(key, (None, None))[1] if section in _sections() else None
-
-
 def _check_consistency(cfg: TrainConfig, source: str) -> None:
-    """Checks of the final values: one that involves two keys, and ranges other than > 0 (POSITIVE)."""
+    """Checks of the final values that involve two keys (one value's range is checked as it is set: ALLOWED)."""
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         raise ConfigError(f"{source}: set train.max_steps or train.epochs")
-    if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
-        raise ConfigError(f"{source}: train.max_steps must be >= 0, got {cfg.train.max_steps}")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise ConfigError(f"{source}: optim.min_lr_ratio must be in [0, 1], got {cfg.optim.min_lr_ratio}")
-    if cfg.optim.warmup_steps < 0:
-        raise ConfigError(f"{source}: optim.warmup_steps must be >= 0, got {cfg.optim.warmup_steps}")
-    if cfg.data.read_timeout < 0:
-        raise ConfigError(f"{source}: data.read_timeout must be >= 0 (0 = no limit), got {cfg.data.read_timeout}")
-    if not 0.0 <= cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"{source}: train.ema_decay must be in [0, 1) (0 = off), got {cfg.train.ema_decay}")
     if cfg.optim.name == "muon" and cfg.train.mixed_precision == "fp16":  # accelerate would scale the loss per optimizer
         raise ConfigError(f"{source}: optim.name=muon trains with train.mixed_precision no, bf16 or auto, not fp16")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
     """Plain nested dict of the config under its YAML keys (tuples as lists), suitable for YAML."""
-    def plain(value: Any) -> Any:
-        return list(value) if isinstance(value, tuple) else value
-    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    return {name: {f.name.rstrip("_"): plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
-            for name, section in sections.items()}
+    return {name: {key.rstrip("_"): list(value) if isinstance(value, tuple) else value
+                   for key, value in section.items()} for name, section in dataclasses.asdict(cfg).items()}
 
 
 def flatten_config(cfg: TrainConfig) -> dict[str, Any]:

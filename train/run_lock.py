@@ -12,13 +12,14 @@ that finds its own Slurm job id in the file waits for the lock instead of giving
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import os
 import socket
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 LOCK_NAME = "lock"
 SAME_JOB_WAIT_S = 180.0  # a requeued job waits this long for its own previous incarnation's lock
@@ -30,21 +31,22 @@ class RunLockError(RuntimeError):
     """The run folder is held by another trainer; str() is one line naming the holder."""
 
 
-def holder_info() -> dict:
-    """What this process records in the lock file."""
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def read_holder(text: str) -> dict:
+    """What a lock file's content records of its holder ({} when it names none)."""
+    with contextlib.suppress(ValueError):
+        info = json.loads(text)
+        if isinstance(info, dict):
+            return info
+    return {}
 
 
 def describe_holder(text: str) -> str:
     """One readable phrase from a lock file's content."""
-    try:
-        info = json.loads(text)
-        job = f", Slurm job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
-        return f"host {info['host']}, pid {info['pid']}{job}, since {info['started']}"
-    except (ValueError, KeyError, TypeError):
+    info = read_holder(text)
+    if not {"host", "pid", "started"} <= info.keys():
         return "an unknown process (the lock file names no holder)"
+    job = f", Slurm job {info['slurm_job_id']}" if info.get("slurm_job_id") else ""
+    return f"host {info['host']}, pid {info['pid']}{job}, since {info['started']}"
 
 
 class RunLock:
@@ -53,10 +55,9 @@ class RunLock:
     def __init__(self, run_dir: str):
         self.path = os.path.join(run_dir, LOCK_NAME)
         self._fd: Optional[int] = None
-        self.warning: Optional[str] = None  # set when the file system cannot lock
 
-    def acquire(self, same_job_wait_s: float = SAME_JOB_WAIT_S) -> None:
-        """Take the lock or raise RunLockError naming the holder."""
+    def acquire(self, warn: Callable[[str], None] = print) -> None:
+        """Take the lock or raise RunLockError naming the holder; warn() says when the file system cannot lock."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         # No O_TRUNC: a process that fails to get the lock must not wipe the holder's record.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -67,34 +68,29 @@ class RunLock:
                 break
             except OSError as err:
                 if err.errno in _NO_LOCKING:
-                    self.warning = (f"warning: {self.path}: this file system does not support file locks "
-                                    f"({os.strerror(err.errno)}); nothing stops a second trainer on this folder")
+                    warn(f"warning: {self.path}: this file system does not support file locks "
+                         f"({os.strerror(err.errno)}); nothing stops a second trainer on this folder")
                     break
                 if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     os.close(fd)
                     raise
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-            if deadline is None:
-                deadline = time.monotonic() + (same_job_wait_s if self._same_job(holder) else 0.0)
+            if deadline is None:  # a requeue of this Slurm job waits for its old node to let go
+                job = os.environ.get("SLURM_JOB_ID")
+                same_job = bool(job) and read_holder(holder).get("slurm_job_id") == job
+                deadline = time.monotonic() + (SAME_JOB_WAIT_S if same_job else 0.0)
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise RunLockError(f"{self.path}: run folder in use by {describe_holder(holder)}; "
                                    "wait for that job to end, stop it, or choose another train.run_dir")
             time.sleep(1.0)
-        record = json.dumps(holder_info()).encode()
+        record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, record + b"\n", 0)
         os.fsync(fd)
         self._fd = fd
-
-    @staticmethod
-    def _same_job(text: str) -> bool:
-        """True when the holder is this Slurm job (a requeue whose old node has not let go yet)."""
-        job = os.environ.get("SLURM_JOB_ID")
-        try:
-            return bool(job) and json.loads(text).get("slurm_job_id") == job
-        except (ValueError, AttributeError):
-            return False
 
     def release(self) -> None:
         """Drop the lock (the file stays: its content names the last holder)."""

@@ -15,13 +15,8 @@ class StopRequest:
     """Records that a stop signal arrived; use as a context manager to install the handlers."""
 
     def __init__(self) -> None:
-        self.signal_name: Optional[str] = None
+        self.signal_name: Optional[str] = None  # set once SIGUSR1 or SIGTERM has been received
         self._previous: dict[int, object] = {}
-
-    @property
-    def requested(self) -> bool:
-        """True once SIGUSR1 or SIGTERM has been received."""
-        return self.signal_name is not None
 
     def _handle(self, signum: int, frame: object) -> None:
         # Only set a flag: checkpointing from inside a signal handler could interrupt a collective

@@ -102,12 +102,9 @@ def preserved_rng() -> Iterator[None]:
 def check_against_data(cfg: TrainConfig, source: str) -> tuple[TrainConfig, Any]:
     """(cfg with bins, seq_len, n_classes and row_len: auto of the data, the manifest of data.dir); ConfigError naming
     the key when the folder is not usable or a value the config sets disagrees with the data."""
-    if not os.path.isdir(cfg.data.dir):
-        raise ConfigError(f"{source}: data.dir {cfg.data.dir!r} does not exist "
-                          "(prepare it with python -m data_prep.prepare)")
     try:
         manifest = load_manifest(cfg.data.dir)
-    except DataError as err:
+    except DataError as err:  # a missing folder included: "not a prepared folder ... run python -m data_prep.prepare"
         raise ConfigError(f"{source}: data.dir: {err}") from None
     data = {"bins": manifest.bins, "seq_len": manifest.seq_len, "n_classes": max(1, len(manifest.class_names))}
     for key, value in data.items():
@@ -149,7 +146,7 @@ def evaluate(accelerator: Any, net: ImageTransformer, cfg: TrainConfig) -> float
     with accelerator.autocast():
         total = net.nll_totals(eval_batches(cfg.data.dir, cfg.train.eval_batch_size, split="test",
                                             rank=accelerator.process_index, world_size=accelerator.num_processes))
-    total = accelerator.reduce(total, reduction="sum") if accelerator.num_processes > 1 else total
+    total = accelerator.reduce(total, reduction="sum")
     if total[1].item() == 0:
         raise TrainingError(f"{cfg.data.dir}: the test split is empty; cannot evaluate")
     return bits_per_dim(total[0].item(), total[1].item())
@@ -287,9 +284,7 @@ def train(cfg: TrainConfig, *, resume: Optional[str] = None, config_source: str 
             accelerator = Accelerator(mixed_precision=precision, log_with=trackers,
                                       gradient_accumulation_steps=cfg.train.grad_accum, project_dir=run_dir)
             # One lock for all ranks and nodes, taken by the main process before anything in the folder changes.
-            on_main_then_share(accelerator, lock.acquire)
-            if lock.warning:  # set on the main process only, where accelerator.print prints
-                accelerator.print(lock.warning)
+            on_main_then_share(accelerator, lambda: lock.acquire(warn=accelerator.print))
             with kernel_cache(run_dir, cfg.train.kernel_cache):
                 return Trainer(cfg, manifest, accelerator, stop).run(resume)
         finally:
@@ -329,7 +324,7 @@ class Trainer:
                                        for name, split in manifest.splits.items()}}
         self.state = TrainState()
         self.eval_bits_per_dim: list[tuple[int, float]] = []
-        self.last_eval_step = self.last_checkpoint_step = -1
+        self.last_checkpoint_step = -1
         # this window of log.every steps: summed loss and good steps (the loss), then the steps timed
         # and their seconds (the speed: neither the process's first step nor evaluations and checkpoints)
         self.window_loss, self.window_steps = 0.0, 0
@@ -354,20 +349,19 @@ class Trainer:
         # torch's own averaging; checkpoints hold it once, as their model/ (the weights evaluated)
         self.ema = AveragedModel(self.net, use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(
             cfg.train.ema_decay)) if cfg.train.ema_decay > 0 else None
+        self.evaluated = self.net if self.ema is None else self.ema.module  # evaluated, drawn and exported
         if resume_path is not None:
             self.resume_from(resume_path)
-        compiled = compile_blocks(self.net, cfg.train.compile, self.device)  # after the EMA's copy of the net
-        if resume_path is None and resume == "auto":
+        elif resume == "auto":
             accelerator.print(f"--resume auto: no complete checkpoint in {checkpoints_folder(self.run_dir)}; fresh start")
+        compiled = compile_blocks(self.net, cfg.train.compile, self.device)  # after the EMA's copy of the net
         accelerator.init_trackers(os.path.basename(os.path.abspath(self.run_dir)), config=flatten_config(cfg),
                                   init_kwargs={"wandb": {"dir": os.path.join(self.run_dir, LOGS)}})
         accelerator.print(f"model: {sum(p.numel() for p in self.params) / 1e6:.2f}M parameters, "
                           f"{cfg.model.n_layers} layers, attention {cfg.model.attention}; {self.world} rank(s), "
                           f"global batch {self.global_batch}, training steps {self.state.step} -> {self.max_steps}, "
                           f"mixed precision {accelerator.mixed_precision}, blocks compiled: {'yes' if compiled else 'no'}")
-        if resume_path is not None:
-            self.last_checkpoint_step = self.state.step
-        elif cfg.train.eval_at_start and self.max_steps > 0:
+        if resume_path is None and cfg.train.eval_at_start and self.max_steps > 0:
             # samples of an untrained model are noise; the baseline number is not
             self.evaluate_and_log(with_samples=False)
 
@@ -394,14 +388,10 @@ class Trainer:
         accelerator.step = 0
         if self.ema is not None:
             load_ema(self.ema, path, saved, self.net, warn=accelerator.print)
+        self.last_checkpoint_step = self.state.step  # the resumed checkpoint is this step's
         accelerator.print(f"resumed from {path} at step {self.state.step}")
         for line in run_changes(saved, self.run_record, self.data_record):
             accelerator.print(f"warning: {path}: {line}")
-
-    @property
-    def evaluated(self) -> torch.nn.Module:
-        """The weights that are evaluated, drawn and exported: the EMA when it is on."""
-        return self.net if self.ema is None else self.ema.module
 
     def next_batch(self) -> Any:
         """This rank's next training batch; a short or unreadable shard is a TrainingError naming it."""
@@ -434,19 +424,17 @@ class Trainer:
         # rank saw a non-finite loss or received a stop signal, so that all take the same branch; the
         # loss and the gradient norm come back with it. Under a loss scaler (fp16 on a GPU) clipping
         # waits for the answer: the scaler unscales only for a step that will be taken.
-        clip_now = accelerator.scaler is None
-        norm = self.clip() if clip_now else torch.full((), float("nan"), device=self.device)
+        norm = self.clip() if accelerator.scaler is None else torch.full((), float("nan"), device=self.device)
         finite = torch.isfinite(loss_sum)
-        flags = torch.stack([(~finite).float(), torch.tensor(float(self.stop.requested), device=self.device),
+        stop_requested = float(self.stop.signal_name is not None)
+        flags = torch.stack([(~finite).float(), torch.tensor(stop_requested, device=self.device),
                              torch.where(finite, loss_sum, torch.zeros_like(loss_sum)), norm.float()])
-        if self.world > 1:
-            flags = accelerator.reduce(flags, reduction="sum")
+        flags = accelerator.reduce(flags, reduction="sum")  # a copy in a single process
         count_nonfinite, count_stop, loss_total, norm_total = flags.tolist()
         lr = learning_rate(self.state.step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
                            total_steps=self.max_steps, min_lr_ratio=cfg.optim.min_lr_ratio)
         # every rank holds the same (all-reduced) gradients, hence the same norm: the sum over ranks / world
-        grad_norm = self.update(count_nonfinite > 0, lr, loss_total / self.world,
-                                norm_total / self.world if clip_now else None)
+        grad_norm = self.update(count_nonfinite > 0, lr, loss_total / self.world, norm_total / self.world)
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         return count_stop > 0, lr, grad_norm
@@ -456,12 +444,12 @@ class Trainer:
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         return self.accelerator.clip_grad_norm_(self.params, max_norm)
 
-    def update(self, nonfinite: bool, lr: float, mean_loss: float, grad_norm: Optional[float] = None) -> float:
-        """Apply the summed gradients (clipped first unless grad_norm says they were) unless anything is
-        non-finite; returns the gradient norm."""
+    def update(self, nonfinite: bool, lr: float, mean_loss: float, grad_norm: float) -> float:
+        """Apply the summed gradients (clipped first under a loss scaler: step clipped them otherwise and
+        measured grad_norm) unless anything is non-finite; returns the gradient norm."""
         accelerator, state = self.accelerator, self.state
         if not nonfinite:
-            if grad_norm is None:
+            if accelerator.scaler is not None:
                 grad_norm = float(self.clip())
             # Gradients are identical on every rank after the all-reduce, so this check agrees
             # everywhere. With a GradScaler (fp16 on a GPU) an inf norm is its ordinary overflow
@@ -475,7 +463,6 @@ class Trainer:
             # The scaler skipped the update (overflow): a bad step like any other, so that a run
             # that never steps cannot end with exit 0.
             nonfinite = bool(accelerator.optimizer_step_was_skipped)
-        grad_norm = float("nan") if grad_norm is None else grad_norm
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         if not nonfinite:
@@ -497,25 +484,24 @@ class Trainer:
                     "or use train.mixed_precision=bf16 instead of fp16")
         return grad_norm
 
-    def clock(self, running: bool) -> None:
+    def clock(self, running: bool) -> float:
         """Start (running) or stop the images/s clock: what runs while it is stopped (the process's
-        first step with its compilation and autotuning, evaluations, checkpoints) is not in the figure."""
+        first step with its compilation and autotuning, evaluations, checkpoints) is not in the figure.
+        Returns the time it read (time.perf_counter)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # queued steps belong to the segment that queued them
         now = time.perf_counter()
         if self.clock_start is not None:
             self.window_seconds += now - self.clock_start
         self.clock_start = now if running else None
+        return now
 
     def report_first_step(self, began: float) -> None:
-        """Print and log the seconds from "training from step N" to the first step done, then start the clock."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - began
+        """Start the clock; print and log the seconds from "training from step N" to the first step done."""
+        seconds = self.clock(True) - began
         self.accelerator.print(f"step {self.state.step}: warm-up {seconds:.1f} s (this process's first step: "
                                "compilation, autotuning, first batch; left out of images/s)", flush=True)
         self.accelerator.log({"train/first_step_s": seconds}, step=self.state.step)
-        self.clock(True)
 
     def log_window(self, lr: float, grad_norm: float) -> None:
         """The train/* scalars of the steps since the last call, to every tracker and the progress bar."""
@@ -551,13 +537,7 @@ class Trainer:
                 save_png(grid, os.path.join(self.run_dir, SAMPLES, f"{checkpoint_name(step)}.png"))
             accelerator.log({"eval/bits_per_dim": bits}, step=step)
         self.eval_bits_per_dim.append((step, bits))
-        self.last_eval_step = step
         accelerator.print(f"step {step}: eval {bits:.4f} bits/dim")
-
-    def meta(self) -> dict:
-        """What meta.json of a checkpoint records besides the step."""
-        return {"model_config": dataclasses.asdict(self.cfg.model), "image": self.manifest.image_info(),
-                "train_state": dataclasses.asdict(self.state), "run": self.run_record, "data": self.data_record}
 
     def checkpoint(self, export_only: bool = False) -> None:
         """A checkpoint folder of this step (every rank) and the export (main process); with
@@ -565,7 +545,9 @@ class Trainer:
         export_path = export_folder(self.run_dir)
         with preserved_rng():
             if not export_only:
-                save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.meta(),
+                meta = {"model_config": dataclasses.asdict(self.cfg.model), "image": self.manifest.image_info(),
+                        "train_state": dataclasses.asdict(self.state), "run": self.run_record, "data": self.data_record}
+                save_checkpoint(self.accelerator, self.run_dir, self.state.step, meta,
                                 self.cfg.train.keep_checkpoints, self.evaluated)
                 self.last_checkpoint_step = self.state.step
             if self.accelerator.is_main_process and not (export_only and is_complete(export_path)):
@@ -589,15 +571,14 @@ class Trainer:
         self.accelerator.print(f"training from step {state.step}", flush=True)
         self.bar = tqdm(total=self.max_steps, initial=state.step, desc="train", dynamic_ncols=True,
                         disable=not (self.accelerator.is_main_process and cfg.log.progress_bar))
-        began, first = time.perf_counter(), True
+        began = time.perf_counter()
         self.model.train()
         # A stop requested while starting up (or during the first evaluation) is honoured after one step.
         with contextlib.closing(self.bar):
             while state.step < self.max_steps:
                 any_stop, lr, grad_norm = self.step()
-                if first:
+                if self.clock_start is None:  # the process's first step: the clock has not started yet
                     self.report_first_step(began)
-                    first = False
                 else:
                     self.window_timed += 1
                 self.bar.update(1)
@@ -638,7 +619,7 @@ class Trainer:
                               f"{checkpoints_folder(self.run_dir)}; resume with --resume auto (exit {EXIT_STOPPED})")
             return EXIT_STOPPED
         # A stop request from here on comes too late to matter: the run finishes (exit 0).
-        if self.last_eval_step != state.step:
+        if state.step not in dict(self.eval_bits_per_dim):  # not evaluated at this step yet
             self.evaluate_and_log(with_samples=True)
         self.checkpoint(export_only=self.last_checkpoint_step == state.step)
         return 0
@@ -646,7 +627,7 @@ class Trainer:
     def check_replicas(self) -> str:
         """This rank's parameter digest, after checking that every rank holds the same weights."""
         digest = parameter_digest(self.net)
-        digests = gather_object([digest]) if self.world > 1 else [digest]
+        digests = gather_object([digest])
         print(f"rank {self.rank}/{self.world}: stopped at step {self.state.step}, parameter digest {digest[:16]}",
               flush=True)
         if len(set(digests)) != 1:

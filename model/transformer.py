@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from model.attention_layer import AttentionLayer
-from model.conditioning import ConditionEmbedding
+from model.conditioning import ConditionEmbedding, check_range
 from model.config import ModelConfig
 from model.heads import build_head
 from model.pretrained import load_weights, read_config, read_model_config, write_pretrained
@@ -83,20 +83,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, state=None, bias: Optional[torch.Tensor] = None):
         """x (B, L, d_model) -> (B, L, d_model); fills the layer state when one is given."""
-        residual, attention_film, feed_forward_film = self._split(None if bias is None else bias.unsqueeze(1))
-        if residual is not None:
-            x = x + residual
-        attended, state = self.attention(self._film(self.attention_norm(x), attention_film), state)
-        x = x + self.dropout(attended)
-        out = self.feed_forward(self._film(self.feed_forward_norm(x), feed_forward_film))
-        return x + self.dropout(out), state
+        return self._residual(x, self.attention, state, None if bias is None else bias.unsqueeze(1))
 
     def step(self, x: torch.Tensor, state, bias: Optional[torch.Tensor] = None):
         """One position x (B, d_model) through the recurrent twin."""
+        return self._residual(x, self.attention.step, state, bias)
+
+    def _residual(self, x: torch.Tensor, attend, state, bias: Optional[torch.Tensor]):
+        """The block around attend (the attention's parallel or recurrent form), for either path's shapes."""
         residual, attention_film, feed_forward_film = self._split(bias)
         if residual is not None:
             x = x + residual
-        attended, state = self.attention.step(self._film(_layer_norm(self.attention_norm, x), attention_film), state)
+        attended, state = attend(self._film(_layer_norm(self.attention_norm, x), attention_film), state)
         x = x + (self.dropout(attended) if self.training else attended)  # eval: spare two module calls
         out = self.feed_forward(self._film(_layer_norm(self.feed_forward_norm, x), feed_forward_film))
         return x + (self.dropout(out) if self.training else out), state
@@ -177,19 +175,11 @@ class ImageTransformer(nn.Module):
 
     # ---------------------------------------------------------------- parallel (training) path
     def check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:
-        """Validate an integer tensor [B, K] of bytes in [0, bins) and return it as long. On an
-        accelerator the range is asserted on the device: no host sync per training step (a bad byte
-        fails a later call there); on the host it is a ValueError."""
+        """Validate an integer tensor [B, K] of bytes in [0, bins) (conditioning.check_range) and return it as long."""
         if seq.dim() != 2 or seq.dtype.is_floating_point or seq.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor [B, K], got {tuple(seq.shape)} {seq.dtype}")
-        seq = seq.long()
-        if seq.device.type != "cpu":
-            torch._assert_async(((seq >= 0) & (seq < self.config.bins)).all(),
-                                f"{name} values must be in [0, {self.config.bins})")
-        elif seq.numel() and (seq.min() < 0 or seq.max() >= self.config.bins):
-            raise ValueError(f"{name} values must be in [0, {self.config.bins}), got "
-                             f"{seq.min().item()}..{seq.max().item()}")
-        return seq
+        check_range(seq, self.config.bins, f"{name} values")
+        return seq.long()
 
     def _embed(self, tokens: torch.Tensor, labels, captions, drop_condition=None):
         """[prefix] + [begin] + tokens (B, K) -> input embeddings (B, P + 1 + K, d_model), and the

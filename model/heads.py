@@ -97,9 +97,5 @@ class LogisticMixtureHead(nn.Module):
 
 
 def build_head(head: str, d_model: int, bins: int, mixtures: int) -> nn.Module:
-    """The head named `head` ('categorical' or 'logistic-mixture')."""
-    if head == "categorical":
-        return CategoricalHead(d_model, bins)
-    if head == "logistic-mixture":
-        return LogisticMixtureHead(d_model, bins, mixtures)
-    raise ValueError(f"unknown head {head!r} (choose categorical or logistic-mixture)")
+    """The head named `head` ('categorical' or 'logistic-mixture'; ModelConfig checked the name)."""
+    return CategoricalHead(d_model, bins) if head == "categorical" else LogisticMixtureHead(d_model, bins, mixtures)

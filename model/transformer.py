@@ -18,7 +18,7 @@ from model.attention_layer import AttentionLayer
 from model.conditioning import ConditionEmbedding, check_range
 from model.config import ModelConfig
 from model.heads import build_head
-from model.pretrained import load_weights, read_config, read_model_config, write_pretrained
+from model.pretrained import PretrainedMixin
 
 
 @dataclass
@@ -70,16 +70,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     @staticmethod
-    def _film(normed: torch.Tensor, modulation: Optional[tuple]) -> torch.Tensor:
+    def _film(normed: torch.Tensor, modulation: Optional[list]) -> torch.Tensor:
         """normed * (1 + scale) + shift where FiLM is on."""
         return normed if modulation is None else torch.addcmul(modulation[1], normed, 1 + modulation[0])
-
-    def _split(self, bias: Optional[torch.Tensor]) -> tuple:
-        """(residual bias, attention-norm (scale, shift), feed-forward-norm (scale, shift)), Nones where off."""
-        if bias is None or not self.film:
-            return bias, None, None
-        residual, *film = bias.chunk(5, dim=-1)
-        return residual, tuple(film[:2]), tuple(film[2:])
 
     def forward(self, x: torch.Tensor, state=None, bias: Optional[torch.Tensor] = None):
         """x (B, L, d_model) -> (B, L, d_model); fills the layer state when one is given."""
@@ -91,9 +84,12 @@ class Block(nn.Module):
 
     def _residual(self, x: torch.Tensor, attend, state, bias: Optional[torch.Tensor]):
         """The block around attend (the attention's parallel or recurrent form), for either path's shapes."""
-        residual, attention_film, feed_forward_film = self._split(bias)
-        if residual is not None:
-            x = x + residual
+        attention_film = feed_forward_film = None  # (scale, shift) of each normalised input under FiLM
+        if bias is not None and self.film:
+            bias, *modulation = bias.chunk(5, dim=-1)
+            attention_film, feed_forward_film = modulation[:2], modulation[2:]
+        if bias is not None:
+            x = x + bias
         attended, state = attend(self._film(_layer_norm(self.attention_norm, x), attention_film), state)
         x = x + (self.dropout(attended) if self.training else attended)  # eval: spare two module calls
         out = self.feed_forward(self._film(_layer_norm(self.feed_forward_norm, x), feed_forward_film))
@@ -108,7 +104,7 @@ def bits_per_dim(nats: float, n_bytes: float = 1.0) -> float:
     return float(nats) / float(n_bytes) / LN2
 
 
-class ImageTransformer(nn.Module):
+class ImageTransformer(PretrainedMixin, nn.Module):
     """Autoregressive model of byte sequences with an optional class/caption conditioning prefix.
 
     backend and chunk_size say how the attention runs (model.attention_ops), not what the model is:
@@ -155,24 +151,6 @@ class ImageTransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def save_pretrained(self, path, image: Optional[dict] = None, step: Optional[int] = None) -> None:
-        """Write the folder `path` (model.safetensors + config.json) atomically; image (the data's
-        manifest.image_info()) and step default to this model's image_info and trained_steps, and a
-        model with neither image nor image_info is a ValueError: the folder could not be sampled."""
-        write_pretrained(self, path, self.image_info if image is None else image,
-                         self.trained_steps if step is None else step)
-
-    @classmethod
-    def from_pretrained(cls, path, backend: str = "auto", chunk_size: int = 64,
-                        map_location="cpu") -> "ImageTransformer":
-        """The model save_pretrained wrote into folder `path`, in eval mode, with its image_info and
-        trained_steps, running on `backend`; ValueError (one line naming the file) for anything else."""
-        values = read_config(path)
-        net = cls(read_model_config(path, values), backend, chunk_size)
-        load_weights(net, path)
-        net.image_info, net.trained_steps = values["image"], values["step"]
-        return net.to(map_location).eval()
-
     # ---------------------------------------------------------------- parallel (training) path
     def check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:
         """Validate an integer tensor [B, K] of bytes in [0, bins) (conditioning.check_range) and return it as long."""
@@ -214,14 +192,11 @@ class ImageTransformer(nn.Module):
             return None
         return [block.condition_projection(condition) for block in self.blocks]
 
-    def _trunk(self, x: torch.Tensor, biases: Optional[list], states: Optional[list] = None):
-        """Run the blocks and the final norm over (B, T, d_model); fill states when given."""
-        new_states = []
+    def _trunk(self, x: torch.Tensor, biases: Optional[list], states: Optional[list] = None) -> torch.Tensor:
+        """Run the blocks and the final norm over (B, T, d_model); fill the layer states in place when given."""
         for index, block in enumerate(self.blocks):
-            x, layer_state = block(x, None if states is None else states[index],
-                                   None if biases is None else biases[index])
-            new_states.append(layer_state)
-        return self.final_norm(x), new_states
+            x, _ = block(x, None if states is None else states[index], None if biases is None else biases[index])
+        return self.final_norm(x)
 
     def forward(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 captions: Optional[Sequence[str]] = None, drop_condition: Optional[torch.Tensor] = None,
@@ -233,7 +208,7 @@ class ImageTransformer(nn.Module):
         if seq.shape[1] > self.config.seq_len:
             raise ValueError(f"seq has {seq.shape[1]} bytes, more than seq_len={self.config.seq_len}")
         x, condition = self._embed(seq[:, :-1], labels, captions, drop_condition)
-        hidden, _ = self._trunk(x, self._condition_biases(condition))
+        hidden = self._trunk(x, self._condition_biases(condition))
         logits = self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
         # the head's nll evaluates only the target level (the mixture never builds (B, L, bins, K))
         return self.head.nll(logits, seq) if return_nll else logits
@@ -295,7 +270,7 @@ class ImageTransformer(nn.Module):
                              f"{self.config.seq_len - 1} leave a byte to predict")
         x, condition = self._embed(prefix, labels, captions, drop_condition)
         biases = self._condition_biases(condition)  # once: the prefix pass and every later step use them
-        hidden, state.layers = self._trunk(x, biases, state.layers)
+        hidden = self._trunk(x, biases, state.layers)
         state.position = hidden.shape[1]
         state.condition_biases = biases
         if self.byte_conv is not None:

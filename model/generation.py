@@ -238,10 +238,9 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
                          f"one has condition {net.config.condition!r}")
     seq_len = net.config.seq_len
     device = next(net.parameters()).device
-    if labels is not None and len(labels) != n_images:
-        raise ValueError(f"labels has {len(labels)} entries for {n_images} images")
-    if captions is not None and len(captions) != n_images:
-        raise ValueError(f"captions has {len(captions)} entries for {n_images} images")
+    for name, given in (("labels", labels), ("captions", captions)):
+        if given is not None and len(given) != n_images:
+            raise ValueError(f"{name} has {len(given)} entries for {n_images} images")
     if prefix is not None and (prefix.dim() != 2 or prefix.shape[0] != n_images or prefix.shape[1] > seq_len):
         raise ValueError(f"prefix shape {tuple(prefix.shape)} does not fit {n_images} images of {seq_len} bytes")
     start = 0 if prefix is None else prefix.shape[1]

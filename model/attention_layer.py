@@ -69,11 +69,6 @@ class AttentionLayer(nn.Module):
             self.output_norm = nn.RMSNorm(d_value, eps=1e-5)
             self.output_gate = nn.Linear(d_model, n_heads * d_value)
 
-    @property
-    def graph_safe(self) -> bool:
-        """Whether step() may be captured in a CUDA graph (all but softmax, whose cache length moves)."""
-        return self.kind != "softmax"
-
     def _project(self, x: torch.Tensor) -> tuple:
         """x (..., d_model) -> q, k (through the kind's feature map), v (..., H, K or V) and the gates g
         (..., H[, K]) and beta (..., H), None where the kind has none."""
@@ -121,10 +116,7 @@ class AttentionLayer(nn.Module):
     def _load_state(self, state, final) -> None:
         """Copy the parallel pass's final state into `state` in place (its buffers stay where they are)."""
         if isinstance(state, KVCache):
-            keys, values = final  # (B, H, L, D)
-            if keys.shape[2] > state.keys.shape[2]:
-                raise ValueError(f"prefix of {keys.shape[2]} positions does not fit a KV cache of "
-                                 f"{state.keys.shape[2]}")
+            keys, values = final  # (B, H, L, D); L < max_len: prefill() leaves a byte to predict
             state.keys[:, :, :keys.shape[2]] = keys
             state.values[:, :, :keys.shape[2]] = values
             state.length = keys.shape[2]

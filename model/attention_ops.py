@@ -363,9 +363,8 @@ def softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None, 
 def softmax_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  length: int) -> torch.Tensor:
     """One position of softmax over a KV cache (B, H, max_len, D) holding `length` positions: writes k, v
-    at `length` and returns (B, H, V). Not graph-safe: the length is a Python int that moves."""
-    if length >= keys.shape[2]:
-        raise ValueError(f"KV cache is full ({length} positions)")
+    at `length` and returns (B, H, V). Not graph-safe: the length is a Python int that moves. (A full cache
+    is ImageTransformer.step's error: the image is complete.)"""
     keys[:, :, length] = k
     values[:, :, length] = v
     out = F.scaled_dot_product_attention(q.unsqueeze(2).to(keys.dtype), keys[:, :, :length + 1],

@@ -93,11 +93,8 @@ class _WarmUpClock:
 
 
 def image_uniforms(seed: int, image_indices: list[int], length: int) -> torch.Tensor:
-    """One uniform in [0, 1) per (image, byte), drawn from a stream seeded by (seed, image index).
-
-    Keying the stream by the image's position in the request (not by its batch) makes the same seed
-    give the same images whatever the batch size, and in either mode.
-    """
+    """One uniform in [0, 1) per (image, byte), drawn from a stream seeded by (seed, image index): keyed
+    by the image's place in the request, not by its batch (see the module docstring)."""
     rows = [np.random.default_rng([seed, index]).random(length) for index in image_indices]
     return torch.from_numpy(np.stack(rows))  # (B, L) float64
 

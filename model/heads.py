@@ -68,8 +68,7 @@ class LogisticMixtureHead(nn.Module):
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Normalized log-probabilities over all levels (..., bins), fp32."""
-        levels = torch.arange(self.bins, device=logits.device)
-        return self._log_prob_of(logits, levels)
+        return self._log_prob_of(logits, torch.arange(self.bins, device=logits.device))
 
     def sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """One level per row of logits (B, 3K) from one uniform per row (B,) in [0, 1): exactly the

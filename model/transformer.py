@@ -254,10 +254,8 @@ class ImageTransformer(PretrainedMixin, nn.Module):
     def prefill(self, state: RecurrentState, labels: Optional[torch.Tensor] = None,
                 captions: Optional[Sequence[str]] = None, prefix: Optional[torch.Tensor] = None,
                 drop_condition: Optional[torch.Tensor] = None):
-        """Read the condition, the begin token and K given bytes in one parallel pass.
-
-        Returns logits [B, head_dim] predicting byte K, and the state ready for step().
-        """
+        """Read the condition, the begin token and K given bytes in one parallel pass; return logits
+        [B, head_dim] predicting byte K, and the state ready for step()."""
         batch = state.batch_size
         device = self.byte_embedding.weight.device
         if prefix is None:
@@ -311,20 +309,16 @@ class ImageTransformer(PretrainedMixin, nn.Module):
 
     @property
     def graph_safe(self) -> bool:
-        """Whether step_at() may be captured in a CUDA graph (every layer's recurrent twin allows it)."""
-        return all(block.attention.graph_safe for block in self.blocks)
+        """Whether step_at() may be captured in a CUDA graph: every kind's but softmax's, whose cache length moves."""
+        return self.config.attention != "softmax"
 
-    @torch.no_grad()
     def generate(self, n: int, labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None,
                  prefix: Optional[torch.Tensor] = None, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  batch_size: Optional[int] = None, seed: Optional[int] = None, guidance: float = 1.0) -> torch.Tensor:
-        """Sample n sequences LongTensor [n, L] (on the model's device); given prefix bytes are kept.
-
-        The one generation path (model.generation): image i draws from a stream seeded by (seed, i),
-        so the same seed gives the same images at any batch size, here, in the trainer's grids and
-        from lit-sample. Without a seed, one is drawn from `generator` (else 0).
-        """
+        """Sample n sequences LongTensor [n, L] (on the model's device); given prefix bytes are kept. The one
+        generation path (model.generation.generate_images, no_grad): a seed gives the same images at any
+        batch size, here, in the trainer's grids and from lit-sample; no seed: one drawn from `generator` (else 0)."""
         from model.generation import SamplingOptions, generate_images  # generation calls back into this class
 
         if seed is None:

@@ -58,9 +58,7 @@ class Block(nn.Module):
         self.attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.d_query, cfg.d_value, cfg.attention,
                                         backend, chunk_size)
         self.feed_forward_norm = nn.LayerNorm(cfg.d_model)
-        # the condition's share of this block: "blocks" adds it to the residual stream at the block's
-        # start; "film" also scales and shifts both normalised inputs (FiLM / adaptive LayerNorm).
-        # Zero at initialisation, so a fresh model starts as the prefix-only one.
+        # the condition's share of this block, "blocks" or "film" (model.config.CONDITION_INJECTIONS says how)
         width = {"blocks": 1, "film": 5}.get(cfg.condition_inject, 0)
         self.film = cfg.condition_inject == "film"
         self.condition_projection = (nn.Linear(cfg.d_model, width * cfg.d_model)

@@ -56,11 +56,10 @@ class LogisticMixtureHead(nn.Module):
         inv_scale = torch.exp(-log_scales)
         upper = inv_scale * (x - means + half_width)  # (..., M, K)
         lower = inv_scale * (x - means - half_width)
-        # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(-(a - b))): no cancellation
-        log_middle = (F.logsigmoid(upper) + F.logsigmoid(-lower)
-                      + torch.log(-torch.expm1(-2.0 * half_width * inv_scale)))
         log_first = F.logsigmoid(upper)   # CDF(upper) - CDF(-inf)
         log_last = F.logsigmoid(-lower)   # CDF(+inf) - CDF(lower)
+        # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(-(a - b))): no cancellation
+        log_middle = log_first + log_last + torch.log(-torch.expm1(-2.0 * half_width * inv_scale))
         levels = levels.unsqueeze(-1)
         log_component = torch.where(levels == 0, log_first,
                                     torch.where(levels == self.bins - 1, log_last, log_middle))

@@ -38,10 +38,9 @@ class RecurrentState:
 
     def nbytes(self) -> int:
         """Memory held by the state's tensors, in bytes."""
-        held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
-                if isinstance(getattr(layer, f.name), torch.Tensor)]
-        held += [t for t in (self.condition_input, self.recent_embeddings) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held + list(self.condition_biases or []))
+        held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)]
+        held += [self.condition_input, self.recent_embeddings, *(self.condition_biases or [])]
+        return sum(t.nbytes for t in held if isinstance(t, torch.Tensor))
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:

@@ -69,30 +69,27 @@ class AttentionLayer(nn.Module):
             self.output_norm = nn.RMSNorm(d_value, eps=1e-5)
             self.output_gate = nn.Linear(d_model, n_heads * d_value)
 
-    @property
-    def graph_safe(self) -> bool:
-        """Whether step() may be captured in a CUDA graph (all but softmax, whose cache length moves)."""
-        return self.kind != "softmax"
-
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """The kind's map of q or k (..., K)."""
+    def _project(self, x: torch.Tensor) -> tuple:
+        """x (..., d_model) -> q, k (through the kind's feature map), v (..., H, K or V) and the gates g
+        (..., H[, K]) and beta (..., H), None where the kind has none."""
+        # functional calls on the same weights: at sampling's small batches a module call's own
+        # overhead costs as much as the product
+        shape = (*x.shape[:-1], self.n_heads)
+        q, k, v = (F.linear(x, projection.weight, projection.bias).view(*shape, -1)
+                   for projection in (self.query_projection, self.key_projection, self.value_projection))
         if self.kind == "causal-linear":
-            return ops.elu_feature_map(x)
-        if self.kind in DELTA:  # unit keys keep the delta rule's write a projection (fla: silu, then L2)
-            return F.normalize(F.silu(x), dim=-1, eps=1e-6)
-        return x
-
-    def _gates(self, x: torch.Tensor, shape: tuple):
-        """(g, beta) for input x (..., d_model), each viewed as shape + (heads[, K]), None where unused."""
+            q, k = ops.elu_feature_map(q), ops.elu_feature_map(k)
+        elif self.kind in DELTA:  # unit keys keep the delta rule's write a projection (fla: silu, then L2)
+            q, k = (F.normalize(F.silu(t), dim=-1, eps=1e-6) for t in (q, k))
         g = beta = None
         if self.kind in DECAYED:
             g = (F.logsigmoid(F.linear(x, self.gate_projection.weight, self.gate_projection.bias).float())
-                 / GATE_NORMALISER).view(*shape, self.n_heads, -1)
+                 / GATE_NORMALISER).view(*shape, -1)
             g = g if self.kind == "gla" else g.squeeze(-1)
         if self.kind in DELTA:
             beta = torch.sigmoid(F.linear(x, self.beta_projection.weight, self.beta_projection.bias).float())
-            beta = beta.view(*shape, self.n_heads)
-        return g, beta
+            beta = beta.view(shape)
+        return q, k, v, g, beta
 
     def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Heads (..., H, V) -> the layer's output (..., d_model), through the norm and gate where the kind has them."""
@@ -103,17 +100,13 @@ class AttentionLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, state=None):
         """Attend over x (B, L, d_model); when a layer state is given, it is set to the state after x."""
-        batch, length = x.shape[:2]
-        q, k, v = (projection(x).view(batch, length, self.n_heads, -1)  # (B, L, H, K or V)
-                   for projection in (self.query_projection, self.key_projection, self.value_projection))
-        q, k = self._features(q), self._features(k)
+        q, k, v, g, beta = self._project(x)  # (B, L, H, K or V), gates (B, L, H[, K])
         keep = state is not None
         if self.kind == "causal-linear":
             o, final = ops.causal_linear_attn(q, k, v, self.scale, None, keep, self.backend, self.chunk_size)
         elif self.kind == "softmax":
             o, final = ops.softmax_attn(q, k, v, None, None, keep)
         else:
-            g, beta = self._gates(x, (batch, length))
             o, final = ops.linear_recurrence(self.kind, q, k, v, g, beta, self.scale, None, keep, self.backend,
                                              self.chunk_size)
         if keep:
@@ -123,10 +116,7 @@ class AttentionLayer(nn.Module):
     def _load_state(self, state, final) -> None:
         """Copy the parallel pass's final state into `state` in place (its buffers stay where they are)."""
         if isinstance(state, KVCache):
-            keys, values = final  # (B, H, L, D)
-            if keys.shape[2] > state.keys.shape[2]:
-                raise ValueError(f"prefix of {keys.shape[2]} positions does not fit a KV cache of "
-                                 f"{state.keys.shape[2]}")
+            keys, values = final  # (B, H, L, D); L < max_len: prefill() leaves a byte to predict
             state.keys[:, :, :keys.shape[2]] = keys
             state.values[:, :, :keys.shape[2]] = values
             state.length = keys.shape[2]
@@ -147,17 +137,12 @@ class AttentionLayer(nn.Module):
 
     def step(self, x: torch.Tensor, state):
         """One position x (B, d_model) through the recurrent form -> (B, d_model), state (updated in place)."""
-        # functional calls on the same weights: at sampling's small batches a module call's own
-        # overhead costs as much as the product
-        batch, heads = x.shape[0], self.n_heads
-        q, k, v = (F.linear(x, projection.weight, projection.bias).view(batch, heads, -1)
-                   for projection in (self.query_projection, self.key_projection, self.value_projection))
+        q, k, v, g, beta = self._project(x)  # (B, H, K or V), gates (B, H[, K])
         if self.kind == "causal-linear":
-            o = ops.causal_linear_step(ops.elu_feature_map(q), ops.elu_feature_map(k), v, (state.S, state.z))
+            o = ops.causal_linear_step(q, k, v, (state.S, state.z))
         elif self.kind == "softmax":
             o = ops.softmax_step(q, k, v, state.keys, state.values, state.length)
             state.length += 1
         else:
-            g, beta = self._gates(x, (batch,))
-            o = ops.recurrent_step(self._features(q), self._features(k), v, state.S, g, beta, self.scale)
+            o = ops.recurrent_step(q, k, v, state.S, g, beta, self.scale)
         return self._output(o if o.dtype == x.dtype else o.to(x.dtype), x), state

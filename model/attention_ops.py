@@ -285,28 +285,26 @@ def chunked_recurrence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g=None
             return t.reshape(batch, heads, n_chunks, chunk_size, *([width] if width else []))
 
         q, k, v = chunks(q * scale, d_key), chunks(k, d_key), chunks(v, d_value)
-        log_decay = (torch.zeros(batch, heads, n_chunks, chunk_size, device=q.device) if g is None
-                     else chunks(g, d_key if per_dim else 0)).cumsum(3)  # b: (B, H, N, C[, K])
+        log_decay = (torch.zeros(batch, heads, n_chunks, chunk_size, 1, device=q.device) if g is None
+                     else chunks(g, d_key if per_dim else 1)).cumsum(3)  # b: (B, H, N, C, K or 1)
         rows = torch.arange(chunk_size, device=q.device)
+        gaps = log_decay.unsqueeze(4) - log_decay.unsqueeze(3)  # b_t - b_s (B, H, N, C, C, K or 1)
+
+        def decays(reads):  # exp(b_t - b_s) where position t reads s (C, C), else 0: (B, H, N, C, C, K or 1)
+            return gaps.masked_fill(~reads.unsqueeze(-1), float("-inf")).exp()
+
         causal = rows.unsqueeze(1) >= rows  # (C, C): position t reads s <= t
-        gaps = log_decay.unsqueeze(4) - log_decay.unsqueeze(3)  # b_t - b_s (B, H, N, C, C[, K])
-        last = log_decay[:, :, :, -1:]  # (B, H, N, 1[, K])
-        if per_dim:
-            gaps = gaps.masked_fill(~causal.unsqueeze(-1), float("-inf")).exp()
-            scores = torch.einsum("bhntd,bhnsd,bhntsd->bhnts", q, k, gaps)
-            q_in, k_out, carry = q * log_decay.exp(), k * (last - log_decay).exp(), last.transpose(-1, -2).exp()
-        else:
-            scores = (q @ k.transpose(-1, -2)) * gaps.masked_fill(~causal, float("-inf")).exp()
-            q_in = q * log_decay.exp().unsqueeze(-1)
-            k_out, carry = k * (last - log_decay).exp().unsqueeze(-1), last.exp().unsqueeze(-1)
+        scores = (torch.einsum("bhntd,bhnsd,bhntsd->bhnts", q, k, decays(causal)) if per_dim
+                  else (q @ k.transpose(-1, -2)) * decays(causal).squeeze(-1))
+        last = log_decay[:, :, :, -1:]  # (B, H, N, 1, K or 1)
+        q_in, k_out, carry = q * log_decay.exp(), k * (last - log_decay).exp(), last.transpose(-1, -2).exp()
         if beta is not None:  # (I + diag(beta) strict_tril(K K^T * decay)) U = beta (V - decay K S0)
-            strict = rows.unsqueeze(1) > rows
             beta = chunks(beta, 0).unsqueeze(-1)  # (B, H, N, C, 1)
             system = torch.eye(chunk_size, device=q.device) + beta * (
-                (k @ k.transpose(-1, -2)) * gaps.masked_fill(~strict, float("-inf")).exp())
-            decayed_k = k * log_decay.exp().unsqueeze(-1)  # scalar decay only (fla's delta kernels take no per-dim g)
-            solved = torch.linalg.solve_triangular(system, beta * torch.cat([v, decayed_k], -1), upper=False,
-                                                   unitriangular=True)
+                (k @ k.transpose(-1, -2)) * decays(rows.unsqueeze(1) > rows).squeeze(-1))
+            # k * exp(b) is q_in's decay on k: scalar only (fla's delta kernels take no per-dim g)
+            solved = torch.linalg.solve_triangular(system, beta * torch.cat([v, k * log_decay.exp()], -1),
+                                                   upper=False, unitriangular=True)
             writes_v, writes_k = solved.split([d_value, d_key], dim=-1)  # U = writes_v - writes_k S0
         state = (torch.zeros(batch, heads, d_key, d_value, device=q.device) if initial_state is None
                  else initial_state.float())
@@ -365,9 +363,8 @@ def softmax_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None, 
 def softmax_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                  length: int) -> torch.Tensor:
     """One position of softmax over a KV cache (B, H, max_len, D) holding `length` positions: writes k, v
-    at `length` and returns (B, H, V). Not graph-safe: the length is a Python int that moves."""
-    if length >= keys.shape[2]:
-        raise ValueError(f"KV cache is full ({length} positions)")
+    at `length` and returns (B, H, V). Not graph-safe: the length is a Python int that moves. (A full cache
+    is ImageTransformer.step's error: the image is complete.)"""
     keys[:, :, length] = k
     values[:, :, length] = v
     out = F.scaled_dot_product_attention(q.unsqueeze(2).to(keys.dtype), keys[:, :, :length + 1],

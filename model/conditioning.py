@@ -11,6 +11,15 @@ CAPTION_PAD = 256   # after the 256 byte values
 CAPTION_NULL = 257  # every position of a dropped or absent caption
 
 
+def check_range(values: torch.Tensor, upper: int, what: str) -> None:
+    """Check integer values lie in [0, upper): on an accelerator asserted on the device (no host sync per
+    training step; a bad value fails a later call there), on the host a ValueError."""
+    if values.device.type != "cpu":
+        torch._assert_async(((values >= 0) & (values < upper)).all(), f"{what} must be in [0, {upper})")
+    elif values.numel() and (values.min() < 0 or values.max() >= upper):
+        raise ValueError(f"{what} must be in [0, {upper}), got {values.min().item()}..{values.max().item()}")
+
+
 def encode_captions(captions: Sequence[str], caption_len: int) -> torch.Tensor:
     """UTF-8 bytes of each caption padded to caption_len -> LongTensor [B, caption_len]."""
     out = torch.full((len(captions), caption_len), CAPTION_PAD, dtype=torch.long)
@@ -70,12 +79,7 @@ class ConditionEmbedding(nn.Module):
                 classes = torch.as_tensor(labels).long().reshape(-1)
                 if classes.shape[0] != batch:
                     raise ValueError(f"labels has {classes.shape[0]} entries for a batch of {batch}")
-                if classes.device.type != "cpu":  # asserted on the device: no host sync per training step
-                    torch._assert_async(((classes >= 0) & (classes < self.n_classes)).all(),
-                                        f"labels must be in [0, {self.n_classes})")
-                elif classes.numel() and (classes.min() < 0 or classes.max() >= self.n_classes):
-                    raise ValueError(f"labels must be in [0, {self.n_classes}), got "
-                                     f"{classes.min().item()}..{classes.max().item()}")
+                check_range(classes, self.n_classes, "labels")
                 classes = classes.to(device, non_blocking=True)  # a blocking copy would sync the stream
                 classes = classes.masked_fill(self._dropped(batch, device, drop), self.n_classes)
             embedded = self.class_embedding(classes)  # (B, d)

@@ -48,9 +48,36 @@ class ModelConfig:
     row_len: Union[int, str] = 0
 
     def __post_init__(self) -> None:
+        """Resolve d_value and validate every field: a ValueError naming the first bad key."""
         if self.d_value is None:
             self.d_value = self.d_query
-        self._validate()
+
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"model.{name}={getattr(self, name)!r} {why}")
+
+        int_minimums = {"bins": 2, "seq_len": 1, "n_layers": 1, "n_heads": 1, "d_query": 1,
+                        "d_value": 1, "d_ff": 1, "mixtures": 1, "n_classes": 1,
+                        "caption_len": 1, "conv_kernel": 0, **({} if self.row_len == "auto" else {"row_len": 0})}
+        for name, minimum in int_minimums.items():
+            value = getattr(self, name)
+            # bool is an int subclass; True as a layer count is a typo, not a number
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, "must be an integer")
+            if value < minimum:
+                fail(name, f"must be >= {minimum}")
+        for name in ("dropout", "condition_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                fail(name, "must be a number")
+            if not 0.0 <= value <= 1.0:
+                fail(name, "must be in [0, 1]")
+            setattr(self, name, float(value))
+        for name, choices in (("attention", KINDS), ("head", HEADS),
+                              ("condition", CONDITIONS), ("condition_inject", CONDITION_INJECTIONS)):
+            if getattr(self, name) not in choices:
+                fail(name, f"must be one of {', '.join(choices)}")
+        if self.dropout >= 1.0:
+            fail("dropout", "must be < 1")
 
     @property
     def d_model(self) -> int:
@@ -83,31 +110,3 @@ class ModelConfig:
             if key not in known:
                 raise ValueError(f"model config: unknown key {key!r} (known: {', '.join(sorted(known))})")
         return cls(**values)
-
-    def _validate(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise ValueError(f"model.{name}={getattr(self, name)!r} {why}")
-
-        int_minimums = {"bins": 2, "seq_len": 1, "n_layers": 1, "n_heads": 1, "d_query": 1,
-                        "d_value": 1, "d_ff": 1, "mixtures": 1, "n_classes": 1,
-                        "caption_len": 1, "conv_kernel": 0, **({} if self.row_len == "auto" else {"row_len": 0})}
-        for name, minimum in int_minimums.items():
-            value = getattr(self, name)
-            # bool is an int subclass; True as a layer count is a typo, not a number
-            if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, "must be an integer")
-            if value < minimum:
-                fail(name, f"must be >= {minimum}")
-        for name in ("dropout", "condition_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                fail(name, "must be a number")
-            if not 0.0 <= value <= 1.0:
-                fail(name, "must be in [0, 1]")
-            setattr(self, name, float(value))
-        for name, choices in (("attention", KINDS), ("head", HEADS),
-                              ("condition", CONDITIONS), ("condition_inject", CONDITION_INJECTIONS)):
-            if getattr(self, name) not in choices:
-                fail(name, f"must be one of {', '.join(choices)}")
-        if self.dropout >= 1.0:
-            fail("dropout", "must be < 1")

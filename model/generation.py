@@ -93,11 +93,8 @@ class _WarmUpClock:
 
 
 def image_uniforms(seed: int, image_indices: list[int], length: int) -> torch.Tensor:
-    """One uniform in [0, 1) per (image, byte), drawn from a stream seeded by (seed, image index).
-
-    Keying the stream by the image's position in the request (not by its batch) makes the same seed
-    give the same images whatever the batch size, and in either mode.
-    """
+    """One uniform in [0, 1) per (image, byte), drawn from a stream seeded by (seed, image index): keyed
+    by the image's place in the request, not by its batch (see the module docstring)."""
     rows = [np.random.default_rng([seed, index]).random(length) for index in image_indices]
     return torch.from_numpy(np.stack(rows))  # (B, L) float64
 
@@ -159,55 +156,6 @@ def _compiled_step():
     return torch.compile(_recurrent_step, backend=COMPILE_BACKEND, dynamic=False)
 
 
-class _StepLoop:
-    """Draws bytes first..L-1 one recurrent step each, from static buffers and in-place state.
-
-    The loop body has no host sync and allocates nothing that outlives it, so on CUDA (for models
-    whose recurrent twin is graph-safe) one step is captured in a CUDA graph and replayed for every
-    byte: one launch per byte instead of a few hundred, which is what limits sampling at these
-    model sizes. Elsewhere the same body runs eagerly, so CPU tests cover it.
-    """
-
-    def __init__(self, net, state, out: torch.Tensor, uniforms: torch.Tensor, options: SamplingOptions,
-                 first: int):
-        self.net, self.state, self.out, self.uniforms, self.options = net, state, out, uniforms, options
-        copies = state.batch_size // out.shape[0]  # 2 under guidance
-        self.byte = out[:, first - 1].repeat(copies)  # (R,) the byte the next step reads
-        self.t = torch.tensor([first], device=out.device)  # index of the byte drawn next, (1,)
-        self.token_offset = net.prefix_len  # byte t - 1 sits at token position prefix_len + t
-
-    def _body(self) -> None:
-        step = _compiled_step() if self.options.compile else _recurrent_step
-        step(self.net, self.state, self.byte, self.t, self.token_offset, self.out, self.uniforms, self.options)
-
-    def run(self, count: int, advance, use_graph: bool) -> None:
-        """Run `count` steps, calling advance(batch) after each."""
-        batch = self.out.shape[0]
-        if not use_graph:
-            for _ in range(count):
-                self._body()
-                advance(batch)
-            return
-        # Eager warm-up steps on a side stream (as torch.cuda.graph asks): real bytes, and they settle
-        # cuBLAS workspaces and the allocator before capture.
-        warmup = min(count, 2)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                self._body()
-                advance(batch)
-        torch.cuda.current_stream().wait_stream(side)
-        if count == warmup:
-            return
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # records one step; runs nothing, so the state does not move
-            self._body()
-        for _ in range(count - warmup):
-            graph.replay()
-            advance(batch)
-
-
 def _condition_rows(labels, captions, batch: int, guidance: float) -> tuple[dict, int]:
     """The model's keyword arguments for one batch and its rows per image: under guidance every image
     has a conditional row and, after all of those, an unconditional one."""
@@ -219,16 +167,48 @@ def _condition_rows(labels, captions, batch: int, guidance: float) -> tuple[dict
 
 
 def _generate_recurrent(net, out, start, condition, copies, uniforms, options, advance):
-    """Fill out[:, start:] with the recurrent twin: prefill the prefix, then one step per byte."""
+    """Fill out[:, start:] with the recurrent twin: prefill the prefix, then one step per byte.
+
+    The step has no host sync and allocates nothing that outlives it, so on CUDA (for models whose
+    recurrent twin is graph-safe) one step is captured in a CUDA graph and replayed for every byte:
+    one launch per byte instead of a few hundred, which is what limits sampling at these model
+    sizes. Elsewhere the same step runs eagerly, so CPU tests cover it.
+    """
     batch, seq_len = out.shape
     state = net.init_state(batch * copies)
     prefix = out[:, :start].repeat(copies, 1) if start > 0 else None
     logits, state = net.prefill(state, prefix=prefix, **condition)
     out[:, start] = next_byte(net, logits, uniforms[:, start], options)  # (B,)
     advance(batch)
-    if start + 1 < seq_len:  # O(1) work per byte from here on, whatever the position
-        use_graph = options.cuda_graph and out.is_cuda and net.graph_safe
-        _StepLoop(net, state, out, uniforms, options, start + 1).run(seq_len - start - 1, advance, use_graph)
+    count = seq_len - start - 1  # O(1) work per byte from here on, whatever the position
+    byte = out[:, start].repeat(copies)  # (R,) the byte the next step reads
+    t = torch.tensor([start + 1], device=out.device)  # index of the byte drawn next, (1,)
+    # byte t - 1 sits at token position prefix_len + t
+    step = functools.partial(_compiled_step() if options.compile else _recurrent_step,
+                             net, state, byte, t, net.prefix_len, out, uniforms, options)
+    if count == 0 or not (options.cuda_graph and out.is_cuda and net.graph_safe):
+        for _ in range(count):
+            step()
+            advance(batch)
+        return
+    # Eager warm-up steps on a side stream (as torch.cuda.graph asks): real bytes, and they settle
+    # cuBLAS workspaces and the allocator before capture.
+    warmup = min(count, 2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+            advance(batch)
+    torch.cuda.current_stream().wait_stream(side)
+    if count == warmup:
+        return
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # records one step; runs nothing, so the state does not move
+        step()
+    for _ in range(count - warmup):
+        graph.replay()
+        advance(batch)
 
 
 def _generate_parallel(net, out, start, condition, copies, uniforms, options, advance):
@@ -255,10 +235,9 @@ def generate_images(net: torch.nn.Module, n_images: int, options: SamplingOption
                          f"one has condition {net.config.condition!r}")
     seq_len = net.config.seq_len
     device = next(net.parameters()).device
-    if labels is not None and len(labels) != n_images:
-        raise ValueError(f"labels has {len(labels)} entries for {n_images} images")
-    if captions is not None and len(captions) != n_images:
-        raise ValueError(f"captions has {len(captions)} entries for {n_images} images")
+    for name, given in (("labels", labels), ("captions", captions)):
+        if given is not None and len(given) != n_images:
+            raise ValueError(f"{name} has {len(given)} entries for {n_images} images")
     if prefix is not None and (prefix.dim() != 2 or prefix.shape[0] != n_images or prefix.shape[1] > seq_len):
         raise ValueError(f"prefix shape {tuple(prefix.shape)} does not fit {n_images} images of {seq_len} bytes")
     start = 0 if prefix is None else prefix.shape[1]

@@ -56,11 +56,10 @@ class LogisticMixtureHead(nn.Module):
         inv_scale = torch.exp(-log_scales)
         upper = inv_scale * (x - means + half_width)  # (..., M, K)
         lower = inv_scale * (x - means - half_width)
-        # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(-(a - b))): no cancellation
-        log_middle = (F.logsigmoid(upper) + F.logsigmoid(-lower)
-                      + torch.log(-torch.expm1(-2.0 * half_width * inv_scale)))
         log_first = F.logsigmoid(upper)   # CDF(upper) - CDF(-inf)
         log_last = F.logsigmoid(-lower)   # CDF(+inf) - CDF(lower)
+        # sigmoid(a) - sigmoid(b) = sigmoid(a) sigmoid(-b) (1 - exp(-(a - b))): no cancellation
+        log_middle = log_first + log_last + torch.log(-torch.expm1(-2.0 * half_width * inv_scale))
         levels = levels.unsqueeze(-1)
         log_component = torch.where(levels == 0, log_first,
                                     torch.where(levels == self.bins - 1, log_last, log_middle))
@@ -68,8 +67,7 @@ class LogisticMixtureHead(nn.Module):
 
     def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Normalized log-probabilities over all levels (..., bins), fp32."""
-        levels = torch.arange(self.bins, device=logits.device)
-        return self._log_prob_of(logits, levels)
+        return self._log_prob_of(logits, torch.arange(self.bins, device=logits.device))
 
     def sample(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """One level per row of logits (B, 3K) from one uniform per row (B,) in [0, 1): exactly the
@@ -97,9 +95,5 @@ class LogisticMixtureHead(nn.Module):
 
 
 def build_head(head: str, d_model: int, bins: int, mixtures: int) -> nn.Module:
-    """The head named `head` ('categorical' or 'logistic-mixture')."""
-    if head == "categorical":
-        return CategoricalHead(d_model, bins)
-    if head == "logistic-mixture":
-        return LogisticMixtureHead(d_model, bins, mixtures)
-    raise ValueError(f"unknown head {head!r} (choose categorical or logistic-mixture)")
+    """The head named `head` ('categorical' or 'logistic-mixture'; ModelConfig checked the name)."""
+    return CategoricalHead(d_model, bins) if head == "categorical" else LogisticMixtureHead(d_model, bins, mixtures)

@@ -22,18 +22,17 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
-def resolve_precision(setting: str, device: torch.device) -> str:
-    """train.mixed_precision as accelerate takes it: `auto` becomes bf16 or no; the rest pass through."""
-    if setting != "auto":
-        return setting
-    return "bf16" if native_bf16(device) else "no"
+def resolve_precision(setting: str, device: torch.device, fallback: str = "no") -> str:
+    """A precision setting as it runs here: `auto` becomes bf16 where the device computes it natively, else
+    `fallback` (accelerate's "no" for train.mixed_precision); the rest pass through."""
+    return ("bf16" if native_bf16(device) else fallback) if setting == "auto" else setting
 
 
 def sampling_precision(precision: str, device: torch.device) -> str:
     """--precision as it runs here: `auto` becomes bf16 where the device computes it natively, else fp32."""
     if precision not in PRECISIONS:  # e.g. the trainer's "no" or "fp16": never silently bf16
         raise ValueError(f"precision {precision!r}: must be one of {', '.join(PRECISIONS)}")
-    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
+    return resolve_precision(precision, device, "fp32")
 
 
 def autocast(device: torch.device, precision: str):

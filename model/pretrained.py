@@ -1,7 +1,7 @@
 """The one stored-model format: a folder with model.safetensors and config.json, written atomically.
 
 config.json: {"format": 2, "model_config": {...}, "image": {...}, "step": N}. Nothing is pickled.
-ImageTransformer.save_pretrained / from_pretrained are the entry points; this module holds the files.
+ImageTransformer.save_pretrained / from_pretrained (PretrainedMixin, below) are the entry points.
 Not huggingface_hub's PyTorchModelHubMixin (2.4): its save_pretrained writes into the final folder in
 place (deleting config.json first, then a README.md model card besides), so a crash leaves a mixture,
 and its config.json is the __init__ arguments, not this format; keeping both would override everything
@@ -40,29 +40,6 @@ def image_problem(image, config: ModelConfig) -> Optional[str]:
     return None
 
 
-def write_pretrained(net: nn.Module, path, image: Optional[dict], step: int) -> None:
-    """Write net's weights and net.config as the folder `path` (built in PATH.tmp-XXXX, then renamed)."""
-    problem = image_problem(image, net.config)
-    if problem:  # the sampler could not read the folder back: refuse now, not at sampling time
-        raise ValueError(f"save_pretrained({path}): {problem}; pass image=, the data's image info "
-                         "(manifest.image_info())")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(f"{path}.tmp-{secrets.token_hex(4)}")
-    temporary.mkdir()
-    try:
-        save_model(net, str(temporary / WEIGHTS_NAME), force_contiguous=True)  # tied tensors stored once
-        payload = {"format": FORMAT, "model_config": dataclasses.asdict(net.config), "image": image,
-                   "step": int(step)}
-        (temporary / CONFIG_NAME).write_text(json.dumps(payload, indent=2), encoding="utf-8")
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            fsync_file(temporary / name)
-        publish_folder(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-
-
 def read_config(path) -> dict:
     """config.json of a model folder, checked; ValueError (one line naming the file) otherwise."""
     path = Path(path)
@@ -92,14 +69,6 @@ def read_config(path) -> dict:
     return values
 
 
-def read_model_config(path, values: dict) -> ModelConfig:
-    """The ModelConfig of config.json values (older folders' backend and chunk_size are ignored)."""
-    try:
-        return ModelConfig.from_dict(values["model_config"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{Path(path) / CONFIG_NAME}: {error}") from None
-
-
 def load_weights(net: nn.Module, path) -> None:
     """Load model.safetensors of folder `path` into net, strictly; ValueError (one line) otherwise."""
     file = Path(path) / WEIGHTS_NAME
@@ -115,3 +84,46 @@ def load_weights(net: nn.Module, path) -> None:
     if missing or unexpected:
         which = f"missing {sorted(missing)[0]!r}" if missing else f"unexpected {sorted(unexpected)[0]!r}"
         raise ValueError(f"{file}: weights do not match its {CONFIG_NAME} ({which}, ...)")
+
+
+class PretrainedMixin:
+    """save_pretrained and from_pretrained for ImageTransformer (its config, image_info and trained_steps)."""
+
+    def save_pretrained(self, path, image: Optional[dict] = None, step: Optional[int] = None) -> None:
+        """Write the folder `path` (model.safetensors + config.json) atomically, built in PATH.tmp-XXXX and
+        renamed; image (the data's manifest.image_info()) and step default to this model's image_info and
+        trained_steps, and a model with neither image nor image_info is a ValueError: it could not be sampled."""
+        image = self.image_info if image is None else image
+        problem = image_problem(image, self.config)
+        if problem:  # the sampler could not read the folder back: refuse now, not at sampling time
+            raise ValueError(f"save_pretrained({path}): {problem}; pass image=, the data's image info "
+                             "(manifest.image_info())")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(f"{path}.tmp-{secrets.token_hex(4)}")
+        temporary.mkdir()
+        try:
+            save_model(self, str(temporary / WEIGHTS_NAME), force_contiguous=True)  # tied tensors stored once
+            payload = {"format": FORMAT, "model_config": dataclasses.asdict(self.config), "image": image,
+                       "step": int(self.trained_steps if step is None else step)}
+            (temporary / CONFIG_NAME).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                fsync_file(temporary / name)
+            publish_folder(temporary, path)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, path, backend: str = "auto", chunk_size: int = 64, map_location="cpu"):
+        """The model save_pretrained wrote into folder `path`, in eval mode, with its image_info and
+        trained_steps, running on `backend`; ValueError (one line naming the file) for anything else."""
+        values = read_config(path)
+        try:  # older folders' backend and chunk_size are ignored (ModelConfig.from_dict)
+            config = ModelConfig.from_dict(values["model_config"])
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{Path(path) / CONFIG_NAME}: {error}") from None
+        net = cls(config, backend, chunk_size)
+        load_weights(net, path)
+        net.image_info, net.trained_steps = values["image"], values["step"]
+        return net.to(map_location).eval()

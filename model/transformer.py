@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from model.attention_layer import AttentionLayer
-from model.conditioning import ConditionEmbedding
+from model.conditioning import ConditionEmbedding, check_range
 from model.config import ModelConfig
 from model.heads import build_head
-from model.pretrained import load_weights, read_config, read_model_config, write_pretrained
+from model.pretrained import PretrainedMixin
 
 
 @dataclass
@@ -38,10 +38,9 @@ class RecurrentState:
 
     def nbytes(self) -> int:
         """Memory held by the state's tensors, in bytes."""
-        held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)
-                if isinstance(getattr(layer, f.name), torch.Tensor)]
-        held += [t for t in (self.condition_input, self.recent_embeddings) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held + list(self.condition_biases or []))
+        held = [getattr(layer, f.name) for layer in self.layers for f in fields(layer)]
+        held += [self.condition_input, self.recent_embeddings, *(self.condition_biases or [])]
+        return sum(t.nbytes for t in held if isinstance(t, torch.Tensor))
 
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +57,7 @@ class Block(nn.Module):
         self.attention = AttentionLayer(cfg.d_model, cfg.n_heads, cfg.d_query, cfg.d_value, cfg.attention,
                                         backend, chunk_size)
         self.feed_forward_norm = nn.LayerNorm(cfg.d_model)
-        # the condition's share of this block: "blocks" adds it to the residual stream at the block's
-        # start; "film" also scales and shifts both normalised inputs (FiLM / adaptive LayerNorm).
-        # Zero at initialisation, so a fresh model starts as the prefix-only one.
+        # the condition's share of this block, "blocks" or "film" (model.config.CONDITION_INJECTIONS says how)
         width = {"blocks": 1, "film": 5}.get(cfg.condition_inject, 0)
         self.film = cfg.condition_inject == "film"
         self.condition_projection = (nn.Linear(cfg.d_model, width * cfg.d_model)
@@ -70,33 +67,27 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     @staticmethod
-    def _film(normed: torch.Tensor, modulation: Optional[tuple]) -> torch.Tensor:
+    def _film(normed: torch.Tensor, modulation: Optional[list]) -> torch.Tensor:
         """normed * (1 + scale) + shift where FiLM is on."""
         return normed if modulation is None else torch.addcmul(modulation[1], normed, 1 + modulation[0])
 
-    def _split(self, bias: Optional[torch.Tensor]) -> tuple:
-        """(residual bias, attention-norm (scale, shift), feed-forward-norm (scale, shift)), Nones where off."""
-        if bias is None or not self.film:
-            return bias, None, None
-        residual, *film = bias.chunk(5, dim=-1)
-        return residual, tuple(film[:2]), tuple(film[2:])
-
     def forward(self, x: torch.Tensor, state=None, bias: Optional[torch.Tensor] = None):
         """x (B, L, d_model) -> (B, L, d_model); fills the layer state when one is given."""
-        residual, attention_film, feed_forward_film = self._split(None if bias is None else bias.unsqueeze(1))
-        if residual is not None:
-            x = x + residual
-        attended, state = self.attention(self._film(self.attention_norm(x), attention_film), state)
-        x = x + self.dropout(attended)
-        out = self.feed_forward(self._film(self.feed_forward_norm(x), feed_forward_film))
-        return x + self.dropout(out), state
+        return self._residual(x, self.attention, state, None if bias is None else bias.unsqueeze(1))
 
     def step(self, x: torch.Tensor, state, bias: Optional[torch.Tensor] = None):
         """One position x (B, d_model) through the recurrent twin."""
-        residual, attention_film, feed_forward_film = self._split(bias)
-        if residual is not None:
-            x = x + residual
-        attended, state = self.attention.step(self._film(_layer_norm(self.attention_norm, x), attention_film), state)
+        return self._residual(x, self.attention.step, state, bias)
+
+    def _residual(self, x: torch.Tensor, attend, state, bias: Optional[torch.Tensor]):
+        """The block around attend (the attention's parallel or recurrent form), for either path's shapes."""
+        attention_film = feed_forward_film = None  # (scale, shift) of each normalised input under FiLM
+        if bias is not None and self.film:
+            bias, *modulation = bias.chunk(5, dim=-1)
+            attention_film, feed_forward_film = modulation[:2], modulation[2:]
+        if bias is not None:
+            x = x + bias
+        attended, state = attend(self._film(_layer_norm(self.attention_norm, x), attention_film), state)
         x = x + (self.dropout(attended) if self.training else attended)  # eval: spare two module calls
         out = self.feed_forward(self._film(_layer_norm(self.feed_forward_norm, x), feed_forward_film))
         return x + (self.dropout(out) if self.training else out), state
@@ -110,7 +101,7 @@ def bits_per_dim(nats: float, n_bytes: float = 1.0) -> float:
     return float(nats) / float(n_bytes) / LN2
 
 
-class ImageTransformer(nn.Module):
+class ImageTransformer(PretrainedMixin, nn.Module):
     """Autoregressive model of byte sequences with an optional class/caption conditioning prefix.
 
     backend and chunk_size say how the attention runs (model.attention_ops), not what the model is:
@@ -157,39 +148,13 @@ class ImageTransformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=0.02)
 
-    def save_pretrained(self, path, image: Optional[dict] = None, step: Optional[int] = None) -> None:
-        """Write the folder `path` (model.safetensors + config.json) atomically; image (the data's
-        manifest.image_info()) and step default to this model's image_info and trained_steps, and a
-        model with neither image nor image_info is a ValueError: the folder could not be sampled."""
-        write_pretrained(self, path, self.image_info if image is None else image,
-                         self.trained_steps if step is None else step)
-
-    @classmethod
-    def from_pretrained(cls, path, backend: str = "auto", chunk_size: int = 64,
-                        map_location="cpu") -> "ImageTransformer":
-        """The model save_pretrained wrote into folder `path`, in eval mode, with its image_info and
-        trained_steps, running on `backend`; ValueError (one line naming the file) for anything else."""
-        values = read_config(path)
-        net = cls(read_model_config(path, values), backend, chunk_size)
-        load_weights(net, path)
-        net.image_info, net.trained_steps = values["image"], values["step"]
-        return net.to(map_location).eval()
-
     # ---------------------------------------------------------------- parallel (training) path
     def check_bytes(self, seq: torch.Tensor, name: str) -> torch.Tensor:
-        """Validate an integer tensor [B, K] of bytes in [0, bins) and return it as long. On an
-        accelerator the range is asserted on the device: no host sync per training step (a bad byte
-        fails a later call there); on the host it is a ValueError."""
+        """Validate an integer tensor [B, K] of bytes in [0, bins) (conditioning.check_range) and return it as long."""
         if seq.dim() != 2 or seq.dtype.is_floating_point or seq.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor [B, K], got {tuple(seq.shape)} {seq.dtype}")
-        seq = seq.long()
-        if seq.device.type != "cpu":
-            torch._assert_async(((seq >= 0) & (seq < self.config.bins)).all(),
-                                f"{name} values must be in [0, {self.config.bins})")
-        elif seq.numel() and (seq.min() < 0 or seq.max() >= self.config.bins):
-            raise ValueError(f"{name} values must be in [0, {self.config.bins}), got "
-                             f"{seq.min().item()}..{seq.max().item()}")
-        return seq
+        check_range(seq, self.config.bins, f"{name} values")
+        return seq.long()
 
     def _embed(self, tokens: torch.Tensor, labels, captions, drop_condition=None):
         """[prefix] + [begin] + tokens (B, K) -> input embeddings (B, P + 1 + K, d_model), and the
@@ -224,14 +189,11 @@ class ImageTransformer(nn.Module):
             return None
         return [block.condition_projection(condition) for block in self.blocks]
 
-    def _trunk(self, x: torch.Tensor, biases: Optional[list], states: Optional[list] = None):
-        """Run the blocks and the final norm over (B, T, d_model); fill states when given."""
-        new_states = []
+    def _trunk(self, x: torch.Tensor, biases: Optional[list], states: Optional[list] = None) -> torch.Tensor:
+        """Run the blocks and the final norm over (B, T, d_model); fill the layer states in place when given."""
         for index, block in enumerate(self.blocks):
-            x, layer_state = block(x, None if states is None else states[index],
-                                   None if biases is None else biases[index])
-            new_states.append(layer_state)
-        return self.final_norm(x), new_states
+            x, _ = block(x, None if states is None else states[index], None if biases is None else biases[index])
+        return self.final_norm(x)
 
     def forward(self, seq: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 captions: Optional[Sequence[str]] = None, drop_condition: Optional[torch.Tensor] = None,
@@ -243,7 +205,7 @@ class ImageTransformer(nn.Module):
         if seq.shape[1] > self.config.seq_len:
             raise ValueError(f"seq has {seq.shape[1]} bytes, more than seq_len={self.config.seq_len}")
         x, condition = self._embed(seq[:, :-1], labels, captions, drop_condition)
-        hidden, _ = self._trunk(x, self._condition_biases(condition))
+        hidden = self._trunk(x, self._condition_biases(condition))
         logits = self.head(hidden[:, self.prefix_len:])  # (B, L, head_dim)
         # the head's nll evaluates only the target level (the mixture never builds (B, L, bins, K))
         return self.head.nll(logits, seq) if return_nll else logits
@@ -289,10 +251,8 @@ class ImageTransformer(nn.Module):
     def prefill(self, state: RecurrentState, labels: Optional[torch.Tensor] = None,
                 captions: Optional[Sequence[str]] = None, prefix: Optional[torch.Tensor] = None,
                 drop_condition: Optional[torch.Tensor] = None):
-        """Read the condition, the begin token and K given bytes in one parallel pass.
-
-        Returns logits [B, head_dim] predicting byte K, and the state ready for step().
-        """
+        """Read the condition, the begin token and K given bytes in one parallel pass; return logits
+        [B, head_dim] predicting byte K, and the state ready for step()."""
         batch = state.batch_size
         device = self.byte_embedding.weight.device
         if prefix is None:
@@ -305,7 +265,7 @@ class ImageTransformer(nn.Module):
                              f"{self.config.seq_len - 1} leave a byte to predict")
         x, condition = self._embed(prefix, labels, captions, drop_condition)
         biases = self._condition_biases(condition)  # once: the prefix pass and every later step use them
-        hidden, state.layers = self._trunk(x, biases, state.layers)
+        hidden = self._trunk(x, biases, state.layers)
         state.position = hidden.shape[1]
         state.condition_biases = biases
         if self.byte_conv is not None:
@@ -346,20 +306,16 @@ class ImageTransformer(nn.Module):
 
     @property
     def graph_safe(self) -> bool:
-        """Whether step_at() may be captured in a CUDA graph (every layer's recurrent twin allows it)."""
-        return all(block.attention.graph_safe for block in self.blocks)
+        """Whether step_at() may be captured in a CUDA graph: every kind's but softmax's, whose cache length moves."""
+        return self.config.attention != "softmax"
 
-    @torch.no_grad()
     def generate(self, n: int, labels: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None,
                  prefix: Optional[torch.Tensor] = None, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  batch_size: Optional[int] = None, seed: Optional[int] = None, guidance: float = 1.0) -> torch.Tensor:
-        """Sample n sequences LongTensor [n, L] (on the model's device); given prefix bytes are kept.
-
-        The one generation path (model.generation): image i draws from a stream seeded by (seed, i),
-        so the same seed gives the same images at any batch size, here, in the trainer's grids and
-        from lit-sample. Without a seed, one is drawn from `generator` (else 0).
-        """
+        """Sample n sequences LongTensor [n, L] (on the model's device); given prefix bytes are kept. The one
+        generation path (model.generation.generate_images, no_grad): a seed gives the same images at any
+        batch size, here, in the trainer's grids and from lit-sample; no seed: one drawn from `generator` (else 0)."""
         from model.generation import SamplingOptions, generate_images  # generation calls back into this class
 
         if seed is None:

@@ -153,8 +153,9 @@ class ImageTransformer(PretrainedMixin, nn.Module):
         """Validate an integer tensor [B, K] of bytes in [0, bins) (conditioning.check_range) and return it as long."""
         if seq.dim() != 2 or seq.dtype.is_floating_point or seq.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor [B, K], got {tuple(seq.shape)} {seq.dtype}")
+        seq = seq.long()  # first: a uint8 batch compared with bins=256 in its own dtype wraps around
         check_range(seq, self.config.bins, f"{name} values")
-        return seq.long()
+        return seq
 
     def _embed(self, tokens: torch.Tensor, labels, captions, drop_condition=None):
         """[prefix] + [begin] + tokens (B, K) -> input embeddings (B, P + 1 + K, d_model), and the

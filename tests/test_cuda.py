@@ -108,6 +108,18 @@ def test_no_logit_sees_its_own_or_a_later_byte_on_cuda(backend, precision):
                 assert not torch.allclose(out[:, t + 1], base[:, t + 1])
 
 
+
+def test_uint8_bytes_on_the_device_pass_the_asserted_range_check():
+    # on CUDA the byte range is asserted on the device: a uint8 batch compared with bins=256 in its own
+    # dtype failed there (a device-side assert at the next sync) before check_bytes cast it first
+    net = tiny_model(head="categorical", layers=1, seq_len=16)
+    seq = torch.randint(0, 256, (2, 16), device=DEVICE)
+    seq[0, 0] = 255
+    labels = torch.tensor([1, 2], device=DEVICE)
+    with torch.no_grad():
+        assert torch.equal(net(seq.to(torch.uint8), labels), net(seq, labels))
+    torch.cuda.synchronize()
+
 # ---------------------------------------------------------------- CUDA-graph sampling
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_graph_sampling_draws_the_same_images_as_eager(precision):

@@ -375,3 +375,17 @@ def test_step_at_with_a_position_tensor_equals_step():
             expected, state = net.step(seq[:, t], state)
             got = net.step_at(seq[:, t], torch.tensor([net.prefix_len + 1 + t]), twin)
             assert torch.equal(got, expected), t
+
+
+def test_uint8_bytes_are_taken_at_256_bins_as_the_reader_gives_them():
+    # data_prep's batches and --index prefixes are uint8; comparing them with 256 in their own dtype
+    # wrapped around and called every valid byte out of range
+    net = tiny(bins=256)
+    seq = torch.randint(0, 256, (3, LENGTH), generator=torch.Generator().manual_seed(2))
+    seq[0, 0] = 255
+    as_bytes = seq.to(torch.uint8)
+    assert torch.equal(net(as_bytes), net(seq))
+    assert torch.equal(net.generate(3, prefix=as_bytes[:, :5], seed=1), net.generate(3, prefix=seq[:, :5], seed=1))
+    assert torch.equal(net.generate(3, prefix=as_bytes), seq)
+    with pytest.raises(ValueError, match=r"seq values must be in \[0, 16\), got 0\.\.200"):
+        tiny()(torch.tensor([[0, 200]], dtype=torch.uint8))

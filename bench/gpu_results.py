@@ -19,7 +19,6 @@ import os
 import sys
 
 
-
 def load(path: str):
     """JSON (or JSON lines for .jsonl) at path, or None when the step did not write it."""
     if not os.path.exists(path):

@@ -39,17 +39,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.gpu_results import GOALS  # noqa: E402
 from bench.prep_speed import write_synthetic_cifar  # noqa: E402
 
-ENTRIES = {  # the table: name -> unit
-    "trainer/cifar10/causal-linear/images_per_s": "images/s",
-    "trainer/cifar10/linear_over_softmax": "x",
-    "trainer/imagenet64/linear_over_softmax": "x",
-    "trainer/cifar10/first_step_s": "s",
-    "trainer/digits/steps_per_s": "steps/s",
-    "sample/cifar10/cli_images_per_s": "images/s",
-    "sample/mnist/cli_images_per_s": "images/s",
-}
+ENTRIES = {name: unit for name, (_, _, unit, _) in GOALS.items()}  # the table: name -> unit
 # Sized for about 6 minutes on one H200 (each command's start-up, compilation and autotuning included);
 # cpu: a dry run that checks every entry comes out, in a few minutes on 2 cores.
 SIZES = {

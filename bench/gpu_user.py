@@ -35,21 +35,16 @@ import sys
 import time
 
 import numpy as np
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from bench.gpu_results import GOALS  # noqa: E402
 from bench.prep_speed import write_synthetic_cifar  # noqa: E402
+from common.run_layout import RUN_CONFIG  # noqa: E402
 
-ENTRIES = {  # the issue's table: name -> unit
-    "trainer/cifar10/causal-linear/images_per_s": "images/s",
-    "trainer/cifar10/linear_over_softmax": "x",
-    "trainer/imagenet64/linear_over_softmax": "x",
-    "trainer/cifar10/first_step_s": "s",
-    "trainer/digits/steps_per_s": "steps/s",
-    "sample/cifar10/cli_images_per_s": "images/s",
-    "sample/mnist/cli_images_per_s": "images/s",
-}
+ENTRIES = {name: unit for name, (_, _, unit, _) in GOALS.items()}  # the issue's table: name -> unit
 # Sized for about 6 minutes on one H200 (each command's start-up, compilation and autotuning included);
 # cpu: a dry run that checks every entry comes out, in a few minutes on 2 cores.
 SIZES = {
@@ -129,6 +124,13 @@ def train(work: str, name: str, config: str, data: str, sets: list[str], limit: 
     return run(work, name, argv + (["--resume", "auto"] if resume else []), limit)
 
 
+def global_batch(run_dir: str) -> int:
+    """Images per optimizer step of a one-process run: train.batch_size x grad_accum of RUN/config.yaml."""
+    with open(os.path.join(run_dir, RUN_CONFIG), encoding="utf-8") as handle:
+        section = yaml.safe_load(handle)["train"]
+    return section["batch_size"] * section["grad_accum"]
+
+
 def median_images_per_s(run_dir: str) -> tuple[float, int]:
     """(median of TensorBoard's train/images_per_s, number of windows) of a run folder."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -206,7 +208,7 @@ def measure(work: str, device: str) -> list[dict]:
         sets = [*QUIET, *size["train"], f"train.max_steps={size['digits_steps']}", f"log.every={size['digits_every']}"]
         if train(work, "digits", "digits", folders["digits8"], sets, 150 * limit):
             rate, windows = median_images_per_s(os.path.join(work, "runs", "digits"))
-            digits_batch = 16 if device == "cuda" else 2
+            digits_batch = global_batch(os.path.join(work, "runs", "digits"))  # the config's, not a copy of it
             entry("trainer/digits/steps_per_s", rate / digits_batch, batch=digits_batch, windows=windows)
     extra = os.environ.get("LIT_SAMPLE_ARGS", "").split()
     if device == "cpu":

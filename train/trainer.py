@@ -146,10 +146,10 @@ def evaluate(accelerator: Any, net: ImageTransformer, cfg: TrainConfig) -> float
     with accelerator.autocast():
         total = net.nll_totals(eval_batches(cfg.data.dir, cfg.train.eval_batch_size, split="test",
                                             rank=accelerator.process_index, world_size=accelerator.num_processes))
-    total = accelerator.reduce(total, reduction="sum")
-    if total[1].item() == 0:
+    nats, n_bytes, _ = accelerator.reduce(total, reduction="sum").tolist()  # one copy to the host
+    if n_bytes == 0:
         raise TrainingError(f"{cfg.data.dir}: the test split is empty; cannot evaluate")
-    return bits_per_dim(total[0].item(), total[1].item())
+    return bits_per_dim(nats, n_bytes)
 
 
 def sample_grid(net: ImageTransformer, manifest: Any, n: int, seed: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common.files import atomic_file  # noqa: E402
 from model.attention_ops import KINDS  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- family.py begin -->", "<!-- family.py end -->"
@@ -158,7 +159,8 @@ def write_results(rows: list, args) -> list:
             if (row["data"], row["kind"]) not in new]
     rows = sorted(kept + rows, key=lambda row: (row["data"], KINDS.index(row["kind"])))
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    stored.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    with atomic_file(stored) as stream:  # a crash leaves the day's old rows, never half a file
+        stream.write((json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n").encode())
     results = REPO / "bench" / "RESULTS.md"
     text = results.read_text()
     block = f"{MARK_BEGIN}\n{table(rows, args)}\n{MARK_END}"
@@ -166,9 +168,8 @@ def write_results(rows: list, args) -> list:
         text = text[:text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
     else:
         text += f"\n## The attention family (bench/family.py, {day})\n\n{block}\n"
-    temporary = results.with_suffix(".md.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, results)
+    with atomic_file(results) as stream:
+        stream.write(text.encode())
     return rows
 
 

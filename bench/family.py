@@ -34,6 +34,7 @@ from common.files import atomic_file  # noqa: E402
 from model.attention_ops import KINDS  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- family.py begin -->", "<!-- family.py end -->"
+DATA_SETS = {"digits256": (784, 256, 28), "digits8": (784, 8, 28), "sklearn": (64, 256, 8)}  # (bytes, levels, row)
 
 
 def run(command: list, log: Path) -> None:
@@ -63,21 +64,21 @@ def sklearn_folders(work: Path, seed: int, test_size: int) -> tuple[Path, Path]:
     return roots
 
 
-def prepare(name: str, work: Path, args) -> tuple[Path, int]:
-    """The prepared folder for data set `name` (built once) and its row length in bytes."""
+def prepare(name: str, work: Path, args) -> Path:
+    """The prepared folder for data set `name` (built once)."""
     out = work / f"data-{name}"
     if (out / "manifest.json").exists():
-        return out, 8 if name == "sklearn" else 28
+        return out
     if name == "sklearn":
         train, test = sklearn_folders(work, args.seed, args.sklearn_test)
         command = ["-m", "data_prep.prepare", "--dataset", "folder", "--root", train, "--test-root", test,
                    "--size", "8x8", "--channels", "1", "--out", out, "--workers", "1", "--no-progress"]
     else:
-        command = ["-m", "data_prep.prepare", "--dataset", "digits", "--bins", name.removeprefix("digits"),
+        command = ["-m", "data_prep.prepare", "--dataset", "digits", "--bins", str(DATA_SETS[name][1]),
                    "--train-size", str(args.train_size), "--test-size", str(args.test_size), "--out", out,
                    "--workers", "1", "--no-progress"]
     run(command, work / f"prepare-{name}.log")
-    return out, 8 if name == "sklearn" else 28
+    return out
 
 
 def interleaved_times(name: str, kinds: list, args) -> dict:
@@ -90,7 +91,7 @@ def interleaved_times(name: str, kinds: list, args) -> dict:
     from model.generation import SamplingOptions, generate_images
 
     torch.set_num_threads(1)
-    seq_len, bins, row_len = {"sklearn": (64, 256, 8), "digits8": (784, 8, 28), "digits256": (784, 256, 28)}[name]
+    seq_len, bins, row_len = DATA_SETS[name]
     nets = {kind: ImageTransformer(ModelConfig(bins=bins, seq_len=seq_len, n_layers=args.layers, n_heads=4,
                                                d_query=args.d_query, d_ff=args.d_ff, attention=kind, condition="class",
                                                row_len=row_len), "torch", 32) for kind in kinds}
@@ -111,7 +112,7 @@ def interleaved_times(name: str, kinds: list, args) -> dict:
 
 def one(name: str, kind: str, work: Path, args) -> dict:
     """Train kind on data set name, evaluate it, time it: one row of the table."""
-    data, row_len = prepare(name, work, args)
+    data, row_len = prepare(name, work, args), DATA_SETS[name][2]
     run_dir = work / f"run-{name}-{kind}"
     sets = {"data.dir": data, "train.run_dir": run_dir, "model.attention": kind, "model.row_len": row_len,
             "model.n_layers": args.layers, "model.d_query": args.d_query, "model.d_ff": args.d_ff,
@@ -176,8 +177,7 @@ def write_results(rows: list, args) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data", nargs="+", default=["digits256", "digits8", "sklearn"],
-                        choices=["digits256", "digits8", "sklearn"])
+    parser.add_argument("--data", nargs="+", default=list(DATA_SETS), choices=list(DATA_SETS))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--layers", type=int, default=2)

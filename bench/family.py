@@ -30,9 +30,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from common.files import atomic_file  # noqa: E402
 from model.attention_ops import KINDS  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- family.py begin -->", "<!-- family.py end -->"
+DATA_SETS = {"digits256": (784, 256, 28), "digits8": (784, 8, 28), "sklearn": (64, 256, 8)}  # (bytes, levels, row)
 
 
 def run(command: list, log: Path) -> None:
@@ -62,21 +64,21 @@ def sklearn_folders(work: Path, seed: int, test_size: int) -> tuple[Path, Path]:
     return roots
 
 
-def prepare(name: str, work: Path, args) -> tuple[Path, int]:
-    """The prepared folder for data set `name` (built once) and its row length in bytes."""
+def prepare(name: str, work: Path, args) -> Path:
+    """The prepared folder for data set `name` (built once)."""
     out = work / f"data-{name}"
     if (out / "manifest.json").exists():
-        return out, 8 if name == "sklearn" else 28
+        return out
     if name == "sklearn":
         train, test = sklearn_folders(work, args.seed, args.sklearn_test)
         command = ["-m", "data_prep.prepare", "--dataset", "folder", "--root", train, "--test-root", test,
                    "--size", "8x8", "--channels", "1", "--out", out, "--workers", "1", "--no-progress"]
     else:
-        command = ["-m", "data_prep.prepare", "--dataset", "digits", "--bins", name.removeprefix("digits"),
+        command = ["-m", "data_prep.prepare", "--dataset", "digits", "--bins", str(DATA_SETS[name][1]),
                    "--train-size", str(args.train_size), "--test-size", str(args.test_size), "--out", out,
                    "--workers", "1", "--no-progress"]
     run(command, work / f"prepare-{name}.log")
-    return out, 8 if name == "sklearn" else 28
+    return out
 
 
 def interleaved_times(name: str, kinds: list, args) -> dict:
@@ -89,7 +91,7 @@ def interleaved_times(name: str, kinds: list, args) -> dict:
     from model.generation import SamplingOptions, generate_images
 
     torch.set_num_threads(1)
-    seq_len, bins, row_len = {"sklearn": (64, 256, 8), "digits8": (784, 8, 28), "digits256": (784, 256, 28)}[name]
+    seq_len, bins, row_len = DATA_SETS[name]
     nets = {kind: ImageTransformer(ModelConfig(bins=bins, seq_len=seq_len, n_layers=args.layers, n_heads=4,
                                                d_query=args.d_query, d_ff=args.d_ff, attention=kind, condition="class",
                                                row_len=row_len), "torch", 32) for kind in kinds}
@@ -110,7 +112,7 @@ def interleaved_times(name: str, kinds: list, args) -> dict:
 
 def one(name: str, kind: str, work: Path, args) -> dict:
     """Train kind on data set name, evaluate it, time it: one row of the table."""
-    data, row_len = prepare(name, work, args)
+    data, row_len = prepare(name, work, args), DATA_SETS[name][2]
     run_dir = work / f"run-{name}-{kind}"
     sets = {"data.dir": data, "train.run_dir": run_dir, "model.attention": kind, "model.row_len": row_len,
             "model.n_layers": args.layers, "model.d_query": args.d_query, "model.d_ff": args.d_ff,
@@ -158,7 +160,8 @@ def write_results(rows: list, args) -> list:
             if (row["data"], row["kind"]) not in new]
     rows = sorted(kept + rows, key=lambda row: (row["data"], KINDS.index(row["kind"])))
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    stored.write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+    with atomic_file(stored) as stream:  # a crash leaves the day's old rows, never half a file
+        stream.write((json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n").encode())
     results = REPO / "bench" / "RESULTS.md"
     text = results.read_text()
     block = f"{MARK_BEGIN}\n{table(rows, args)}\n{MARK_END}"
@@ -166,17 +169,15 @@ def write_results(rows: list, args) -> list:
         text = text[:text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
     else:
         text += f"\n## The attention family (bench/family.py, {day})\n\n{block}\n"
-    temporary = results.with_suffix(".md.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, results)
+    with atomic_file(results) as stream:
+        stream.write(text.encode())
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data", nargs="+", default=["digits256", "digits8", "sklearn"],
-                        choices=["digits256", "digits8", "sklearn"])
+    parser.add_argument("--data", nargs="+", default=list(DATA_SETS), choices=list(DATA_SETS))
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--layers", type=int, default=2)

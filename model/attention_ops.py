@@ -90,6 +90,13 @@ def resolve_backend(name: str, device: torch.device) -> str:
     return name
 
 
+def _parallel_backend(name: str, q: torch.Tensor) -> str:
+    """resolve_backend's choice for a parallel op on q (B, T, H, D), but torch where T < H: fla's format
+    check takes that for a head-first layout and rejects it (short prefills)."""
+    name = resolve_backend(name, q.device)
+    return "torch" if name == "fla" and q.shape[1] < q.shape[2] else name
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
@@ -216,10 +223,8 @@ def causal_linear_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
     The state is (S (B, H, K, V), z (B, H, K)), fp32; scale multiplies q (it cancels in the ratio).
     """
+    name = _parallel_backend(backend, q)
     q, k, v = (t.transpose(1, 2) for t in (q * scale if scale != 1 else q, k, v))  # (B, H, T, D) views
-    name = resolve_backend(backend, q.device)
-    if name == "fla" and q.shape[2] < q.shape[1]:
-        name = "torch"  # fla's format check rejects T < H (it takes it for a head-first layout): short prefills
     if name == "torch" or initial_state is not None:  # only the torch form carries a state in
         out = causal_linear_torch(q, k, v, chunk_size, EPS, initial_state)
     elif name == "fast-transformers":
@@ -337,8 +342,7 @@ def recurrent_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: tor
 def linear_recurrence(kind: str, q, k, v, g=None, beta=None, scale: float = 1.0, initial_state=None,
                       output_final_state: bool = False, backend: str = "auto", chunk_size: int = 64):
     """retention/gla/deltanet/gated-deltanet over whole sequences: fla's kernel where it runs, else torch."""
-    # fla's format check rejects T < H (it takes it for a head-first layout): short prefills run in torch
-    if resolve_backend(backend, q.device) == "fla" and q.shape[1] >= q.shape[2]:
+    if _parallel_backend(backend, q) == "fla":
         module, name = FLA_KERNELS[kind]
         gates = dict(g=g) if beta is None else dict(beta=beta) if g is None else dict(g=g, beta=beta)
         return _fla_call(module, name, q, k, v, **gates, scale=scale, initial_state=initial_state,

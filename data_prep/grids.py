@@ -7,17 +7,16 @@ sampler, so every grid in the project looks alike: white padding, one image per 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from common.files import atomic_file
 
-# torch and torchvision are imported where used: prepare imports this module for its preview and
-# loads torch (about 680 MB) only when the preview is drawn.
+# torchvision is imported where a grid is made: lit-eval's classifier needs only to_chw. (prepare imports this
+# module, and with it torch, only once the training split is written: see preview.PreviewSamples.write.)
 
 
 def to_chw(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, C] -> float [N, C, H, W] in [0, 1]."""
-    import torch
-
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
 
 

@@ -8,7 +8,6 @@ manifest.json: a re-prepared folder (new manifest) or different training setting
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.files import atomic_file
+from common.files import atomic_file, file_sha256
 from data_prep import Manifest, eval_batches, load_manifest, manifest_path, to_chw, train_batches
 from sample.errors import SampleFailure
 from sample.grids import decode
@@ -170,7 +169,7 @@ def load_or_train(data_dir, settings: ClassifierSettings = ClassifierSettings(),
     """(classifier, its info, cache path, whether it was trained now): the cached one when it fits."""
     path = Path(cache_dir if cache_dir is not None else Path(data_dir) / CACHE_FOLDER) / CACHE_NAME
     # manifest.json names every shard's digest, so its own digest changes with the data
-    digest = hashlib.sha256(Path(manifest_path(data_dir)).read_bytes()).hexdigest()
+    digest = file_sha256(manifest_path(data_dir))
     why = "--retrain-classifier"
     if not retrain:
         net, info, why = _load_cached(path, digest, settings, device)

@@ -42,7 +42,7 @@ from sample.errors import SampleFailure, SampleUsageError
 from sample.loading import data_manifest, load_for_sampling
 from sample.pipeline import pick_device
 from sample.request import conditional_request
-from sample.run import from_flags, shared_flags
+from sample.run import from_flags, set_threads, shared_flags
 
 
 @dataclass
@@ -200,8 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 
     def work() -> None:
-        if args.threads is not None and args.threads < 1:
-            raise SampleUsageError(f"--threads {args.threads}: must be >= 1")
+        set_threads(args.threads)
         if args.json and not Path(args.json).resolve().parent.is_dir():
             raise SampleUsageError(f"--json {args.json}: its folder does not exist")
         try:  # found now, not after the evaluation
@@ -209,7 +208,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 check_writable(Path(args.json).resolve().parent)
         except OSError as err:
             raise SampleUsageError(writable_message("--json", args.json, err)) from None
-        torch.set_num_threads(args.threads or 1)
         result = evaluate(from_flags(EvalJob, args, progress=not args.no_progress))
         if result is None:  # not the main process
             return

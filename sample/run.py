@@ -129,17 +129,22 @@ def from_flags(cls, args: argparse.Namespace, **others):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.name not in others}, **others)
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """torch's CPU threads from the shared --threads flag (default 1: see its help), checked first."""
+    import torch
+
+    if threads is not None and threads < 1:
+        raise SampleUsageError(f"--threads {threads}: must be >= 1")
+    torch.set_num_threads(threads or 1)  # GPU runs need no intra-op CPU threads either
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse flags, run the job, print where the files are and the speed; returns the exit code."""
     args = build_parser().parse_args(argv)
-    import torch
-
     from sample.pipeline import SampleJob, run_job
 
     def work():
-        if args.threads is not None and args.threads < 1:
-            raise SampleUsageError(f"--threads {args.threads}: must be >= 1")
-        torch.set_num_threads(args.threads or 1)  # GPU runs need no intra-op CPU threads either
+        set_threads(args.threads)
         options = from_flags(SamplingOptions, args, progress=not args.no_progress, cuda_graph=not args.no_cuda_graph)
         return run_job(from_flags(SampleJob, args, captions=args.caption, options=options))
 
